@@ -1,0 +1,940 @@
+//! Custody: the key lifecycle state machine and wrap, unwrap, data keys and rewrap.
+//!
+//! Owns the rules of DESIGN.md "Key hierarchy and formats": which version wraps, which
+//! versions may unwrap, which state changes are allowed, and the crash order between the HSM
+//! and the database. Talks to the HSM only through [`crate::hsm::Hsm`] and to the database
+//! only through [`crate::store::Store`]; knows nothing of gRPC, TLS or callers' identities.
+//!
+//! - **Crash order.** A version's HSM object is created first, then its row is committed; if
+//!   the commit fails the object is destroyed again. A crash in between leaves an object with
+//!   this installation's label and no row, which start-up reconciliation removes
+//!   ([`reconcile`]). Destruction commits `DESTROYED` first and then destroys the object;
+//!   reconciliation finishes a destruction that a crash interrupted.
+//! - **Cancellation.** Metadata writes run in a spawned task holding the admin lock, so a
+//!   caller that goes away (a dropped gRPC request) cannot stop a write between the HSM and
+//!   the database.
+//! - **Cache.** Key metadata is served from memory ([`cache`]); every write updates it after
+//!   its commit. The wrap/unwrap path reads the cache, then calls the HSM with no lock held.
+
+mod cache;
+mod reconcile;
+
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+use crate::envelope::{self, EnvelopeError, IV_LEN, MAX_AAD_LEN, MAX_PLAINTEXT_LEN, VersionId};
+use crate::hsm::{Hsm, HsmError, ObjectId};
+use crate::model::{KeyName, Millis, NameError, Tenant, VersionState, now_millis};
+use crate::store::{KeyRow, Store, StoreError, VersionRow};
+use cache::{Cache, KeyEntry, Take, VersionEntry};
+pub use reconcile::{OrphanPolicy, ReconcileReport};
+
+/// Longest key description accepted, in bytes.
+pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Data keys are 16 to 1,024 bytes; the default is 32 (AES-256).
+pub const DATA_KEY_LEN_RANGE: std::ops::RangeInclusive<usize> = 16..=1024;
+
+/// Errors of custody operations. Messages name keys and versions, never key material,
+/// plaintext or AAD. The API layer maps each variant to one gRPC status; ciphertext problems
+/// (`MalformedCiphertext`, `Unauthentic`, `UnknownVersion`) all reach clients as one generic
+/// message so that they are no oracle.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CustodyError {
+    /// A key or tenant name breaks the naming rules.
+    #[error("invalid name: {0}")]
+    InvalidName(#[from] NameError),
+    /// A request value is out of range (sizes, lengths).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// No key of that name.
+    #[error("key {0} not found")]
+    KeyNotFound(String),
+    /// A key of that name exists already.
+    #[error("key {0} already exists")]
+    KeyExists(String),
+    /// The key has no such version.
+    #[error("{0} not found")]
+    VersionNotFound(String),
+    /// The bytes are not a blob this build can read.
+    #[error("malformed ciphertext: {0}")]
+    MalformedCiphertext(EnvelopeError),
+    /// The HSM's tag check failed: the AAD differs from the one given at wrap time, or the
+    /// blob was altered (the two cannot be told apart, by design of GCM).
+    #[error("ciphertext failed authentication (wrong AAD or altered ciphertext)")]
+    Unauthentic,
+    /// The blob names a key version this installation never had.
+    #[error("ciphertext names an unknown key version")]
+    UnknownVersion,
+    /// The blob belongs to another key than the one the caller named.
+    #[error("ciphertext belongs to another key than {expected}")]
+    WrongKey {
+        /// The key the caller expected.
+        expected: String,
+    },
+    /// The version is disabled.
+    #[error("{0} is disabled")]
+    VersionDisabled(String),
+    /// The version is scheduled for destruction.
+    #[error("{0} is scheduled for destruction")]
+    VersionDestroyScheduled(String),
+    /// The version was destroyed; its blobs can never be unwrapped again.
+    #[error("{0} is destroyed")]
+    VersionDestroyed(String),
+    /// The version's HSM object is missing from the token.
+    #[error("{0} is lost: its HSM object is missing from the token")]
+    VersionLost(String),
+    /// The version has wrapped as many blobs as a random-IV GCM key safely can.
+    #[error("{0} has reached its wrap limit; rotate the key")]
+    VersionExhausted(String),
+    /// The change is not allowed for the primary version.
+    #[error("{0} is the primary version; rotate the key first")]
+    PrimaryVersion(String),
+    /// The state machine does not allow this change.
+    #[error("{version} is {from}; it cannot become {to}")]
+    InvalidTransition {
+        /// Full version name.
+        version: String,
+        /// Current state.
+        from: VersionState,
+        /// Requested state.
+        to: VersionState,
+    },
+    /// Another writer changed the key at the same time; retry.
+    #[error("{0} was changed concurrently; retry")]
+    Conflict(String),
+    /// The HSM failed.
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// The database failed.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// A background task failed to complete.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Custody settings.
+#[derive(Debug, Clone, Default)]
+pub struct CustodyOptions {
+    /// What start-up reconciliation does with HSM objects that have no row.
+    pub orphans: OrphanPolicy,
+}
+
+/// Metadata of a key, as shown to officers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Full name.
+    pub name: KeyName,
+    /// Free text.
+    pub description: String,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Last metadata change.
+    pub updated_at: Millis,
+    /// The version that wraps.
+    pub primary_version: u32,
+    /// Every version, oldest first.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// Metadata of one key version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// Full name, `tenants/t/keys/k/versions/n`.
+    pub name: String,
+    /// Version number.
+    pub number: u32,
+    /// Lifecycle state.
+    pub state: VersionState,
+    /// Whether this is the primary version.
+    pub primary: bool,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Last state change.
+    pub state_changed_at: Millis,
+    /// When a scheduled destruction is due.
+    pub destroy_at: Option<Millis>,
+    /// When it was destroyed.
+    pub destroyed_at: Option<Millis>,
+    /// When its HSM object was found missing.
+    pub lost_at: Option<Millis>,
+    /// Upper bound of the blobs it has wrapped.
+    pub wraps_at_most: u64,
+}
+
+/// A wrapped blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wrapped {
+    /// The blob (SECURITY.md "Blob format").
+    pub ciphertext: Vec<u8>,
+    /// Full name of the version that wrapped it.
+    pub key_version: String,
+}
+
+/// An unwrapped plaintext. `Debug` does not print the plaintext.
+pub struct Unwrapped {
+    /// The plaintext, zeroized on drop.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// Full name of the version that had wrapped it.
+    pub key_version: String,
+}
+
+impl std::fmt::Debug for Unwrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unwrapped")
+            .field(
+                "plaintext",
+                &format_args!("<{} bytes redacted>", self.plaintext.len()),
+            )
+            .field("key_version", &self.key_version)
+            .finish()
+    }
+}
+
+/// A new data key: random bytes from the HSM, and the same bytes wrapped. `Debug` does not
+/// print the plaintext.
+pub struct DataKey {
+    /// The data key, zeroized on drop; `None` when the caller asked for the blob only.
+    pub plaintext: Option<Zeroizing<Vec<u8>>>,
+    /// The data key wrapped under the primary version.
+    pub ciphertext: Vec<u8>,
+    /// Full name of the version that wrapped it.
+    pub key_version: String,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKey")
+            .field(
+                "plaintext",
+                &self
+                    .plaintext
+                    .as_ref()
+                    .map(|p| format!("<{} bytes redacted>", p.len())),
+            )
+            .field("key_version", &self.key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of a rewrap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrapped {
+    /// The blob under the primary version (the input itself when it already was).
+    pub ciphertext: Vec<u8>,
+    /// Full name of the version that wraps it now.
+    pub key_version: String,
+    /// Whether the blob changed.
+    pub rewrapped: bool,
+}
+
+/// The custody service: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Custody {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Custody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Custody")
+            .field("hsm", &self.inner.hsm)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    hsm: Hsm,
+    store: Store,
+    cache: RwLock<Cache>,
+    /// Serialises metadata writes in this process, so each sees the previous one's cache
+    /// update. Across processes the store's compare-and-set statements decide.
+    admin: Arc<tokio::sync::Mutex<()>>,
+    rng: SystemRandom,
+    /// `tresor/{installation id}/`: every version object's label starts with it.
+    label_prefix: String,
+}
+
+impl Custody {
+    /// Loads all metadata, reconciles it with the token, and returns the service with what
+    /// reconciliation found (also logged).
+    pub async fn open(
+        hsm: Hsm,
+        store: Store,
+        options: CustodyOptions,
+    ) -> Result<(Self, ReconcileReport), CustodyError> {
+        let label_prefix = format!("tresor/{}/", store.installation_id());
+        let custody = Self {
+            inner: Arc::new(Inner {
+                hsm,
+                store,
+                cache: RwLock::new(Cache::default()),
+                admin: Arc::new(tokio::sync::Mutex::new(())),
+                rng: SystemRandom::new(),
+                label_prefix,
+            }),
+        };
+        custody.load().await?;
+        let report = custody.reconcile(options.orphans).await?;
+        Ok((custody, report))
+    }
+
+    /// The HSM this service uses.
+    pub fn hsm(&self) -> &Hsm {
+        &self.inner.hsm
+    }
+
+    /// The store this service uses.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    async fn load(&self) -> Result<(), CustodyError> {
+        let keys = self.inner.store.load_keys().await?;
+        let versions = self.inner.store.load_versions().await?;
+        let mut cache = Cache::default();
+        let mut by_key: std::collections::HashMap<(String, String), Vec<&VersionRow>> =
+            std::collections::HashMap::new();
+        for v in &versions {
+            by_key
+                .entry((v.tenant.clone(), v.key_name.clone()))
+                .or_default()
+                .push(v);
+        }
+        for key in &keys {
+            let name = KeyName::new(&key.tenant, &key.name)?;
+            let rows = by_key
+                .remove(&(key.tenant.clone(), key.name.clone()))
+                .unwrap_or_default();
+            let entries: Vec<VersionEntry> = rows
+                .iter()
+                .map(|r| VersionEntry::from_row(&name, r))
+                .collect();
+            for e in &entries {
+                cache.versions.insert(e.id, name.clone());
+            }
+            let entry = KeyEntry::from_rows(name.clone(), key, entries);
+            if entry
+                .versions
+                .iter()
+                .enumerate()
+                .any(|(i, v)| usize::try_from(v.number).ok() != Some(i + 1))
+                || entry.primary_version().is_none()
+            {
+                return Err(StoreError::Corrupt {
+                    table: "key_versions",
+                    what: format!("versions of {name} are not numbered 1..n with a primary"),
+                }
+                .into());
+            }
+            cache.keys.insert(name, Arc::new(entry));
+        }
+        *write(&self.inner.cache) = cache;
+        Ok(())
+    }
+
+    // ---- officer operations -------------------------------------------------------------
+
+    /// Creates a key with version 1 as its primary version.
+    pub async fn create_key(
+        &self,
+        name: &KeyName,
+        description: &str,
+    ) -> Result<KeyInfo, CustodyError> {
+        if description.len() > MAX_DESCRIPTION_LEN {
+            return Err(CustodyError::InvalidArgument(format!(
+                "description is longer than {MAX_DESCRIPTION_LEN} bytes"
+            )));
+        }
+        let name = name.clone();
+        let description = description.to_owned();
+        self.admin(move |c| async move {
+            if c.entry(&name).is_ok() {
+                return Err(CustodyError::KeyExists(name.to_string()));
+            }
+            let now = now_millis();
+            let version = c.new_version_object(&name, 1, now).await?;
+            let row = KeyRow {
+                tenant: name.tenant().as_str().to_owned(),
+                name: name.key().to_owned(),
+                description,
+                primary_version: 1,
+                created_at: now,
+                updated_at: now,
+            };
+            if let Err(e) = c.inner.store.create_key(&row, &version).await {
+                c.discard_object(&version.id).await;
+                return Err(match e {
+                    StoreError::AlreadyExists => CustodyError::KeyExists(name.to_string()),
+                    e => e.into(),
+                });
+            }
+            let entry = KeyEntry::from_rows(
+                name.clone(),
+                &row,
+                vec![VersionEntry::from_row(&name, &version)],
+            );
+            Ok(c.publish(entry))
+        })
+        .await
+    }
+
+    /// The metadata of one key.
+    pub fn get_key(&self, name: &KeyName) -> Result<KeyInfo, CustodyError> {
+        Ok(info(&*self.entry(name)?))
+    }
+
+    /// Keys of a tenant in name order, starting after `after`, at most `limit`.
+    pub fn list_keys(&self, tenant: &Tenant, after: Option<&str>, limit: usize) -> Vec<KeyInfo> {
+        let cache = read(&self.inner.cache);
+        let mut keys: Vec<&Arc<KeyEntry>> = cache
+            .keys
+            .values()
+            .filter(|k| k.name.tenant() == tenant && after.is_none_or(|a| k.name.key() > a))
+            .collect();
+        keys.sort_by(|a, b| a.name.key().cmp(b.name.key()));
+        keys.into_iter().take(limit).map(|k| info(k)).collect()
+    }
+
+    /// Creates a new version and makes it primary. Older versions keep their state, so blobs
+    /// they wrapped still unwrap.
+    pub async fn rotate_key(&self, name: &KeyName) -> Result<KeyInfo, CustodyError> {
+        let name = name.clone();
+        self.admin(move |c| async move {
+            let entry = c.entry(&name)?;
+            let number = u32::try_from(entry.versions.len() + 1)
+                .map_err(|_| CustodyError::InvalidArgument("too many versions".into()))?;
+            let now = now_millis();
+            let version = c.new_version_object(&name, number, now).await?;
+            if let Err(e) = c
+                .inner
+                .store
+                .add_primary_version(&version, entry.primary)
+                .await
+            {
+                c.discard_object(&version.id).await;
+                return Err(match e {
+                    StoreError::Conflict => CustodyError::Conflict(name.to_string()),
+                    e => e.into(),
+                });
+            }
+            let mut next = (*entry).clone();
+            next.versions
+                .push(Arc::new(VersionEntry::from_row(&name, &version)));
+            next.primary = number;
+            next.updated_at = now;
+            Ok(c.publish(next))
+        })
+        .await
+    }
+
+    /// `DISABLED` → `ENABLED`. Enabling an enabled version changes nothing.
+    pub async fn enable_version(
+        &self,
+        name: &KeyName,
+        number: u32,
+    ) -> Result<KeyInfo, CustodyError> {
+        self.transition(name, number, VersionState::Enabled, None)
+            .await
+    }
+
+    /// `ENABLED` → `DISABLED`; not for the primary version. Disabling a disabled version
+    /// changes nothing.
+    pub async fn disable_version(
+        &self,
+        name: &KeyName,
+        number: u32,
+    ) -> Result<KeyInfo, CustodyError> {
+        self.transition(name, number, VersionState::Disabled, None)
+            .await
+    }
+
+    /// `ENABLED|DISABLED` → `DESTROY_SCHEDULED`, due at `destroy_at`; not for the primary
+    /// version. The approval and grace-period rules sit above this call.
+    pub async fn schedule_destruction(
+        &self,
+        name: &KeyName,
+        number: u32,
+        destroy_at: Millis,
+    ) -> Result<KeyInfo, CustodyError> {
+        self.transition(
+            name,
+            number,
+            VersionState::DestroyScheduled,
+            Some(destroy_at),
+        )
+        .await
+    }
+
+    /// `DESTROY_SCHEDULED` → `DISABLED`.
+    pub async fn cancel_destruction(
+        &self,
+        name: &KeyName,
+        number: u32,
+    ) -> Result<KeyInfo, CustodyError> {
+        let entry = self.entry(name)?;
+        let version = entry
+            .version(number)
+            .ok_or_else(|| CustodyError::VersionNotFound(name.version(number)))?;
+        if version.state != VersionState::DestroyScheduled {
+            return Err(CustodyError::InvalidTransition {
+                version: name.version(number),
+                from: version.state,
+                to: VersionState::Disabled,
+            });
+        }
+        self.transition(name, number, VersionState::Disabled, None)
+            .await
+    }
+
+    async fn transition(
+        &self,
+        name: &KeyName,
+        number: u32,
+        to: VersionState,
+        destroy_at: Option<Millis>,
+    ) -> Result<KeyInfo, CustodyError> {
+        use VersionState::*;
+        let name = name.clone();
+        self.admin(move |c| async move {
+            let entry = c.entry(&name)?;
+            let version = entry
+                .version(number)
+                .ok_or_else(|| CustodyError::VersionNotFound(name.version(number)))?;
+            let from = version.state;
+            if from == to && to != DestroyScheduled {
+                return Ok(info(&entry));
+            }
+            let allowed: &[VersionState] = match (from, to) {
+                (Disabled, Enabled) => &[Disabled],
+                (Enabled, Disabled) | (DestroyScheduled, Disabled) => &[from],
+                (Enabled | Disabled, DestroyScheduled) => &[Enabled, Disabled],
+                _ => {
+                    return Err(CustodyError::InvalidTransition {
+                        version: name.version(number),
+                        from,
+                        to,
+                    });
+                }
+            };
+            // The primary version must stay enabled: only rotation moves the primary.
+            let unless_primary = to != Enabled;
+            if unless_primary && entry.primary == number {
+                return Err(CustodyError::PrimaryVersion(name.version(number)));
+            }
+            let now = now_millis();
+            match c
+                .inner
+                .store
+                .transition(&version.id, allowed, to, now, destroy_at, unless_primary)
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::Conflict) => {
+                    return Err(CustodyError::Conflict(name.version(number)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let next = entry.with_version(number, |v| VersionEntry {
+                state: to,
+                state_changed_at: now,
+                destroy_at,
+                ..v.clone()
+            });
+            Ok(c.publish(next))
+        })
+        .await
+    }
+
+    /// Destroys every version whose scheduled destruction is due at `now`: commits
+    /// `DESTROYED`, then destroys the HSM object. Returns the destroyed versions' names.
+    pub async fn destroy_due(&self, now: Millis) -> Result<Vec<String>, CustodyError> {
+        self.admin(move |c| async move {
+            let due: Vec<(KeyName, u32, VersionId)> = read(&c.inner.cache)
+                .keys
+                .values()
+                .flat_map(|k| {
+                    k.versions
+                        .iter()
+                        .filter(|v| v.state == VersionState::DestroyScheduled && v.destroy_at.is_some_and(|t| t <= now))
+                        .map(|v| (k.name.clone(), v.number, v.id))
+                })
+                .collect();
+            let mut destroyed = Vec::with_capacity(due.len());
+            for (name, number, id) in due {
+                let at = now_millis();
+                match c.inner.store.transition(&id, &[VersionState::DestroyScheduled], VersionState::Destroyed, at, None, false).await {
+                    Ok(()) => {}
+                    // Cancelled or destroyed elsewhere since the cache was read.
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                let entry = c.entry(&name)?;
+                c.publish(entry.with_version(number, |v| VersionEntry {
+                    state: VersionState::Destroyed,
+                    state_changed_at: at,
+                    destroy_at: None,
+                    destroyed_at: Some(at),
+                    ..v.clone()
+                }));
+                if let Err(e) = c.inner.hsm.destroy_secret_key(ObjectId(id.0)).await {
+                    tracing::error!(version = %name.version(number), error = %e,
+                        "version is DESTROYED but its HSM object could not be destroyed; start-up reconciliation will retry");
+                }
+                tracing::info!(version = %name.version(number), "key version destroyed");
+                destroyed.push(name.version(number));
+            }
+            Ok(destroyed)
+        })
+        .await
+    }
+
+    // ---- service operations (the hot path) ----------------------------------------------
+
+    /// Wraps `plaintext` (1 byte to 64 KiB) under the key's primary version, binding `aad`.
+    pub async fn wrap(
+        &self,
+        name: &KeyName,
+        plaintext: Zeroizing<Vec<u8>>,
+        aad: &[u8],
+    ) -> Result<Wrapped, CustodyError> {
+        if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT_LEN {
+            return Err(CustodyError::InvalidArgument(format!(
+                "plaintext must be 1 to {MAX_PLAINTEXT_LEN} bytes, not {}",
+                plaintext.len()
+            )));
+        }
+        check_aad(aad)?;
+        let version = {
+            let entry = self.entry(name)?;
+            let primary = entry.primary_version().cloned();
+            primary.ok_or_else(|| CustodyError::VersionNotFound(name.version(entry.primary)))?
+        };
+        usable(&version)?;
+        match version.wraps.take(&self.inner.store, &version.id).await? {
+            Take::Granted => {}
+            Take::Exhausted => {
+                return Err(CustodyError::VersionExhausted(
+                    version.full_name.to_string(),
+                ));
+            }
+        }
+        let mut iv = [0u8; IV_LEN];
+        self.inner
+            .rng
+            .fill(&mut iv)
+            .map_err(|_| CustodyError::Internal("no system randomness".into()))?;
+        let full_aad = envelope::gcm_aad(&version.id, &version.full_name, aad);
+        let sealed = self
+            .inner
+            .hsm
+            .encrypt_gcm(ObjectId(version.id.0), iv, full_aad, plaintext)
+            .await
+            .map_err(|e| self.hsm_failure(&version, e))?;
+        Ok(Wrapped {
+            ciphertext: envelope::encode(&version.id, &iv, &sealed),
+            key_version: version.full_name.to_string(),
+        })
+    }
+
+    /// Unwraps a blob with the AAD given at wrap time. The version comes from the blob; with
+    /// `expected_key`, a blob of any other key is refused before the HSM is asked.
+    pub async fn unwrap(
+        &self,
+        ciphertext: &[u8],
+        aad: &[u8],
+        expected_key: Option<&KeyName>,
+    ) -> Result<Unwrapped, CustodyError> {
+        let (plaintext, version) = self.open_blob(ciphertext, aad, expected_key).await?;
+        Ok(Unwrapped {
+            plaintext,
+            key_version: version.full_name.to_string(),
+        })
+    }
+
+    /// Draws `len` random bytes from the HSM and wraps them under the key's primary version.
+    pub async fn generate_data_key(
+        &self,
+        name: &KeyName,
+        aad: &[u8],
+        len: usize,
+        with_plaintext: bool,
+    ) -> Result<DataKey, CustodyError> {
+        if !DATA_KEY_LEN_RANGE.contains(&len) {
+            return Err(CustodyError::InvalidArgument(format!(
+                "data key length must be {} to {} bytes, not {len}",
+                DATA_KEY_LEN_RANGE.start(),
+                DATA_KEY_LEN_RANGE.end()
+            )));
+        }
+        check_aad(aad)?;
+        // Fail on an unknown key before spending HSM randomness.
+        self.entry(name)?;
+        let key = self.inner.hsm.random(len).await?;
+        let wrapped = self.wrap(name, Zeroizing::new(key.to_vec()), aad).await?;
+        Ok(DataKey {
+            plaintext: with_plaintext.then_some(key),
+            ciphertext: wrapped.ciphertext,
+            key_version: wrapped.key_version,
+        })
+    }
+
+    /// Re-wraps a blob under its key's primary version. A blob already under the primary
+    /// version is still authenticated, then returned unchanged with `rewrapped = false`.
+    pub async fn rewrap(
+        &self,
+        ciphertext: &[u8],
+        aad: &[u8],
+        expected_key: Option<&KeyName>,
+    ) -> Result<Rewrapped, CustodyError> {
+        let (plaintext, version) = self.open_blob(ciphertext, aad, expected_key).await?;
+        let key = self
+            .inner
+            .cache_key_of(&version.id)
+            .ok_or(CustodyError::UnknownVersion)?;
+        let primary = self.entry(&key)?.primary;
+        if version.number == primary {
+            return Ok(Rewrapped {
+                ciphertext: ciphertext.to_vec(),
+                key_version: version.full_name.to_string(),
+                rewrapped: false,
+            });
+        }
+        let wrapped = self.wrap(&key, plaintext, aad).await?;
+        Ok(Rewrapped {
+            ciphertext: wrapped.ciphertext,
+            key_version: wrapped.key_version,
+            rewrapped: true,
+        })
+    }
+
+    /// Parses, resolves and decrypts a blob.
+    async fn open_blob(
+        &self,
+        ciphertext: &[u8],
+        aad: &[u8],
+        expected_key: Option<&KeyName>,
+    ) -> Result<(Zeroizing<Vec<u8>>, Arc<VersionEntry>), CustodyError> {
+        check_aad(aad)?;
+        let blob = envelope::parse(ciphertext).map_err(CustodyError::MalformedCiphertext)?;
+        let version = {
+            let cache = read(&self.inner.cache);
+            let key = cache
+                .versions
+                .get(&blob.version_id)
+                .ok_or(CustodyError::UnknownVersion)?;
+            if let Some(expected) = expected_key
+                && expected != key
+            {
+                return Err(CustodyError::WrongKey {
+                    expected: expected.to_string(),
+                });
+            }
+            let entry = cache.keys.get(key).ok_or(CustodyError::UnknownVersion)?;
+            entry
+                .versions
+                .iter()
+                .find(|v| v.id == blob.version_id)
+                .cloned()
+                .ok_or(CustodyError::UnknownVersion)?
+        };
+        usable(&version)?;
+        let full_aad = envelope::gcm_aad(&version.id, &version.full_name, aad);
+        let plaintext = self
+            .inner
+            .hsm
+            .decrypt_gcm(
+                ObjectId(version.id.0),
+                blob.iv,
+                full_aad,
+                blob.sealed.to_vec(),
+            )
+            .await
+            .map_err(|e| self.hsm_failure(&version, e))?;
+        Ok((plaintext, version))
+    }
+
+    /// Maps an HSM failure on a version's key; a missing object marks the version lost.
+    fn hsm_failure(&self, version: &VersionEntry, e: HsmError) -> CustodyError {
+        match e {
+            HsmError::BadCiphertext => CustodyError::Unauthentic,
+            HsmError::ObjectNotFound(_) => {
+                let custody = self.clone();
+                let id = version.id;
+                tokio::spawn(async move { custody.mark_lost(id).await });
+                CustodyError::VersionLost(version.full_name.to_string())
+            }
+            e => CustodyError::Hsm(e),
+        }
+    }
+
+    /// Records that a version's HSM object is gone, in the database and the cache.
+    async fn mark_lost(&self, id: VersionId) {
+        let result = self
+            .admin(move |c| async move {
+                let Some(name) = c.inner.cache_key_of(&id) else { return Ok(()) };
+                let entry = c.entry(&name)?;
+                let Some(v) = entry.versions.iter().find(|v| v.id == id).cloned() else { return Ok(()) };
+                if v.lost_at.is_some() || v.state == VersionState::Destroyed {
+                    return Ok(());
+                }
+                let now = now_millis();
+                c.inner.store.set_lost(&id, Some(now)).await?;
+                tracing::error!(version = %v.full_name, "HSM object of key version is missing: version marked LOST; blobs it wrapped cannot be unwrapped until the object is restored");
+                c.publish(entry.with_version(v.number, |v| VersionEntry { lost_at: Some(now), ..v.clone() }));
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(version_id = %id, error = %e, "could not record a lost key version");
+        }
+    }
+
+    // ---- helpers ------------------------------------------------------------------------
+
+    /// Runs a metadata write to completion in its own task, under the admin lock.
+    async fn admin<T, F, Fut>(&self, f: F) -> Result<T, CustodyError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Custody) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, CustodyError>> + Send,
+    {
+        let custody = self.clone();
+        tokio::spawn(async move {
+            let _serialised = Arc::clone(&custody.inner.admin).lock_owned().await;
+            f(custody).await
+        })
+        .await
+        .map_err(|e| CustodyError::Internal(format!("metadata write task failed: {e}")))?
+    }
+
+    fn entry(&self, name: &KeyName) -> Result<Arc<KeyEntry>, CustodyError> {
+        read(&self.inner.cache)
+            .keys
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CustodyError::KeyNotFound(name.to_string()))
+    }
+
+    /// Replaces a key's cache entry after its change was committed.
+    fn publish(&self, entry: KeyEntry) -> KeyInfo {
+        let shown = info(&entry);
+        let mut cache = write(&self.inner.cache);
+        for v in &entry.versions {
+            cache
+                .versions
+                .entry(v.id)
+                .or_insert_with(|| entry.name.clone());
+        }
+        cache.keys.insert(entry.name.clone(), Arc::new(entry));
+        shown
+    }
+
+    /// Creates the HSM object of a new version (step one of the crash order) and returns the
+    /// row to commit.
+    async fn new_version_object(
+        &self,
+        name: &KeyName,
+        number: u32,
+        now: Millis,
+    ) -> Result<VersionRow, CustodyError> {
+        let mut id = [0u8; envelope::VERSION_ID_LEN];
+        self.inner
+            .rng
+            .fill(&mut id)
+            .map_err(|_| CustodyError::Internal("no system randomness".into()))?;
+        let id = VersionId(id);
+        let hsm_label = format!("{}{}", self.inner.label_prefix, id.to_hex());
+        self.inner
+            .hsm
+            .generate_version_key(ObjectId(id.0), hsm_label.clone())
+            .await?;
+        Ok(VersionRow {
+            id,
+            tenant: name.tenant().as_str().to_owned(),
+            key_name: name.key().to_owned(),
+            version: number,
+            state: VersionState::Enabled,
+            hsm_label,
+            created_at: now,
+            state_changed_at: now,
+            destroy_at: None,
+            destroyed_at: None,
+            lost_at: None,
+            wraps_reserved: 0,
+        })
+    }
+
+    /// Destroys the object of a version whose row could not be committed.
+    async fn discard_object(&self, id: &VersionId) {
+        if let Err(e) = self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await {
+            tracing::error!(version_id = %id, error = %e,
+                "could not destroy the HSM object of an uncommitted version; start-up reconciliation will remove it");
+        }
+    }
+}
+
+impl Inner {
+    fn cache_key_of(&self, id: &VersionId) -> Option<KeyName> {
+        read(&self.cache).versions.get(id).cloned()
+    }
+}
+
+fn check_aad(aad: &[u8]) -> Result<(), CustodyError> {
+    if aad.len() > MAX_AAD_LEN {
+        return Err(CustodyError::InvalidArgument(format!(
+            "AAD must be at most {MAX_AAD_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a version may wrap or unwrap now.
+fn usable(v: &VersionEntry) -> Result<(), CustodyError> {
+    let name = || v.full_name.to_string();
+    match v.state {
+        VersionState::Enabled if v.lost_at.is_some() => Err(CustodyError::VersionLost(name())),
+        VersionState::Enabled => Ok(()),
+        VersionState::Disabled => Err(CustodyError::VersionDisabled(name())),
+        VersionState::DestroyScheduled => Err(CustodyError::VersionDestroyScheduled(name())),
+        VersionState::Destroyed => Err(CustodyError::VersionDestroyed(name())),
+    }
+}
+
+fn info(entry: &KeyEntry) -> KeyInfo {
+    KeyInfo {
+        name: entry.name.clone(),
+        description: entry.description.clone(),
+        created_at: entry.created_at,
+        updated_at: entry.updated_at,
+        primary_version: entry.primary,
+        versions: entry
+            .versions
+            .iter()
+            .map(|v| VersionInfo {
+                name: v.full_name.to_string(),
+                number: v.number,
+                state: v.state,
+                primary: v.number == entry.primary,
+                created_at: v.created_at,
+                state_changed_at: v.state_changed_at,
+                destroy_at: v.destroy_at,
+                destroyed_at: v.destroyed_at,
+                lost_at: v.lost_at,
+                wraps_at_most: v.wraps.reserved(),
+            })
+            .collect(),
+    }
+}
+
+// A poisoned lock only means a panic elsewhere; every cache write is a single insert, so the
+// map is never half-updated.
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,147 @@
+//! Start-up reconciliation of the metadata store with the token.
+//!
+//! Owns the decisions about objects and rows that disagree. It only looks at objects whose
+//! `CKA_LABEL` carries this installation's prefix (`tresor/{installation id}/`); objects of
+//! other applications or other Tresor installations on the same token are never touched.
+//!
+//! | token object | row | meaning | action |
+//! | --- | --- | --- | --- |
+//! | present | none | crash between object creation and row commit | removed (or only reported, with [`OrphanPolicy::Report`]) |
+//! | present | `DESTROYED` | crash between the commit and the object's destruction | destroyed |
+//! | missing | not `DESTROYED` | destroyed or lost behind Tresor's back | version marked lost, logged as an error |
+//! | present | marked lost | object restored | lost mark cleared |
+
+use std::collections::HashMap;
+
+use super::{Custody, CustodyError, read};
+use crate::custody::cache::VersionEntry;
+use crate::envelope::VersionId;
+use crate::hsm::ObjectId;
+use crate::model::{VersionState, now_millis};
+
+/// What reconciliation does with an HSM object that carries this installation's label but has
+/// no row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OrphanPolicy {
+    /// Destroy it. Safe when the database is the live one: such an object never wrapped
+    /// anything, because wrapping needs the committed row.
+    #[default]
+    Remove,
+    /// Only report it. Use this after restoring the database from a backup: objects created
+    /// after the backup have wrapped blobs whose rows the restore lost.
+    Report,
+}
+
+/// What start-up reconciliation found and did. Every entry is also logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Labels of orphan objects destroyed.
+    pub orphans_removed: Vec<String>,
+    /// Labels of orphan objects left in place ([`OrphanPolicy::Report`]).
+    pub orphans_kept: Vec<String>,
+    /// Versions whose interrupted destruction was completed.
+    pub destructions_completed: Vec<String>,
+    /// Versions newly found without their HSM object.
+    pub lost: Vec<String>,
+    /// Versions whose HSM object is back.
+    pub found_again: Vec<String>,
+    /// Secret-key objects on the token that belong to something else (left alone).
+    pub foreign_objects: usize,
+}
+
+impl Custody {
+    pub(super) async fn reconcile(
+        &self,
+        policy: super::OrphanPolicy,
+    ) -> Result<ReconcileReport, CustodyError> {
+        let mut report = ReconcileReport::default();
+        let objects = self.inner.hsm.list_secret_keys().await?;
+        let versions: HashMap<VersionId, VersionEntry> = {
+            let cache = read(&self.inner.cache);
+            cache
+                .keys
+                .values()
+                .flat_map(|k| k.versions.iter().map(|v| (v.id, (**v).clone())))
+                .collect()
+        };
+
+        let mut present = std::collections::HashSet::new();
+        for object in objects {
+            let Some(id_hex) = object.label.strip_prefix(&self.inner.label_prefix) else {
+                report.foreign_objects += 1;
+                continue;
+            };
+            let id = match <[u8; 16]>::try_from(object.id.as_slice()) {
+                Ok(id) if VersionId(id).to_hex() == id_hex => VersionId(id),
+                // Our prefix but not our shape: never destroy what we cannot account for.
+                _ => {
+                    tracing::warn!(label = %object.label, "token object has Tresor's label prefix but an unexpected CKA_ID; left alone");
+                    report.foreign_objects += 1;
+                    continue;
+                }
+            };
+            present.insert(id);
+            match versions.get(&id) {
+                None => match policy {
+                    OrphanPolicy::Remove => {
+                        self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await?;
+                        tracing::warn!(label = %object.label, "removed an HSM object with no metadata row (left by an interrupted key creation or rotation)");
+                        report.orphans_removed.push(object.label);
+                    }
+                    OrphanPolicy::Report => {
+                        tracing::warn!(label = %object.label, "HSM object has no metadata row; kept because orphans = report");
+                        report.orphans_kept.push(object.label);
+                    }
+                },
+                Some(v) if v.state == VersionState::Destroyed => {
+                    self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await?;
+                    tracing::warn!(version = %v.full_name, "completed an interrupted destruction: HSM object destroyed");
+                    report.destructions_completed.push(v.full_name.to_string());
+                }
+                Some(v) if v.lost_at.is_some() => {
+                    self.inner.store.set_lost(&id, None).await?;
+                    self.update_version(&id, |v| VersionEntry {
+                        lost_at: None,
+                        ..v.clone()
+                    });
+                    tracing::warn!(version = %v.full_name, "HSM object of a version marked lost is present again; lost mark cleared");
+                    report.found_again.push(v.full_name.to_string());
+                }
+                Some(_) => {}
+            }
+        }
+
+        for v in versions.values() {
+            if v.state == VersionState::Destroyed || present.contains(&v.id) || v.lost_at.is_some()
+            {
+                continue;
+            }
+            let now = now_millis();
+            self.inner.store.set_lost(&v.id, Some(now)).await?;
+            self.update_version(&v.id, |e| VersionEntry {
+                lost_at: Some(now),
+                ..e.clone()
+            });
+            tracing::error!(version = %v.full_name, "HSM object of key version is missing from the token: version marked LOST; blobs it wrapped cannot be unwrapped until the object is restored");
+            report.lost.push(v.full_name.to_string());
+        }
+        report.lost.sort();
+        Ok(report)
+    }
+
+    fn update_version(&self, id: &VersionId, f: impl FnOnce(&VersionEntry) -> VersionEntry) {
+        let Some(name) = self.inner.cache_key_of(id) else {
+            return;
+        };
+        let Ok(entry) = self.entry(&name) else { return };
+        let Some(number) = entry
+            .versions
+            .iter()
+            .find(|v| v.id == *id)
+            .map(|v| v.number)
+        else {
+            return;
+        };
+        self.publish(entry.with_version(number, f));
+    }
+}

@@ -1,0 +1,492 @@
+//! The metadata store: tenants, keys and versions in SQL.
+//!
+//! Owns every SQL statement and the schema (embedded migrations, version checked at start-up).
+//! Holds no key material and makes no policy decisions: callers say which transition they
+//! want and the store makes it atomic (compare-and-set in SQL, so no check-then-act race
+//! across connections or, later, nodes).
+//!
+//! SQLite runs in WAL mode with `synchronous = FULL`: a committed version row must survive a
+//! power cut, because blobs wrapped under it are unreadable without it. The file is created
+//! with mode 0600 (SQLite gives its `-wal` and `-shm` files the same mode).
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::envelope::VersionId;
+use crate::model::{Millis, VersionState};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// Errors of the store. They name tables and states, never secrets.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database URL is not one this build can open.
+    #[error("unsupported database url {0:?}: use sqlite://PATH")]
+    UnsupportedUrl(String),
+    /// The database file could not be created or its mode set.
+    #[error("cannot prepare database file {path}: {source}")]
+    File {
+        /// The database file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The database was migrated by a newer Tresor.
+    #[error(
+        "database schema version {found} is newer than this build supports ({supported}); run the newer Tresor or restore a matching backup"
+    )]
+    SchemaTooNew {
+        /// Highest migration applied to the database.
+        found: i64,
+        /// Highest migration this build knows.
+        supported: i64,
+    },
+    /// Applying migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row with this identity already exists.
+    #[error("already exists")]
+    AlreadyExists,
+    /// The row was not in the state the caller expected: another writer got there first.
+    #[error("the record changed concurrently or is not in the expected state")]
+    Conflict,
+    /// A stored value is not one Tresor writes.
+    #[error("corrupt row in {table}: {what}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What was wrong.
+        what: String,
+    },
+    /// The database failed or is unreachable.
+    #[error("database error: {0}")]
+    Db(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => Self::AlreadyExists,
+            _ => Self::Db(e),
+        }
+    }
+}
+
+/// A key's metadata row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    /// Tenant segment of the name.
+    pub tenant: String,
+    /// Key segment of the name.
+    pub name: String,
+    /// Free text set by officers.
+    pub description: String,
+    /// Number of the primary version.
+    pub primary_version: u32,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Last metadata change.
+    pub updated_at: Millis,
+}
+
+/// A key version's metadata row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRow {
+    /// Version id (= HSM `CKA_ID`).
+    pub id: VersionId,
+    /// Tenant segment of the key name.
+    pub tenant: String,
+    /// Key segment of the key name.
+    pub key_name: String,
+    /// Version number, from 1.
+    pub version: u32,
+    /// Lifecycle state.
+    pub state: VersionState,
+    /// `CKA_LABEL` of the HSM object.
+    pub hsm_label: String,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Time of the last state change.
+    pub state_changed_at: Millis,
+    /// When a scheduled destruction is due.
+    pub destroy_at: Option<Millis>,
+    /// When the HSM object was destroyed.
+    pub destroyed_at: Option<Millis>,
+    /// When the HSM object was found missing.
+    pub lost_at: Option<Millis>,
+    /// Upper bound of blobs wrapped.
+    pub wraps_reserved: u64,
+}
+
+/// The metadata store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    installation_id: String,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `url` (`sqlite://PATH` or a bare path),
+    /// refuses a schema newer than this build, and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let path = match url.strip_prefix("sqlite://") {
+            Some(p) => Path::new(p),
+            None if !url.contains("://") => Path::new(url),
+            None => return Err(StoreError::UnsupportedUrl(url.to_owned())),
+        };
+        if path.as_os_str().is_empty() {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        }
+        prepare_file(path)?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        check_schema_version(&pool).await?;
+        MIGRATOR.run(&pool).await?;
+        let installation_id = installation_id(&pool).await?;
+        Ok(Self {
+            pool,
+            installation_id,
+        })
+    }
+
+    /// The random id of this installation, stamped into HSM object labels.
+    pub fn installation_id(&self) -> &str {
+        &self.installation_id
+    }
+
+    /// Every key row.
+    pub async fn load_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tenant, name, description, primary_version, created_at, updated_at FROM keys",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KeyRow {
+                    tenant: r.try_get("tenant")?,
+                    name: r.try_get("name")?,
+                    description: r.try_get("description")?,
+                    primary_version: to_u32("keys", r.try_get("primary_version")?)?,
+                    created_at: r.try_get("created_at")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every version row.
+    pub async fn load_versions(&self) -> Result<Vec<VersionRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant, key_name, version, state, hsm_label, created_at, state_changed_at, \
+             destroy_at, destroyed_at, lost_at, wraps_reserved FROM key_versions",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(version_row).collect()
+    }
+
+    /// Inserts a new key with its first (primary) version, creating the tenant if needed.
+    /// [`StoreError::AlreadyExists`] if the key exists.
+    pub async fn create_key(&self, key: &KeyRow, first: &VersionRow) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tenants (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&key.tenant)
+        .bind(key.created_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO keys (tenant, name, description, primary_version, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.tenant)
+        .bind(&key.name)
+        .bind(&key.description)
+        .bind(i64::from(key.primary_version))
+        .bind(key.created_at)
+        .bind(key.updated_at)
+        .execute(&mut *tx)
+        .await?;
+        insert_version(&mut tx, first).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Adds `version` and makes it primary, provided the primary is still
+    /// `previous_primary` ([`StoreError::Conflict`] otherwise, e.g. a concurrent rotation).
+    pub async fn add_primary_version(
+        &self,
+        version: &VersionRow,
+        previous_primary: u32,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(
+            "UPDATE keys SET primary_version = $1, updated_at = $2 \
+             WHERE tenant = $3 AND name = $4 AND primary_version = $5",
+        )
+        .bind(i64::from(version.version))
+        .bind(version.created_at)
+        .bind(&version.tenant)
+        .bind(&version.key_name)
+        .bind(i64::from(previous_primary))
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            return Err(StoreError::Conflict);
+        }
+        match insert_version(&mut tx, version).await {
+            Err(StoreError::AlreadyExists) => return Err(StoreError::Conflict),
+            other => other?,
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Moves a version from one of `from` (one or two states) to `to` atomically; with
+    /// `unless_primary`, only if it is not its key's primary version. [`StoreError::Conflict`]
+    /// if the row did not match.
+    pub async fn transition(
+        &self,
+        id: &VersionId,
+        from: &[VersionState],
+        to: VersionState,
+        at: Millis,
+        destroy_at: Option<Millis>,
+        unless_primary: bool,
+    ) -> Result<(), StoreError> {
+        let (first, second) = match from {
+            [one] => (one, one),
+            [one, two] => (one, two),
+            _ => return Err(StoreError::Conflict),
+        };
+        let sql = if unless_primary {
+            TRANSITION_UNLESS_PRIMARY
+        } else {
+            TRANSITION
+        };
+        let query = sqlx::query(sql)
+            .bind(to.as_str())
+            .bind(at)
+            .bind(destroy_at)
+            .bind(id.to_hex())
+            .bind(first.as_str())
+            .bind(second.as_str());
+        let done = query.execute(&self.pool).await?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict)
+        }
+    }
+
+    /// Records that a version's HSM object is missing (`Some(time)`) or present again (`None`).
+    pub async fn set_lost(
+        &self,
+        id: &VersionId,
+        lost_at: Option<Millis>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE key_versions SET lost_at = $1 WHERE id = $2")
+            .bind(lost_at)
+            .bind(id.to_hex())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Reserves `block` more wraps for a version; returns the new reserved total.
+    pub async fn reserve_wraps(&self, id: &VersionId, block: u64) -> Result<u64, StoreError> {
+        let block = i64::try_from(block).map_err(|_| StoreError::Conflict)?;
+        let row = sqlx::query(
+            "UPDATE key_versions SET wraps_reserved = wraps_reserved + $1 WHERE id = $2 RETURNING wraps_reserved",
+        )
+        .bind(block)
+        .bind(id.to_hex())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::Conflict);
+        };
+        to_u64("key_versions", row.try_get("wraps_reserved")?)
+    }
+
+    /// Runs raw SQL. Exists for tests that must break the database on purpose (for example a
+    /// trigger that makes the next insert fail) to show that nothing is lost when it fails.
+    #[doc(hidden)]
+    pub async fn execute_raw_for_tests(&self, sql: &str) -> Result<(), StoreError> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Closes every connection (checkpointing the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+const TRANSITION: &str = "UPDATE key_versions SET state = $1, state_changed_at = $2, destroy_at = $3, \
+     destroyed_at = CASE WHEN $1 = 'DESTROYED' THEN $2 ELSE destroyed_at END \
+     WHERE id = $4 AND state IN ($5, $6)";
+
+const TRANSITION_UNLESS_PRIMARY: &str = "UPDATE key_versions SET state = $1, state_changed_at = $2, destroy_at = $3, \
+     destroyed_at = CASE WHEN $1 = 'DESTROYED' THEN $2 ELSE destroyed_at END \
+     WHERE id = $4 AND state IN ($5, $6) AND NOT EXISTS (SELECT 1 FROM keys k \
+     WHERE k.tenant = key_versions.tenant AND k.name = key_versions.key_name \
+     AND k.primary_version = key_versions.version)";
+
+async fn insert_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    v: &VersionRow,
+) -> Result<(), StoreError> {
+    let wraps = i64::try_from(v.wraps_reserved).map_err(|_| StoreError::Corrupt {
+        table: "key_versions",
+        what: "wrap count beyond i64".into(),
+    })?;
+    sqlx::query(
+        "INSERT INTO key_versions (id, tenant, key_name, version, state, hsm_label, created_at, \
+         state_changed_at, destroy_at, destroyed_at, lost_at, wraps_reserved) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(v.id.to_hex())
+    .bind(&v.tenant)
+    .bind(&v.key_name)
+    .bind(i64::from(v.version))
+    .bind(v.state.as_str())
+    .bind(&v.hsm_label)
+    .bind(v.created_at)
+    .bind(v.state_changed_at)
+    .bind(v.destroy_at)
+    .bind(v.destroyed_at)
+    .bind(v.lost_at)
+    .bind(wraps)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn version_row(r: &sqlx::sqlite::SqliteRow) -> Result<VersionRow, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt {
+        table: "key_versions",
+        what,
+    };
+    let id: String = r.try_get("id")?;
+    let state: String = r.try_get("state")?;
+    Ok(VersionRow {
+        id: VersionId::from_hex(&id).ok_or_else(|| corrupt(format!("version id {id:?}")))?,
+        tenant: r.try_get("tenant")?,
+        key_name: r.try_get("key_name")?,
+        version: to_u32("key_versions", r.try_get("version")?)?,
+        state: VersionState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?,
+        hsm_label: r.try_get("hsm_label")?,
+        created_at: r.try_get("created_at")?,
+        state_changed_at: r.try_get("state_changed_at")?,
+        destroy_at: r.try_get("destroy_at")?,
+        destroyed_at: r.try_get("destroyed_at")?,
+        lost_at: r.try_get("lost_at")?,
+        wraps_reserved: to_u64("key_versions", r.try_get("wraps_reserved")?)?,
+    })
+}
+
+fn to_u32(table: &'static str, v: i64) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt {
+        table,
+        what: format!("number {v} out of range"),
+    })
+}
+
+fn to_u64(table: &'static str, v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt {
+        table,
+        what: format!("number {v} out of range"),
+    })
+}
+
+/// Creates the database file with mode 0600, or tightens an existing file's mode.
+fn prepare_file(path: &Path) -> Result<(), StoreError> {
+    let file_err = |source| StoreError::File {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err)?;
+    let mode = file.metadata().map_err(file_err)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format_args!("{:o}", mode & 0o777), "database file was readable by others; setting mode 0600");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(file_err)?;
+    }
+    Ok(())
+}
+
+/// The highest migration this build knows.
+fn supported_schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+async fn check_schema_version(pool: &SqlitePool) -> Result<(), StoreError> {
+    let has_table: Option<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+    )
+    .fetch_optional(pool)
+    .await?;
+    if has_table.is_none() {
+        return Ok(());
+    }
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await?;
+    let supported = supported_schema_version();
+    match found {
+        Some(found) if found > supported => Err(StoreError::SchemaTooNew { found, supported }),
+        _ => Ok(()),
+    }
+}
+
+async fn installation_id(pool: &SqlitePool) -> Result<String, StoreError> {
+    if let Some(id) = sqlx::query_scalar::<_, String>("SELECT id FROM installation")
+        .fetch_optional(pool)
+        .await?
+    {
+        return Ok(id);
+    }
+    let mut raw = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| {
+        StoreError::Corrupt {
+            table: "installation",
+            what: "no system randomness".into(),
+        }
+    })?;
+    let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    // Two processes opening a fresh database at once: the table holds one row, the loser's
+    // insert is ignored and both read back the winner's id.
+    sqlx::query("INSERT INTO installation (singleton, id, created_at) VALUES (1, $1, $2) ON CONFLICT (singleton) DO NOTHING")
+        .bind(&id)
+        .bind(crate::model::now_millis())
+        .execute(pool)
+        .await?;
+    Ok(sqlx::query_scalar("SELECT id FROM installation")
+        .fetch_one(pool)
+        .await?)
+}

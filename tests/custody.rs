@@ -1,0 +1,791 @@
+//! Custody against a real PKCS#11 module (SoftHSM2): lifecycle, wrap/unwrap, failure paths.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::Fixture;
+use tresor::custody::{CustodyError, CustodyOptions, OrphanPolicy};
+use tresor::envelope;
+use tresor::hsm::ObjectId;
+use tresor::model::{KeyName, Tenant, VersionState, now_millis};
+use zeroize::Zeroizing;
+
+fn name(s: &str) -> KeyName {
+    s.parse().unwrap()
+}
+
+fn pt(bytes: &[u8]) -> Zeroizing<Vec<u8>> {
+    Zeroizing::new(bytes.to_vec())
+}
+
+#[tokio::test]
+async fn create_wrap_unwrap_round_trip() {
+    let f = Fixture::new().await;
+    let key = name("tenants/uksh/keys/ehr-archive");
+    let created = f
+        .custody
+        .create_key(&key, "EHR archive DEKs")
+        .await
+        .unwrap();
+    assert_eq!(created.primary_version, 1);
+    assert_eq!(created.versions.len(), 1);
+    assert_eq!(created.versions[0].state, VersionState::Enabled);
+    assert!(created.versions[0].primary);
+
+    let dek = [0x42u8; 32];
+    let wrapped = f
+        .custody
+        .wrap(&key, pt(&dek), b"patient=4711")
+        .await
+        .unwrap();
+    assert_eq!(
+        wrapped.key_version,
+        "tenants/uksh/keys/ehr-archive/versions/1"
+    );
+    assert_eq!(
+        wrapped.ciphertext.len(),
+        envelope::HEADER_LEN + dek.len() + envelope::TAG_LEN
+    );
+    assert!(
+        !wrapped.ciphertext.windows(dek.len()).any(|w| w == dek),
+        "plaintext visible in blob"
+    );
+
+    let unwrapped = f
+        .custody
+        .unwrap(&wrapped.ciphertext, b"patient=4711", None)
+        .await
+        .unwrap();
+    assert_eq!(unwrapped.plaintext.as_slice(), dek);
+    assert_eq!(unwrapped.key_version, wrapped.key_version);
+    // Naming the right key is fine too.
+    f.custody
+        .unwrap(&wrapped.ciphertext, b"patient=4711", Some(&key))
+        .await
+        .unwrap();
+    // Empty caller AAD works (the GCM AAD is never empty).
+    let w2 = f.custody.wrap(&key, pt(b"x"), b"").await.unwrap();
+    assert_eq!(
+        f.custody
+            .unwrap(&w2.ciphertext, b"", None)
+            .await
+            .unwrap()
+            .plaintext
+            .as_slice(),
+        b"x"
+    );
+
+    let info = f.custody.get_key(&key).unwrap();
+    assert!(info.versions[0].wraps_at_most >= 2);
+    assert_eq!(info.description, "EHR archive DEKs");
+
+    assert!(matches!(
+        f.custody.create_key(&key, "").await,
+        Err(CustodyError::KeyExists(_))
+    ));
+    assert!(matches!(
+        f.custody
+            .wrap(&name("tenants/uksh/keys/nope"), pt(b"x"), b"")
+            .await,
+        Err(CustodyError::KeyNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn every_bad_blob_gets_its_own_error() {
+    let f = Fixture::new().await;
+    let key = name("tenants/uksh/keys/pacs");
+    let other = name("tenants/uksh/keys/lab");
+    f.custody.create_key(&key, "").await.unwrap();
+    f.custody.create_key(&other, "").await.unwrap();
+    let blob = f
+        .custody
+        .wrap(&key, pt(b"data-encryption-key"), b"ctx")
+        .await
+        .unwrap()
+        .ciphertext;
+
+    // Wrong AAD.
+    let err = f
+        .custody
+        .unwrap(&blob, b"other ctx", None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CustodyError::Unauthentic), "{err:?}");
+
+    // Tampered body, and a tampered header.
+    let mut body = blob.clone();
+    *body.last_mut().unwrap() ^= 1;
+    assert!(matches!(
+        f.custody.unwrap(&body, b"ctx", None).await,
+        Err(CustodyError::Unauthentic)
+    ));
+    let mut header = blob.clone();
+    header[0] = 0x7f;
+    assert!(matches!(
+        f.custody.unwrap(&header, b"ctx", None).await,
+        Err(CustodyError::MalformedCiphertext(_))
+    ));
+    assert!(matches!(
+        f.custody.unwrap(&blob[..20], b"ctx", None).await,
+        Err(CustodyError::MalformedCiphertext(_))
+    ));
+
+    // Blob of another key: refused when the caller names the key it expects...
+    let err = f
+        .custody
+        .unwrap(&blob, b"ctx", Some(&other))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CustodyError::WrongKey { .. }), "{err:?}");
+    // ...and a blob spliced onto another key's version id fails authentication.
+    let other_blob = f
+        .custody
+        .wrap(&other, pt(b"k"), b"ctx")
+        .await
+        .unwrap()
+        .ciphertext;
+    let mut spliced = blob.clone();
+    spliced[1..17].copy_from_slice(&other_blob[1..17]);
+    assert!(matches!(
+        f.custody.unwrap(&spliced, b"ctx", None).await,
+        Err(CustodyError::Unauthentic)
+    ));
+
+    // Unknown version.
+    let mut unknown = blob.clone();
+    unknown[1..17].copy_from_slice(&[0xee; 16]);
+    assert!(matches!(
+        f.custody.unwrap(&unknown, b"ctx", None).await,
+        Err(CustodyError::UnknownVersion)
+    ));
+
+    // Disabled version.
+    f.custody.rotate_key(&key).await.unwrap();
+    f.custody.disable_version(&key, 1).await.unwrap();
+    let err = f.custody.unwrap(&blob, b"ctx", None).await.unwrap_err();
+    assert!(
+        matches!(err, CustodyError::VersionDisabled(ref v) if v == "tenants/uksh/keys/pacs/versions/1"),
+        "{err:?}"
+    );
+
+    // Scheduled for destruction, then destroyed.
+    f.custody
+        .schedule_destruction(&key, 1, now_millis())
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.custody.unwrap(&blob, b"ctx", None).await,
+        Err(CustodyError::VersionDestroyScheduled(_))
+    ));
+    assert_eq!(
+        f.custody.destroy_due(now_millis()).await.unwrap(),
+        vec!["tenants/uksh/keys/pacs/versions/1"]
+    );
+    assert!(matches!(
+        f.custody.unwrap(&blob, b"ctx", None).await,
+        Err(CustodyError::VersionDestroyed(_))
+    ));
+}
+
+#[tokio::test]
+async fn every_single_bit_flip_truncation_and_extension_is_rejected_by_the_hsm_path() {
+    let f = Fixture::new().await;
+    let key = name("tenants/t/keys/k");
+    f.custody.create_key(&key, "").await.unwrap();
+    let blob = f
+        .custody
+        .wrap(&key, pt(b"0123456789abcdef"), b"aad")
+        .await
+        .unwrap()
+        .ciphertext;
+    for bit in 0..blob.len() * 8 {
+        let mut bad = blob.clone();
+        bad[bit / 8] ^= 1 << (bit % 8);
+        assert!(
+            f.custody.unwrap(&bad, b"aad", None).await.is_err(),
+            "bit {bit} accepted"
+        );
+    }
+    for len in 0..blob.len() {
+        assert!(
+            f.custody.unwrap(&blob[..len], b"aad", None).await.is_err(),
+            "truncation to {len} accepted"
+        );
+    }
+    let mut longer = blob.clone();
+    longer.push(0);
+    assert!(f.custody.unwrap(&longer, b"aad", None).await.is_err());
+    // The session pool survives all those failures.
+    assert_eq!(
+        f.custody
+            .unwrap(&blob, b"aad", None)
+            .await
+            .unwrap()
+            .plaintext
+            .as_slice(),
+        b"0123456789abcdef"
+    );
+}
+
+#[tokio::test]
+async fn rotation_moves_the_primary_and_old_blobs_still_unwrap() {
+    let f = Fixture::new().await;
+    let key = name("tenants/uksh/keys/lab");
+    f.custody.create_key(&key, "").await.unwrap();
+    let old = f.custody.wrap(&key, pt(b"old-dek"), b"a").await.unwrap();
+    let rotated = f.custody.rotate_key(&key).await.unwrap();
+    assert_eq!(rotated.primary_version, 2);
+    assert_eq!(rotated.versions.iter().filter(|v| v.primary).count(), 1);
+    assert_eq!(rotated.versions[0].state, VersionState::Enabled);
+
+    let new = f.custody.wrap(&key, pt(b"new-dek"), b"a").await.unwrap();
+    assert_eq!(new.key_version, "tenants/uksh/keys/lab/versions/2");
+    assert_eq!(
+        f.custody
+            .unwrap(&old.ciphertext, b"a", None)
+            .await
+            .unwrap()
+            .plaintext
+            .as_slice(),
+        b"old-dek"
+    );
+
+    // Rewrap moves an old blob to the primary version; a current blob comes back unchanged.
+    let moved = f.custody.rewrap(&old.ciphertext, b"a", None).await.unwrap();
+    assert!(moved.rewrapped);
+    assert_eq!(moved.key_version, "tenants/uksh/keys/lab/versions/2");
+    assert_eq!(
+        f.custody
+            .unwrap(&moved.ciphertext, b"a", None)
+            .await
+            .unwrap()
+            .plaintext
+            .as_slice(),
+        b"old-dek"
+    );
+    let same = f.custody.rewrap(&new.ciphertext, b"a", None).await.unwrap();
+    assert!(!same.rewrapped);
+    assert_eq!(same.ciphertext, new.ciphertext);
+    // Rewrap honours the AAD: it is not a way around it.
+    assert!(matches!(
+        f.custody.rewrap(&old.ciphertext, b"b", None).await,
+        Err(CustodyError::Unauthentic)
+    ));
+    assert!(matches!(
+        f.custody.rewrap(&new.ciphertext, b"b", None).await,
+        Err(CustodyError::Unauthentic)
+    ));
+
+    // The primary version cannot be disabled or scheduled for destruction.
+    assert!(matches!(
+        f.custody.disable_version(&key, 2).await,
+        Err(CustodyError::PrimaryVersion(_))
+    ));
+    assert!(matches!(
+        f.custody.schedule_destruction(&key, 2, 0).await,
+        Err(CustodyError::PrimaryVersion(_))
+    ));
+    assert!(matches!(
+        f.custody.disable_version(&key, 9).await,
+        Err(CustodyError::VersionNotFound(_))
+    ));
+
+    // Metadata survives a restart.
+    let (again, _) = f.restart(CustodyOptions::default()).await;
+    assert_eq!(
+        again.get_key(&key).unwrap(),
+        f.custody.get_key(&key).unwrap()
+    );
+    assert_eq!(
+        again
+            .unwrap(&old.ciphertext, b"a", None)
+            .await
+            .unwrap()
+            .plaintext
+            .as_slice(),
+        b"old-dek"
+    );
+}
+
+#[tokio::test]
+async fn the_state_machine_allows_only_designed_transitions() {
+    let f = Fixture::new().await;
+    let key = name("tenants/t/keys/k");
+    f.custody.create_key(&key, "").await.unwrap();
+    f.custody.rotate_key(&key).await.unwrap();
+
+    let state = |c: &tresor::custody::Custody| c.get_key(&key).unwrap().versions[0].state;
+    f.custody.disable_version(&key, 1).await.unwrap();
+    assert_eq!(state(&f.custody), VersionState::Disabled);
+    f.custody.disable_version(&key, 1).await.unwrap(); // idempotent
+    f.custody.enable_version(&key, 1).await.unwrap();
+    assert_eq!(state(&f.custody), VersionState::Enabled);
+
+    let due = now_millis() + 86_400_000;
+    let info = f.custody.schedule_destruction(&key, 1, due).await.unwrap();
+    assert_eq!(info.versions[0].state, VersionState::DestroyScheduled);
+    assert_eq!(info.versions[0].destroy_at, Some(due));
+    assert!(matches!(
+        f.custody.enable_version(&key, 1).await,
+        Err(CustodyError::InvalidTransition { .. })
+    ));
+    assert!(
+        f.custody
+            .destroy_due(now_millis())
+            .await
+            .unwrap()
+            .is_empty(),
+        "not due yet"
+    );
+
+    f.custody.cancel_destruction(&key, 1).await.unwrap();
+    assert_eq!(state(&f.custody), VersionState::Disabled);
+    assert!(matches!(
+        f.custody.cancel_destruction(&key, 1).await,
+        Err(CustodyError::InvalidTransition { .. })
+    ));
+
+    f.custody
+        .schedule_destruction(&key, 1, now_millis())
+        .await
+        .unwrap();
+    f.custody.destroy_due(now_millis()).await.unwrap();
+    let v1 = &f.custody.get_key(&key).unwrap().versions[0];
+    assert_eq!(v1.state, VersionState::Destroyed);
+    assert!(v1.destroyed_at.is_some());
+    for r in [
+        f.custody.enable_version(&key, 1).await,
+        f.custody.disable_version(&key, 1).await,
+        f.custody.schedule_destruction(&key, 1, 0).await,
+    ] {
+        assert!(
+            matches!(
+                r,
+                Err(CustodyError::InvalidTransition {
+                    from: VersionState::Destroyed,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    // The HSM object is gone, the metadata is kept, and a restart does not call it lost.
+    let id = f
+        .store
+        .load_versions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|v| v.version == 1)
+        .unwrap()
+        .id;
+    assert!(!f.hsm.secret_key_exists(ObjectId(id.0)).await.unwrap());
+    let (_, report) = f.restart(CustodyOptions::default()).await;
+    assert!(report.lost.is_empty(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_wraps_and_unwraps_survive_twenty_rotations() {
+    let f = Fixture::new().await;
+    let key = name("tenants/t/keys/busy");
+    f.custody.create_key(&key, "").await.unwrap();
+
+    let mut workers = Vec::new();
+    for w in 0..8u8 {
+        let custody = f.custody.clone();
+        let key = key.clone();
+        workers.push(tokio::spawn(async move {
+            let mut blobs = Vec::new();
+            for i in 0..60u32 {
+                let plaintext = format!("worker {w} dek {i}").into_bytes();
+                let aad = [w];
+                let wrapped = custody
+                    .wrap(&key, Zeroizing::new(plaintext.clone()), &aad)
+                    .await
+                    .unwrap();
+                let back = custody
+                    .unwrap(&wrapped.ciphertext, &aad, Some(&key))
+                    .await
+                    .unwrap();
+                assert_eq!(back.plaintext.as_slice(), plaintext);
+                blobs.push((wrapped.ciphertext, aad, plaintext));
+            }
+            blobs
+        }));
+    }
+    let rotator = {
+        let custody = f.custody.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                custody.rotate_key(&key).await.unwrap();
+            }
+        })
+    };
+    rotator.await.unwrap();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    let info = f.custody.get_key(&key).unwrap();
+    assert_eq!(info.primary_version, 21);
+    assert_eq!(info.versions.len(), 21);
+    assert_eq!(all.len(), 480);
+    for (blob, aad, plaintext) in &all {
+        assert_eq!(
+            f.custody
+                .unwrap(blob, aad, None)
+                .await
+                .unwrap()
+                .plaintext
+                .as_slice(),
+            plaintext.as_slice()
+        );
+    }
+    // Every version row has exactly one HSM object behind it.
+    assert_eq!(f.hsm.list_secret_keys().await.unwrap().len(), 21);
+}
+
+#[tokio::test]
+async fn version_keys_are_sensitive_and_never_extractable_in_the_token() {
+    let f = Fixture::new().await;
+    let key = name("tenants/t/keys/k");
+    f.custody.create_key(&key, "").await.unwrap();
+    let blob = f
+        .custody
+        .wrap(&key, pt(b"x"), b"")
+        .await
+        .unwrap()
+        .ciphertext;
+    let id = envelope::parse(&blob).unwrap().version_id;
+    let a = f.hsm.inspect_secret_key(ObjectId(id.0)).await.unwrap();
+    assert!(a.sensitive && a.always_sensitive, "{a:?}");
+    assert!(!a.extractable && a.never_extractable, "{a:?}");
+    assert!(a.token && a.private, "{a:?}");
+    assert!(!a.modifiable && !a.copyable, "{a:?}");
+    assert!(a.aes && a.value_len == 32, "{a:?}");
+    assert!(!a.value_readable, "the token handed out CKA_VALUE");
+    let label = &f.hsm.list_secret_keys().await.unwrap()[0].label;
+    assert_eq!(
+        label,
+        &format!("tresor/{}/{}", f.store.installation_id(), id.to_hex())
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_hsm_object_and_row_is_cleaned_up_at_start() {
+    let f = Fixture::new().await;
+    let key = name("tenants/t/keys/k");
+    f.custody.create_key(&key, "").await.unwrap();
+    let blob = f
+        .custody
+        .wrap(&key, pt(b"keep me"), b"")
+        .await
+        .unwrap()
+        .ciphertext;
+
+    // What a crash after step one of create/rotate leaves: an object with this installation's
+    // label and no row. Next to it, an object of another installation and one of another
+    // application, which must survive.
+    let prefix = format!("tresor/{}/", f.store.installation_id());
+    let orphan = ObjectId([0xa1; 16]);
+    f.hsm
+        .generate_version_key(orphan, format!("{prefix}{orphan}"))
+        .await
+        .unwrap();
+    let foreign = ObjectId([0xb2; 16]);
+    f.hsm
+        .generate_version_key(foreign, format!("tresor/0000000000000000/{foreign}"))
+        .await
+        .unwrap();
+    let other_app = ObjectId([0xc3; 16]);
+    f.hsm
+        .generate_version_key(other_app, "payroll-master-key".into())
+        .await
+        .unwrap();
+
+    // With orphans = report, nothing is destroyed.
+    let (_, report) = f
+        .restart(CustodyOptions {
+            orphans: OrphanPolicy::Report,
+        })
+        .await;
+    assert_eq!(report.orphans_kept, vec![format!("{prefix}{orphan}")]);
+    assert!(f.hsm.secret_key_exists(orphan).await.unwrap());
+
+    let (custody, report) = f.restart(CustodyOptions::default()).await;
+    assert_eq!(report.orphans_removed, vec![format!("{prefix}{orphan}")]);
+    assert_eq!(report.foreign_objects, 2);
+    assert!(report.lost.is_empty());
+    assert!(!f.hsm.secret_key_exists(orphan).await.unwrap());
+    assert!(f.hsm.secret_key_exists(foreign).await.unwrap());
+    assert!(f.hsm.secret_key_exists(other_app).await.unwrap());
+    assert_eq!(
+        custody
+            .unwrap(&blob, b"", None)
+            .await
+            .unwrap()
+            .plaintext
+            .as_slice(),
+        b"keep me"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_row_commit_destroys_the_new_hsm_object() {
+    let f = Fixture::new().await;
+    let key = name("tenants/t/keys/k");
+    f.custody.create_key(&key, "").await.unwrap();
+    let before = f.hsm.list_secret_keys().await.unwrap().len();
+
+    f.store
+        .execute_raw_for_tests(
+            "CREATE TRIGGER fail_versions BEFORE INSERT ON key_versions \
+             BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+        )
+        .await
+        .unwrap();
+    let err = f.custody.rotate_key(&key).await.unwrap_err();
+    assert!(matches!(err, CustodyError::Store(_)), "{err:?}");
+    let err = f
+        .custody
+        .create_key(&name("tenants/t/keys/k2"), "")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CustodyError::Store(_)), "{err:?}");
+    assert_eq!(
+        f.hsm.list_secret_keys().await.unwrap().len(),
+        before,
+        "an uncommitted version left its HSM object"
+    );
+
+    // Nothing half-done is visible: the key is unchanged and still works.
+    let info = f.custody.get_key(&key).unwrap();
+    assert_eq!((info.primary_version, info.versions.len()), (1, 1));
+    assert!(matches!(
+        f.custody.get_key(&name("tenants/t/keys/k2")),
+        Err(CustodyError::KeyNotFound(_))
+    ));
+    f.store
+        .execute_raw_for_tests("DROP TRIGGER fail_versions")
+        .await
+        .unwrap();
+    let (again, report) = f.restart(CustodyOptions::default()).await;
+    assert!(report.orphans_removed.is_empty());
+    assert_eq!(again.get_key(&key).unwrap().versions.len(), 1);
+    f.custody.wrap(&key, pt(b"x"), b"").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_version_deleted_behind_tresors_back_is_reported_lost() {
+    let f = Fixture::new().await;
+    let key = name("tenants/t/keys/k");
+    f.custody.create_key(&key, "").await.unwrap();
+    let blob = f
+        .custody
+        .wrap(&key, pt(b"x"), b"")
+        .await
+        .unwrap()
+        .ciphertext;
+    let id = envelope::parse(&blob).unwrap().version_id;
+    f.custody.rotate_key(&key).await.unwrap();
+
+    assert!(f.hsm.destroy_secret_key(ObjectId(id.0)).await.unwrap());
+    let (custody, report) = f.restart(CustodyOptions::default()).await;
+    assert_eq!(report.lost, vec!["tenants/t/keys/k/versions/1"]);
+    let v1 = custody.get_key(&key).unwrap().versions[0].clone();
+    assert!(v1.lost_at.is_some());
+    assert_eq!(
+        v1.state,
+        VersionState::Enabled,
+        "lost is a mark, not a lifecycle state"
+    );
+    assert!(matches!(
+        custody.unwrap(&blob, b"", None).await,
+        Err(CustodyError::VersionLost(_))
+    ));
+    // Reported once; the mark is persistent.
+    let (_, report) = f.restart(CustodyOptions::default()).await;
+    assert!(report.lost.is_empty());
+    assert!(
+        f.store
+            .load_versions()
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.version == 1 && v.lost_at.is_some())
+    );
+}
+
+#[tokio::test]
+async fn a_missing_object_found_while_serving_marks_the_version_lost() {
+    let f = Fixture::new().await;
+    let key = name("tenants/t/keys/k");
+    f.custody.create_key(&key, "").await.unwrap();
+    let blob = f
+        .custody
+        .wrap(&key, pt(b"x"), b"")
+        .await
+        .unwrap()
+        .ciphertext;
+    let id = envelope::parse(&blob).unwrap().version_id;
+    f.hsm.destroy_secret_key(ObjectId(id.0)).await.unwrap();
+
+    assert!(matches!(
+        f.custody.unwrap(&blob, b"", None).await,
+        Err(CustodyError::VersionLost(_))
+    ));
+    // The mark is written in the background; wait for it rather than sleeping blindly.
+    for _ in 0..100 {
+        if f.custody.get_key(&key).unwrap().versions[0]
+            .lost_at
+            .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        f.custody.get_key(&key).unwrap().versions[0]
+            .lost_at
+            .is_some()
+    );
+    assert!(matches!(
+        f.custody.wrap(&key, pt(b"y"), b"").await,
+        Err(CustodyError::VersionLost(_))
+    ));
+}
+
+#[tokio::test]
+async fn data_keys_come_from_the_hsm_and_unwrap() {
+    let f = Fixture::new().await;
+    let key = name("tenants/t/keys/k");
+    f.custody.create_key(&key, "").await.unwrap();
+    let dk = f
+        .custody
+        .generate_data_key(&key, b"obj-1", 32, true)
+        .await
+        .unwrap();
+    let plaintext = dk.plaintext.clone().unwrap();
+    assert_eq!(plaintext.len(), 32);
+    assert!(!format!("{dk:?}").contains(&format!("{:?}", &plaintext[..4])));
+    assert_eq!(
+        f.custody
+            .unwrap(&dk.ciphertext, b"obj-1", None)
+            .await
+            .unwrap()
+            .plaintext,
+        plaintext
+    );
+    let other = f
+        .custody
+        .generate_data_key(&key, b"obj-1", 32, true)
+        .await
+        .unwrap();
+    assert_ne!(other.plaintext, dk.plaintext);
+
+    let blind = f
+        .custody
+        .generate_data_key(&key, b"", 64, false)
+        .await
+        .unwrap();
+    assert!(blind.plaintext.is_none());
+    assert_eq!(
+        f.custody
+            .unwrap(&blind.ciphertext, b"", None)
+            .await
+            .unwrap()
+            .plaintext
+            .len(),
+        64
+    );
+    for len in [0, 15, 1025] {
+        assert!(matches!(
+            f.custody.generate_data_key(&key, b"", len, true).await,
+            Err(CustodyError::InvalidArgument(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn sizes_are_checked_and_keys_are_listed_per_tenant() {
+    let f = Fixture::new().await;
+    let key = name("tenants/a/keys/k1");
+    for k in [
+        "tenants/a/keys/k1",
+        "tenants/a/keys/k3",
+        "tenants/a/keys/k2",
+        "tenants/b/keys/k1",
+    ] {
+        f.custody.create_key(&name(k), "").await.unwrap();
+    }
+    assert!(matches!(
+        f.custody.wrap(&key, pt(b""), b"").await,
+        Err(CustodyError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        f.custody
+            .wrap(
+                &key,
+                Zeroizing::new(vec![0; envelope::MAX_PLAINTEXT_LEN + 1]),
+                b""
+            )
+            .await,
+        Err(CustodyError::InvalidArgument(_))
+    ));
+    let big = f
+        .custody
+        .wrap(
+            &key,
+            Zeroizing::new(vec![7; envelope::MAX_PLAINTEXT_LEN]),
+            &vec![1; envelope::MAX_AAD_LEN],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        f.custody
+            .unwrap(&big.ciphertext, &vec![1; envelope::MAX_AAD_LEN], None)
+            .await
+            .unwrap()
+            .plaintext
+            .len(),
+        envelope::MAX_PLAINTEXT_LEN
+    );
+    assert!(matches!(
+        f.custody
+            .wrap(&key, pt(b"x"), &vec![0; envelope::MAX_AAD_LEN + 1])
+            .await,
+        Err(CustodyError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        f.custody
+            .create_key(&name("tenants/a/keys/long"), &"d".repeat(1025))
+            .await,
+        Err(CustodyError::InvalidArgument(_))
+    ));
+
+    let a = Tenant::new("a").unwrap();
+    let names = |after, limit| -> Vec<String> {
+        f.custody
+            .list_keys(&a, after, limit)
+            .into_iter()
+            .map(|k| k.name.to_string())
+            .collect()
+    };
+    assert_eq!(
+        names(None, 10),
+        [
+            "tenants/a/keys/k1",
+            "tenants/a/keys/k2",
+            "tenants/a/keys/k3"
+        ]
+    );
+    assert_eq!(names(None, 2), ["tenants/a/keys/k1", "tenants/a/keys/k2"]);
+    assert_eq!(names(Some("k2"), 2), ["tenants/a/keys/k3"]);
+    assert_eq!(
+        f.custody.list_keys(&Tenant::new("c").unwrap(), None, 10),
+        vec![]
+    );
+}
