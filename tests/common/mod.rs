@@ -1,9 +1,9 @@
 //! Test support: a fresh SoftHSM2 token and SQLite database per test.
 //!
 //! SoftHSM reads `SOFTHSM2_CONF` once per process, at `C_Initialize`, and a process may hold
-//! one PKCS#11 context; so tests run one per process (cargo-nextest, as `scripts/test` does)
-//! and each creates its own token, labelled uniquely, in the token directory that
-//! `scripts/test` configures. The token is deleted when the test ends.
+//! one PKCS#11 context; so tests run one per process (cargo-nextest, as `scripts/test` does),
+//! each in its own token directory (`scripts/with-softhsm`, removed when the process ends),
+//! and each test creates its own token there.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,7 +19,7 @@ use tresor::store::Store;
 pub const PIN: &str = "test-user-pin-4711";
 const SO_PIN: &str = "test-so-pin-0815";
 
-/// One SoftHSM2 token and a scratch directory, removed on drop.
+/// One SoftHSM2 token and a scratch directory.
 pub struct TestToken {
     pub dir: tempfile::TempDir,
     pub label: String,
