@@ -166,11 +166,8 @@ pub fn encode(version_id: &VersionId, iv: &[u8; IV_LEN], sealed: &[u8]) -> Vec<u
 /// `version_name` (`tenants/t/keys/k/versions/n`), with the caller's own AAD.
 ///
 /// Binding the name as well as the id means a database that maps an id to a different key
-/// cannot make the HSM open the blob.
-///
-/// # Panics
-/// Never for inputs Tresor accepts; lengths beyond `u16`/`u32` are cut by the callers' limits
-/// ([`MAX_AAD_LEN`], name rules), and are saturated rather than wrapped if they are not.
+/// cannot make the HSM open the blob. Names (at most about 160 bytes) and caller AAD (at most
+/// [`MAX_AAD_LEN`]) fit their length prefixes; callers enforce those limits.
 pub fn gcm_aad(version_id: &VersionId, version_name: &str, caller_aad: &[u8]) -> Vec<u8> {
     let name = version_name.as_bytes();
     let mut aad = Vec::with_capacity(

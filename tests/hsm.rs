@@ -1,0 +1,247 @@
+//! The PKCS#11 back-end against SoftHSM2, without the layers above it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{PIN, TestToken};
+use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+use tresor::custody::{Custody, CustodyOptions};
+use tresor::hsm::{Hsm, HsmConfig, HsmError, ObjectId, Pin, PinSource};
+use tresor::store::Store;
+use zeroize::Zeroizing;
+
+#[tokio::test]
+async fn gcm_round_trip_and_a_failed_tag_is_a_bad_ciphertext() {
+    let token = TestToken::new();
+    let hsm = token.open();
+    let id = ObjectId([1; 16]);
+    hsm.generate_version_key(id, "test/gcm".into())
+        .await
+        .unwrap();
+
+    let iv = [9u8; 12];
+    let sealed = hsm
+        .encrypt_gcm(id, iv, b"aad".to_vec(), Zeroizing::new(b"secret".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(sealed.len(), 6 + 16);
+    let opened = hsm
+        .decrypt_gcm(id, iv, b"aad".to_vec(), sealed.clone())
+        .await
+        .unwrap();
+    assert_eq!(opened.as_slice(), b"secret");
+
+    // SoftHSM 2.6.1 reports a failed tag check as CKR_GENERAL_ERROR; it must not look like a
+    // device failure, and the session must stay usable.
+    for _ in 0..10 {
+        let err = hsm
+            .decrypt_gcm(id, iv, b"other".to_vec(), sealed.clone())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HsmError::BadCiphertext), "{err:?}");
+    }
+    let mut tampered = sealed.clone();
+    tampered[0] ^= 0x80;
+    assert!(matches!(
+        hsm.decrypt_gcm(id, iv, b"aad".to_vec(), tampered).await,
+        Err(HsmError::BadCiphertext)
+    ));
+    assert_eq!(
+        hsm.decrypt_gcm(id, iv, b"aad".to_vec(), sealed)
+            .await
+            .unwrap()
+            .as_slice(),
+        b"secret"
+    );
+
+    let missing = ObjectId([2; 16]);
+    let err = hsm
+        .encrypt_gcm(missing, iv, b"a".to_vec(), Zeroizing::new(b"x".to_vec()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, HsmError::ObjectNotFound(m) if m == missing),
+        "{err:?}"
+    );
+    assert!(!hsm.secret_key_exists(missing).await.unwrap());
+    assert!(!hsm.destroy_secret_key(missing).await.unwrap());
+    assert!(hsm.destroy_secret_key(id).await.unwrap());
+    assert!(!hsm.secret_key_exists(id).await.unwrap());
+}
+
+#[tokio::test]
+async fn random_bytes_come_from_the_token() {
+    let token = TestToken::new();
+    let hsm = token.open();
+    let a = hsm.random(32).await.unwrap();
+    let b = hsm.random(32).await.unwrap();
+    assert_eq!(a.len(), 32);
+    assert_ne!(a, b);
+}
+
+#[tokio::test]
+async fn ecdsa_p256_signatures_verify_with_the_exported_public_key() {
+    let token = TestToken::new();
+    let hsm = token.open();
+    let id = ObjectId([7; 16]);
+    let public = hsm
+        .generate_signing_key(id, "test/audit".into())
+        .await
+        .unwrap();
+    assert_eq!(public.len(), 65);
+    assert_eq!(public[0], 0x04, "uncompressed point");
+    assert_eq!(hsm.signing_public_key(id).await.unwrap(), public);
+
+    let message = b"audit chain head 1000";
+    let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, message)
+        .as_ref()
+        .try_into()
+        .unwrap();
+    let signature = hsm.sign_p256(id, digest).await.unwrap();
+    assert_eq!(signature.len(), 64);
+    let verifier = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &public);
+    verifier.verify(message, &signature).unwrap();
+    assert!(
+        verifier
+            .verify(b"audit chain head 1001", &signature)
+            .is_err()
+    );
+
+    assert!(hsm.destroy_signing_key(id).await.unwrap());
+    assert!(matches!(
+        hsm.sign_p256(id, digest).await,
+        Err(HsmError::ObjectNotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_key_generation_leaves_exactly_the_keys_asked_for() {
+    // SoftHSM before 2.7.0 corrupts the token when threads of one process create token
+    // objects at once; the back-end serialises creation, so this must come out exact.
+    let token = TestToken::new();
+    let config = HsmConfig {
+        sessions: 4,
+        ..token.config.clone()
+    };
+    let hsm = Hsm::open(&config).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..4u8 {
+        let hsm = hsm.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40u8 {
+                let id = ObjectId([t, i, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+                hsm.generate_version_key(id, format!("test/{t}/{i}"))
+                    .await
+                    .unwrap();
+                let sealed = hsm
+                    .encrypt_gcm(id, [0; 12], vec![1], Zeroizing::new(vec![t, i]))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    hsm.decrypt_gcm(id, [0; 12], vec![1], sealed)
+                        .await
+                        .unwrap()
+                        .as_slice(),
+                    [t, i]
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut labels: Vec<String> = hsm
+        .list_secret_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.label)
+        .collect();
+    labels.sort();
+    let mut expected: Vec<String> = (0..4)
+        .flat_map(|t| (0..40).map(move |i| format!("test/{t}/{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(labels, expected);
+}
+
+#[tokio::test]
+async fn one_context_per_process_and_clear_errors_for_bad_configuration() {
+    let token = TestToken::new();
+    let hsm = token.open();
+    assert!(matches!(
+        Hsm::open(&token.config),
+        Err(HsmError::AlreadyOpen)
+    ));
+    drop(hsm);
+    // Finalised on drop; a new context can be opened and finds its keys again.
+    let hsm = token.open();
+    hsm.random(1).await.unwrap();
+    drop(hsm);
+
+    let wrong_label = HsmConfig {
+        token_label: "no-such-token".into(),
+        ..token.config.clone()
+    };
+    let err = Hsm::open(&wrong_label).unwrap_err();
+    assert!(matches!(err, HsmError::TokenNotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains("no-such-token"), "{err}");
+
+    let wrong_serial = HsmConfig {
+        token_serial: Some("0000".into()),
+        ..token.config.clone()
+    };
+    assert!(matches!(
+        Hsm::open(&wrong_serial),
+        Err(HsmError::TokenNotFound { .. })
+    ));
+
+    let wrong_module = HsmConfig {
+        module: "/nonexistent/libpkcs11.so".into(),
+        ..token.config.clone()
+    };
+    let err = Hsm::open(&wrong_module).unwrap_err();
+    assert!(matches!(err, HsmError::ModuleLoad { .. }), "{err:?}");
+    assert!(err.to_string().contains("/nonexistent/libpkcs11.so"));
+
+    let missing_pin = HsmConfig {
+        pin: PinSource::Env("TRESOR_TEST_UNSET_PIN".into()),
+        ..token.config.clone()
+    };
+    let err = Hsm::open(&missing_pin).unwrap_err();
+    assert!(err.to_string().contains("TRESOR_TEST_UNSET_PIN"), "{err}");
+
+    // A wrong PIN is refused once and reported; the right PIN still works afterwards (the
+    // back-end did not burn the token's retry counter).
+    let err = Hsm::open_with_pin(&token.config, Pin::new("wrong-pin-123".into())).unwrap_err();
+    assert!(matches!(err, HsmError::PinRefused(_)), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("wrong-pin-123"));
+    token.open().random(1).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_pin_never_appears_in_debug_output() {
+    let token = TestToken::new();
+    let pin_source = token.config.pin.clone();
+    let pin = pin_source.read().unwrap();
+    let hsm = token.open();
+    let store = Store::open(&token.db_url()).await.unwrap();
+    let (custody, report) = Custody::open(hsm.clone(), store.clone(), CustodyOptions::default())
+        .await
+        .unwrap();
+    let wrong = Hsm::open_with_pin(&token.config, Pin::new(PIN.to_owned())).unwrap_err();
+
+    let shown = [
+        format!("{:?} {:#?}", token.config, token.config),
+        format!("{pin_source:?} {pin:?} {pin:#?}"),
+        format!("{hsm:?} {hsm:#?}"),
+        format!("{custody:?} {custody:#?} {report:?}"),
+        format!("{store:?}"),
+        format!("{wrong:?} {wrong}"),
+    ];
+    for s in &shown {
+        assert!(!s.contains(PIN), "PIN printed: {s}");
+    }
+    assert!(shown[1].contains("<redacted>"));
+}
