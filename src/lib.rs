@@ -7,8 +7,10 @@
 //! - [`hsm`]: every PKCS#11 call. [`store`]: every SQL statement. [`envelope`]: the blob
 //!   format, pure. [`model`]: names and states, pure.
 
+pub mod auth;
 pub mod custody;
 pub mod envelope;
 pub mod hsm;
 pub mod model;
+pub mod pki;
 pub mod store;

@@ -4,11 +4,12 @@
 
 mod common;
 
-use common::Fixture;
+use common::{Fixture, grant, officer, service};
+use tresor::auth::Role;
 use tresor::custody::{CustodyError, CustodyOptions, OrphanPolicy};
 use tresor::envelope;
 use tresor::hsm::ObjectId;
-use tresor::model::{KeyName, Tenant, VersionState, now_millis};
+use tresor::model::{KeyName, VersionState, now_millis};
 use zeroize::Zeroizing;
 
 fn name(s: &str) -> KeyName {
@@ -25,7 +26,7 @@ async fn create_wrap_unwrap_round_trip() {
     let key = name("tenants/uksh/keys/ehr-archive");
     let created = f
         .custody
-        .create_key(&key, "EHR archive DEKs")
+        .create_key(&officer(&key), &key, "EHR archive DEKs", Default::default())
         .await
         .unwrap();
     assert_eq!(created.primary_version, 1);
@@ -36,7 +37,7 @@ async fn create_wrap_unwrap_round_trip() {
     let dek = [0x42u8; 32];
     let wrapped = f
         .custody
-        .wrap(&key, pt(&dek), b"patient=4711")
+        .wrap(&service(&key), &key, pt(&dek), b"patient=4711")
         .await
         .unwrap();
     assert_eq!(
@@ -54,21 +55,30 @@ async fn create_wrap_unwrap_round_trip() {
 
     let unwrapped = f
         .custody
-        .unwrap(&wrapped.ciphertext, b"patient=4711", None)
+        .unwrap(&service(&key), &wrapped.ciphertext, b"patient=4711", None)
         .await
         .unwrap();
     assert_eq!(unwrapped.plaintext.as_slice(), dek);
     assert_eq!(unwrapped.key_version, wrapped.key_version);
     // Naming the right key is fine too.
     f.custody
-        .unwrap(&wrapped.ciphertext, b"patient=4711", Some(&key))
+        .unwrap(
+            &service(&key),
+            &wrapped.ciphertext,
+            b"patient=4711",
+            Some(&key),
+        )
         .await
         .unwrap();
     // Empty caller AAD works (the GCM AAD is never empty).
-    let w2 = f.custody.wrap(&key, pt(b"x"), b"").await.unwrap();
+    let w2 = f
+        .custody
+        .wrap(&service(&key), &key, pt(b"x"), b"")
+        .await
+        .unwrap();
     assert_eq!(
         f.custody
-            .unwrap(&w2.ciphertext, b"", None)
+            .unwrap(&service(&key), &w2.ciphertext, b"", None)
             .await
             .unwrap()
             .plaintext
@@ -76,17 +86,24 @@ async fn create_wrap_unwrap_round_trip() {
         b"x"
     );
 
-    let info = f.custody.get_key(&key).unwrap();
+    let info = f.custody.get_key(&officer(&key), &key).unwrap();
     assert!(info.versions[0].wraps_at_most >= 2);
     assert_eq!(info.description, "EHR archive DEKs");
 
     assert!(matches!(
-        f.custody.create_key(&key, "").await,
+        f.custody
+            .create_key(&officer(&key), &key, "", Default::default())
+            .await,
         Err(CustodyError::KeyExists(_))
     ));
     assert!(matches!(
         f.custody
-            .wrap(&name("tenants/uksh/keys/nope"), pt(b"x"), b"")
+            .wrap(
+                &service(&name("tenants/uksh/keys/nope")),
+                &name("tenants/uksh/keys/nope"),
+                pt(b"x"),
+                b""
+            )
             .await,
         Err(CustodyError::KeyNotFound(_))
     ));
@@ -97,11 +114,17 @@ async fn every_bad_blob_gets_its_own_error() {
     let f = Fixture::new().await;
     let key = name("tenants/uksh/keys/pacs");
     let other = name("tenants/uksh/keys/lab");
-    f.custody.create_key(&key, "").await.unwrap();
-    f.custody.create_key(&other, "").await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
+    f.custody
+        .create_key(&officer(&other), &other, "", Default::default())
+        .await
+        .unwrap();
     let blob = f
         .custody
-        .wrap(&key, pt(b"data-encryption-key"), b"ctx")
+        .wrap(&service(&key), &key, pt(b"data-encryption-key"), b"ctx")
         .await
         .unwrap()
         .ciphertext;
@@ -109,7 +132,7 @@ async fn every_bad_blob_gets_its_own_error() {
     // Wrong AAD.
     let err = f
         .custody
-        .unwrap(&blob, b"other ctx", None)
+        .unwrap(&service(&key), &blob, b"other ctx", None)
         .await
         .unwrap_err();
     assert!(matches!(err, CustodyError::Unauthentic), "{err:?}");
@@ -118,38 +141,44 @@ async fn every_bad_blob_gets_its_own_error() {
     let mut body = blob.clone();
     *body.last_mut().unwrap() ^= 1;
     assert!(matches!(
-        f.custody.unwrap(&body, b"ctx", None).await,
+        f.custody.unwrap(&service(&key), &body, b"ctx", None).await,
         Err(CustodyError::Unauthentic)
     ));
     let mut header = blob.clone();
     header[0] = 0x7f;
     assert!(matches!(
-        f.custody.unwrap(&header, b"ctx", None).await,
+        f.custody
+            .unwrap(&service(&key), &header, b"ctx", None)
+            .await,
         Err(CustodyError::MalformedCiphertext(_))
     ));
     assert!(matches!(
-        f.custody.unwrap(&blob[..20], b"ctx", None).await,
+        f.custody
+            .unwrap(&service(&key), &blob[..20], b"ctx", None)
+            .await,
         Err(CustodyError::MalformedCiphertext(_))
     ));
 
     // Blob of another key: refused when the caller names the key it expects...
     let err = f
         .custody
-        .unwrap(&blob, b"ctx", Some(&other))
+        .unwrap(&service(&key), &blob, b"ctx", Some(&other))
         .await
         .unwrap_err();
     assert!(matches!(err, CustodyError::WrongKey { .. }), "{err:?}");
     // ...and a blob spliced onto another key's version id fails authentication.
     let other_blob = f
         .custody
-        .wrap(&other, pt(b"k"), b"ctx")
+        .wrap(&service(&other), &other, pt(b"k"), b"ctx")
         .await
         .unwrap()
         .ciphertext;
     let mut spliced = blob.clone();
     spliced[1..17].copy_from_slice(&other_blob[1..17]);
     assert!(matches!(
-        f.custody.unwrap(&spliced, b"ctx", None).await,
+        f.custody
+            .unwrap(&service(&key), &spliced, b"ctx", None)
+            .await,
         Err(CustodyError::Unauthentic)
     ));
 
@@ -157,14 +186,23 @@ async fn every_bad_blob_gets_its_own_error() {
     let mut unknown = blob.clone();
     unknown[1..17].copy_from_slice(&[0xee; 16]);
     assert!(matches!(
-        f.custody.unwrap(&unknown, b"ctx", None).await,
+        f.custody
+            .unwrap(&service(&key), &unknown, b"ctx", None)
+            .await,
         Err(CustodyError::UnknownVersion)
     ));
 
     // Disabled version.
-    f.custody.rotate_key(&key).await.unwrap();
-    f.custody.disable_version(&key, 1).await.unwrap();
-    let err = f.custody.unwrap(&blob, b"ctx", None).await.unwrap_err();
+    f.custody.rotate_key(&officer(&key), &key).await.unwrap();
+    f.custody
+        .disable_version(&officer(&key), &key, 1)
+        .await
+        .unwrap();
+    let err = f
+        .custody
+        .unwrap(&service(&key), &blob, b"ctx", None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, CustodyError::VersionDisabled(ref v) if v == "tenants/uksh/keys/pacs/versions/1"),
         "{err:?}"
@@ -172,11 +210,11 @@ async fn every_bad_blob_gets_its_own_error() {
 
     // Scheduled for destruction, then destroyed.
     f.custody
-        .schedule_destruction(&key, 1, now_millis())
+        .schedule_destruction(&officer(&key), &key, 1, now_millis())
         .await
         .unwrap();
     assert!(matches!(
-        f.custody.unwrap(&blob, b"ctx", None).await,
+        f.custody.unwrap(&service(&key), &blob, b"ctx", None).await,
         Err(CustodyError::VersionDestroyScheduled(_))
     ));
     assert_eq!(
@@ -184,7 +222,7 @@ async fn every_bad_blob_gets_its_own_error() {
         vec!["tenants/uksh/keys/pacs/versions/1"]
     );
     assert!(matches!(
-        f.custody.unwrap(&blob, b"ctx", None).await,
+        f.custody.unwrap(&service(&key), &blob, b"ctx", None).await,
         Err(CustodyError::VersionDestroyed(_))
     ));
 }
@@ -193,10 +231,13 @@ async fn every_bad_blob_gets_its_own_error() {
 async fn every_single_bit_flip_truncation_and_extension_is_rejected_by_the_hsm_path() {
     let f = Fixture::new().await;
     let key = name("tenants/t/keys/k");
-    f.custody.create_key(&key, "").await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
     let blob = f
         .custody
-        .wrap(&key, pt(b"0123456789abcdef"), b"aad")
+        .wrap(&service(&key), &key, pt(b"0123456789abcdef"), b"aad")
         .await
         .unwrap()
         .ciphertext;
@@ -204,23 +245,34 @@ async fn every_single_bit_flip_truncation_and_extension_is_rejected_by_the_hsm_p
         let mut bad = blob.clone();
         bad[bit / 8] ^= 1 << (bit % 8);
         assert!(
-            f.custody.unwrap(&bad, b"aad", None).await.is_err(),
+            f.custody
+                .unwrap(&service(&key), &bad, b"aad", None)
+                .await
+                .is_err(),
             "bit {bit} accepted"
         );
     }
     for len in 0..blob.len() {
         assert!(
-            f.custody.unwrap(&blob[..len], b"aad", None).await.is_err(),
+            f.custody
+                .unwrap(&service(&key), &blob[..len], b"aad", None)
+                .await
+                .is_err(),
             "truncation to {len} accepted"
         );
     }
     let mut longer = blob.clone();
     longer.push(0);
-    assert!(f.custody.unwrap(&longer, b"aad", None).await.is_err());
+    assert!(
+        f.custody
+            .unwrap(&service(&key), &longer, b"aad", None)
+            .await
+            .is_err()
+    );
     // The session pool survives all those failures.
     assert_eq!(
         f.custody
-            .unwrap(&blob, b"aad", None)
+            .unwrap(&service(&key), &blob, b"aad", None)
             .await
             .unwrap()
             .plaintext
@@ -233,18 +285,29 @@ async fn every_single_bit_flip_truncation_and_extension_is_rejected_by_the_hsm_p
 async fn rotation_moves_the_primary_and_old_blobs_still_unwrap() {
     let f = Fixture::new().await;
     let key = name("tenants/uksh/keys/lab");
-    f.custody.create_key(&key, "").await.unwrap();
-    let old = f.custody.wrap(&key, pt(b"old-dek"), b"a").await.unwrap();
-    let rotated = f.custody.rotate_key(&key).await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
+    let old = f
+        .custody
+        .wrap(&service(&key), &key, pt(b"old-dek"), b"a")
+        .await
+        .unwrap();
+    let rotated = f.custody.rotate_key(&officer(&key), &key).await.unwrap();
     assert_eq!(rotated.primary_version, 2);
     assert_eq!(rotated.versions.iter().filter(|v| v.primary).count(), 1);
     assert_eq!(rotated.versions[0].state, VersionState::Enabled);
 
-    let new = f.custody.wrap(&key, pt(b"new-dek"), b"a").await.unwrap();
+    let new = f
+        .custody
+        .wrap(&service(&key), &key, pt(b"new-dek"), b"a")
+        .await
+        .unwrap();
     assert_eq!(new.key_version, "tenants/uksh/keys/lab/versions/2");
     assert_eq!(
         f.custody
-            .unwrap(&old.ciphertext, b"a", None)
+            .unwrap(&service(&key), &old.ciphertext, b"a", None)
             .await
             .unwrap()
             .plaintext
@@ -253,54 +316,68 @@ async fn rotation_moves_the_primary_and_old_blobs_still_unwrap() {
     );
 
     // Rewrap moves an old blob to the primary version; a current blob comes back unchanged.
-    let moved = f.custody.rewrap(&old.ciphertext, b"a", None).await.unwrap();
+    let moved = f
+        .custody
+        .rewrap(&service(&key), &old.ciphertext, b"a", None)
+        .await
+        .unwrap();
     assert!(moved.rewrapped);
     assert_eq!(moved.key_version, "tenants/uksh/keys/lab/versions/2");
     assert_eq!(
         f.custody
-            .unwrap(&moved.ciphertext, b"a", None)
+            .unwrap(&service(&key), &moved.ciphertext, b"a", None)
             .await
             .unwrap()
             .plaintext
             .as_slice(),
         b"old-dek"
     );
-    let same = f.custody.rewrap(&new.ciphertext, b"a", None).await.unwrap();
+    let same = f
+        .custody
+        .rewrap(&service(&key), &new.ciphertext, b"a", None)
+        .await
+        .unwrap();
     assert!(!same.rewrapped);
     assert_eq!(same.ciphertext, new.ciphertext);
     // Rewrap honours the AAD: it is not a way around it.
     assert!(matches!(
-        f.custody.rewrap(&old.ciphertext, b"b", None).await,
+        f.custody
+            .rewrap(&service(&key), &old.ciphertext, b"b", None)
+            .await,
         Err(CustodyError::Unauthentic)
     ));
     assert!(matches!(
-        f.custody.rewrap(&new.ciphertext, b"b", None).await,
+        f.custody
+            .rewrap(&service(&key), &new.ciphertext, b"b", None)
+            .await,
         Err(CustodyError::Unauthentic)
     ));
 
     // The primary version cannot be disabled or scheduled for destruction.
     assert!(matches!(
-        f.custody.disable_version(&key, 2).await,
+        f.custody.disable_version(&officer(&key), &key, 2).await,
         Err(CustodyError::PrimaryVersion(_))
     ));
     assert!(matches!(
-        f.custody.schedule_destruction(&key, 2, 0).await,
+        f.custody
+            .schedule_destruction(&officer(&key), &key, 2, 0)
+            .await,
         Err(CustodyError::PrimaryVersion(_))
     ));
     assert!(matches!(
-        f.custody.disable_version(&key, 9).await,
+        f.custody.disable_version(&officer(&key), &key, 9).await,
         Err(CustodyError::VersionNotFound(_))
     ));
 
     // Metadata survives a restart.
     let (again, _) = f.restart(CustodyOptions::default()).await;
     assert_eq!(
-        again.get_key(&key).unwrap(),
-        f.custody.get_key(&key).unwrap()
+        again.get_key(&officer(&key), &key).unwrap(),
+        f.custody.get_key(&officer(&key), &key).unwrap()
     );
     assert_eq!(
         again
-            .unwrap(&old.ciphertext, b"a", None)
+            .unwrap(&service(&key), &old.ciphertext, b"a", None)
             .await
             .unwrap()
             .plaintext
@@ -313,22 +390,39 @@ async fn rotation_moves_the_primary_and_old_blobs_still_unwrap() {
 async fn the_state_machine_allows_only_designed_transitions() {
     let f = Fixture::new().await;
     let key = name("tenants/t/keys/k");
-    f.custody.create_key(&key, "").await.unwrap();
-    f.custody.rotate_key(&key).await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
+    f.custody.rotate_key(&officer(&key), &key).await.unwrap();
 
-    let state = |c: &tresor::custody::Custody| c.get_key(&key).unwrap().versions[0].state;
-    f.custody.disable_version(&key, 1).await.unwrap();
+    let state =
+        |c: &tresor::custody::Custody| c.get_key(&officer(&key), &key).unwrap().versions[0].state;
+    f.custody
+        .disable_version(&officer(&key), &key, 1)
+        .await
+        .unwrap();
     assert_eq!(state(&f.custody), VersionState::Disabled);
-    f.custody.disable_version(&key, 1).await.unwrap(); // idempotent
-    f.custody.enable_version(&key, 1).await.unwrap();
+    f.custody
+        .disable_version(&officer(&key), &key, 1)
+        .await
+        .unwrap(); // idempotent
+    f.custody
+        .enable_version(&officer(&key), &key, 1)
+        .await
+        .unwrap();
     assert_eq!(state(&f.custody), VersionState::Enabled);
 
     let due = now_millis() + 86_400_000;
-    let info = f.custody.schedule_destruction(&key, 1, due).await.unwrap();
+    let info = f
+        .custody
+        .schedule_destruction(&officer(&key), &key, 1, due)
+        .await
+        .unwrap();
     assert_eq!(info.versions[0].state, VersionState::DestroyScheduled);
     assert_eq!(info.versions[0].destroy_at, Some(due));
     assert!(matches!(
-        f.custody.enable_version(&key, 1).await,
+        f.custody.enable_version(&officer(&key), &key, 1).await,
         Err(CustodyError::InvalidTransition { .. })
     ));
     assert!(
@@ -340,25 +434,30 @@ async fn the_state_machine_allows_only_designed_transitions() {
         "not due yet"
     );
 
-    f.custody.cancel_destruction(&key, 1).await.unwrap();
+    f.custody
+        .cancel_destruction(&officer(&key), &key, 1)
+        .await
+        .unwrap();
     assert_eq!(state(&f.custody), VersionState::Disabled);
     assert!(matches!(
-        f.custody.cancel_destruction(&key, 1).await,
+        f.custody.cancel_destruction(&officer(&key), &key, 1).await,
         Err(CustodyError::InvalidTransition { .. })
     ));
 
     f.custody
-        .schedule_destruction(&key, 1, now_millis())
+        .schedule_destruction(&officer(&key), &key, 1, now_millis())
         .await
         .unwrap();
     f.custody.destroy_due(now_millis()).await.unwrap();
-    let v1 = &f.custody.get_key(&key).unwrap().versions[0];
+    let v1 = &f.custody.get_key(&officer(&key), &key).unwrap().versions[0];
     assert_eq!(v1.state, VersionState::Destroyed);
     assert!(v1.destroyed_at.is_some());
     for r in [
-        f.custody.enable_version(&key, 1).await,
-        f.custody.disable_version(&key, 1).await,
-        f.custody.schedule_destruction(&key, 1, 0).await,
+        f.custody.enable_version(&officer(&key), &key, 1).await,
+        f.custody.disable_version(&officer(&key), &key, 1).await,
+        f.custody
+            .schedule_destruction(&officer(&key), &key, 1, 0)
+            .await,
     ] {
         assert!(
             matches!(
@@ -390,7 +489,10 @@ async fn the_state_machine_allows_only_designed_transitions() {
 async fn concurrent_wraps_and_unwraps_survive_twenty_rotations() {
     let f = Fixture::new().await;
     let key = name("tenants/t/keys/busy");
-    f.custody.create_key(&key, "").await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
 
     let mut workers = Vec::new();
     for w in 0..8u8 {
@@ -402,11 +504,16 @@ async fn concurrent_wraps_and_unwraps_survive_twenty_rotations() {
                 let plaintext = format!("worker {w} dek {i}").into_bytes();
                 let aad = [w];
                 let wrapped = custody
-                    .wrap(&key, Zeroizing::new(plaintext.clone()), &aad)
+                    .wrap(
+                        &service(&key),
+                        &key,
+                        Zeroizing::new(plaintext.clone()),
+                        &aad,
+                    )
                     .await
                     .unwrap();
                 let back = custody
-                    .unwrap(&wrapped.ciphertext, &aad, Some(&key))
+                    .unwrap(&service(&key), &wrapped.ciphertext, &aad, Some(&key))
                     .await
                     .unwrap();
                 assert_eq!(back.plaintext.as_slice(), plaintext);
@@ -420,7 +527,7 @@ async fn concurrent_wraps_and_unwraps_survive_twenty_rotations() {
         let key = key.clone();
         tokio::spawn(async move {
             for _ in 0..20 {
-                custody.rotate_key(&key).await.unwrap();
+                custody.rotate_key(&officer(&key), &key).await.unwrap();
             }
         })
     };
@@ -429,14 +536,14 @@ async fn concurrent_wraps_and_unwraps_survive_twenty_rotations() {
     for w in workers {
         all.extend(w.await.unwrap());
     }
-    let info = f.custody.get_key(&key).unwrap();
+    let info = f.custody.get_key(&officer(&key), &key).unwrap();
     assert_eq!(info.primary_version, 21);
     assert_eq!(info.versions.len(), 21);
     assert_eq!(all.len(), 480);
     for (blob, aad, plaintext) in &all {
         assert_eq!(
             f.custody
-                .unwrap(blob, aad, None)
+                .unwrap(&service(&key), blob, aad, None)
                 .await
                 .unwrap()
                 .plaintext
@@ -452,10 +559,13 @@ async fn concurrent_wraps_and_unwraps_survive_twenty_rotations() {
 async fn version_keys_are_sensitive_and_never_extractable_in_the_token() {
     let f = Fixture::new().await;
     let key = name("tenants/t/keys/k");
-    f.custody.create_key(&key, "").await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
     let blob = f
         .custody
-        .wrap(&key, pt(b"x"), b"")
+        .wrap(&service(&key), &key, pt(b"x"), b"")
         .await
         .unwrap()
         .ciphertext;
@@ -478,10 +588,13 @@ async fn version_keys_are_sensitive_and_never_extractable_in_the_token() {
 async fn a_crash_between_hsm_object_and_row_is_cleaned_up_at_start() {
     let f = Fixture::new().await;
     let key = name("tenants/t/keys/k");
-    f.custody.create_key(&key, "").await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
     let blob = f
         .custody
-        .wrap(&key, pt(b"keep me"), b"")
+        .wrap(&service(&key), &key, pt(b"keep me"), b"")
         .await
         .unwrap()
         .ciphertext;
@@ -524,7 +637,7 @@ async fn a_crash_between_hsm_object_and_row_is_cleaned_up_at_start() {
     assert!(f.hsm.secret_key_exists(other_app).await.unwrap());
     assert_eq!(
         custody
-            .unwrap(&blob, b"", None)
+            .unwrap(&service(&key), &blob, b"", None)
             .await
             .unwrap()
             .plaintext
@@ -537,7 +650,10 @@ async fn a_crash_between_hsm_object_and_row_is_cleaned_up_at_start() {
 async fn a_failed_row_commit_destroys_the_new_hsm_object() {
     let f = Fixture::new().await;
     let key = name("tenants/t/keys/k");
-    f.custody.create_key(&key, "").await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
     let before = f.hsm.list_secret_keys().await.unwrap().len();
 
     f.store
@@ -547,11 +663,20 @@ async fn a_failed_row_commit_destroys_the_new_hsm_object() {
         )
         .await
         .unwrap();
-    let err = f.custody.rotate_key(&key).await.unwrap_err();
+    let err = f
+        .custody
+        .rotate_key(&officer(&key), &key)
+        .await
+        .unwrap_err();
     assert!(matches!(err, CustodyError::Store(_)), "{err:?}");
     let err = f
         .custody
-        .create_key(&name("tenants/t/keys/k2"), "")
+        .create_key(
+            &officer(&name("tenants/t/keys/k2")),
+            &name("tenants/t/keys/k2"),
+            "",
+            Default::default(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, CustodyError::Store(_)), "{err:?}");
@@ -562,10 +687,13 @@ async fn a_failed_row_commit_destroys_the_new_hsm_object() {
     );
 
     // Nothing half-done is visible: the key is unchanged and still works.
-    let info = f.custody.get_key(&key).unwrap();
+    let info = f.custody.get_key(&officer(&key), &key).unwrap();
     assert_eq!((info.primary_version, info.versions.len()), (1, 1));
     assert!(matches!(
-        f.custody.get_key(&name("tenants/t/keys/k2")),
+        f.custody.get_key(
+            &officer(&name("tenants/t/keys/k2")),
+            &name("tenants/t/keys/k2")
+        ),
         Err(CustodyError::KeyNotFound(_))
     ));
     f.store
@@ -574,28 +702,37 @@ async fn a_failed_row_commit_destroys_the_new_hsm_object() {
         .unwrap();
     let (again, report) = f.restart(CustodyOptions::default()).await;
     assert!(report.orphans_removed.is_empty());
-    assert_eq!(again.get_key(&key).unwrap().versions.len(), 1);
-    f.custody.wrap(&key, pt(b"x"), b"").await.unwrap();
+    assert_eq!(
+        again.get_key(&officer(&key), &key).unwrap().versions.len(),
+        1
+    );
+    f.custody
+        .wrap(&service(&key), &key, pt(b"x"), b"")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn a_version_deleted_behind_tresors_back_is_reported_lost() {
     let f = Fixture::new().await;
     let key = name("tenants/t/keys/k");
-    f.custody.create_key(&key, "").await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
     let blob = f
         .custody
-        .wrap(&key, pt(b"x"), b"")
+        .wrap(&service(&key), &key, pt(b"x"), b"")
         .await
         .unwrap()
         .ciphertext;
     let id = envelope::parse(&blob).unwrap().version_id;
-    f.custody.rotate_key(&key).await.unwrap();
+    f.custody.rotate_key(&officer(&key), &key).await.unwrap();
 
     assert!(f.hsm.destroy_secret_key(ObjectId(id.0)).await.unwrap());
     let (custody, report) = f.restart(CustodyOptions::default()).await;
     assert_eq!(report.lost, vec!["tenants/t/keys/k/versions/1"]);
-    let v1 = custody.get_key(&key).unwrap().versions[0].clone();
+    let v1 = custody.get_key(&officer(&key), &key).unwrap().versions[0].clone();
     assert!(v1.lost_at.is_some());
     assert_eq!(
         v1.state,
@@ -603,7 +740,7 @@ async fn a_version_deleted_behind_tresors_back_is_reported_lost() {
         "lost is a mark, not a lifecycle state"
     );
     assert!(matches!(
-        custody.unwrap(&blob, b"", None).await,
+        custody.unwrap(&service(&key), &blob, b"", None).await,
         Err(CustodyError::VersionLost(_))
     ));
     // Reported once; the mark is persistent.
@@ -623,10 +760,13 @@ async fn a_version_deleted_behind_tresors_back_is_reported_lost() {
 async fn a_missing_object_found_while_serving_marks_the_version_lost() {
     let f = Fixture::new().await;
     let key = name("tenants/t/keys/k");
-    f.custody.create_key(&key, "").await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
     let blob = f
         .custody
-        .wrap(&key, pt(b"x"), b"")
+        .wrap(&service(&key), &key, pt(b"x"), b"")
         .await
         .unwrap()
         .ciphertext;
@@ -634,12 +774,12 @@ async fn a_missing_object_found_while_serving_marks_the_version_lost() {
     f.hsm.destroy_secret_key(ObjectId(id.0)).await.unwrap();
 
     assert!(matches!(
-        f.custody.unwrap(&blob, b"", None).await,
+        f.custody.unwrap(&service(&key), &blob, b"", None).await,
         Err(CustodyError::VersionLost(_))
     ));
     // The mark is written in the background; wait for it rather than sleeping blindly.
     for _ in 0..100 {
-        if f.custody.get_key(&key).unwrap().versions[0]
+        if f.custody.get_key(&officer(&key), &key).unwrap().versions[0]
             .lost_at
             .is_some()
         {
@@ -648,12 +788,12 @@ async fn a_missing_object_found_while_serving_marks_the_version_lost() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(
-        f.custody.get_key(&key).unwrap().versions[0]
+        f.custody.get_key(&officer(&key), &key).unwrap().versions[0]
             .lost_at
             .is_some()
     );
     assert!(matches!(
-        f.custody.wrap(&key, pt(b"y"), b"").await,
+        f.custody.wrap(&service(&key), &key, pt(b"y"), b"").await,
         Err(CustodyError::VersionLost(_))
     ));
 }
@@ -662,10 +802,13 @@ async fn a_missing_object_found_while_serving_marks_the_version_lost() {
 async fn data_keys_come_from_the_hsm_and_unwrap() {
     let f = Fixture::new().await;
     let key = name("tenants/t/keys/k");
-    f.custody.create_key(&key, "").await.unwrap();
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
     let dk = f
         .custody
-        .generate_data_key(&key, b"obj-1", 32, true)
+        .generate_data_key(&service(&key), &key, b"obj-1", 32, true)
         .await
         .unwrap();
     let plaintext = dk.plaintext.clone().unwrap();
@@ -673,7 +816,7 @@ async fn data_keys_come_from_the_hsm_and_unwrap() {
     assert!(!format!("{dk:?}").contains(&format!("{:?}", &plaintext[..4])));
     assert_eq!(
         f.custody
-            .unwrap(&dk.ciphertext, b"obj-1", None)
+            .unwrap(&service(&key), &dk.ciphertext, b"obj-1", None)
             .await
             .unwrap()
             .plaintext,
@@ -681,20 +824,20 @@ async fn data_keys_come_from_the_hsm_and_unwrap() {
     );
     let other = f
         .custody
-        .generate_data_key(&key, b"obj-1", 32, true)
+        .generate_data_key(&service(&key), &key, b"obj-1", 32, true)
         .await
         .unwrap();
     assert_ne!(other.plaintext, dk.plaintext);
 
     let blind = f
         .custody
-        .generate_data_key(&key, b"", 64, false)
+        .generate_data_key(&service(&key), &key, b"", 64, false)
         .await
         .unwrap();
     assert!(blind.plaintext.is_none());
     assert_eq!(
         f.custody
-            .unwrap(&blind.ciphertext, b"", None)
+            .unwrap(&service(&key), &blind.ciphertext, b"", None)
             .await
             .unwrap()
             .plaintext
@@ -703,7 +846,9 @@ async fn data_keys_come_from_the_hsm_and_unwrap() {
     );
     for len in [0, 15, 1025] {
         assert!(matches!(
-            f.custody.generate_data_key(&key, b"", len, true).await,
+            f.custody
+                .generate_data_key(&service(&key), &key, b"", len, true)
+                .await,
             Err(CustodyError::InvalidArgument(_))
         ));
     }
@@ -719,15 +864,19 @@ async fn sizes_are_checked_and_keys_are_listed_per_tenant() {
         "tenants/a/keys/k2",
         "tenants/b/keys/k1",
     ] {
-        f.custody.create_key(&name(k), "").await.unwrap();
+        f.custody
+            .create_key(&officer(&name(k)), &name(k), "", Default::default())
+            .await
+            .unwrap();
     }
     assert!(matches!(
-        f.custody.wrap(&key, pt(b""), b"").await,
+        f.custody.wrap(&service(&key), &key, pt(b""), b"").await,
         Err(CustodyError::InvalidArgument(_))
     ));
     assert!(matches!(
         f.custody
             .wrap(
+                &service(&key),
                 &key,
                 Zeroizing::new(vec![0; envelope::MAX_PLAINTEXT_LEN + 1]),
                 b""
@@ -738,6 +887,7 @@ async fn sizes_are_checked_and_keys_are_listed_per_tenant() {
     let big = f
         .custody
         .wrap(
+            &service(&key),
             &key,
             Zeroizing::new(vec![7; envelope::MAX_PLAINTEXT_LEN]),
             &vec![1; envelope::MAX_AAD_LEN],
@@ -746,7 +896,12 @@ async fn sizes_are_checked_and_keys_are_listed_per_tenant() {
         .unwrap();
     assert_eq!(
         f.custody
-            .unwrap(&big.ciphertext, &vec![1; envelope::MAX_AAD_LEN], None)
+            .unwrap(
+                &service(&key),
+                &big.ciphertext,
+                &vec![1; envelope::MAX_AAD_LEN],
+                None
+            )
             .await
             .unwrap()
             .plaintext
@@ -755,21 +910,32 @@ async fn sizes_are_checked_and_keys_are_listed_per_tenant() {
     );
     assert!(matches!(
         f.custody
-            .wrap(&key, pt(b"x"), &vec![0; envelope::MAX_AAD_LEN + 1])
+            .wrap(
+                &service(&key),
+                &key,
+                pt(b"x"),
+                &vec![0; envelope::MAX_AAD_LEN + 1]
+            )
             .await,
         Err(CustodyError::InvalidArgument(_))
     ));
     assert!(matches!(
         f.custody
-            .create_key(&name("tenants/a/keys/long"), &"d".repeat(1025))
+            .create_key(
+                &officer(&name("tenants/a/keys/long")),
+                &name("tenants/a/keys/long"),
+                &"d".repeat(1025),
+                Default::default()
+            )
             .await,
         Err(CustodyError::InvalidArgument(_))
     ));
 
-    let a = Tenant::new("a").unwrap();
+    let a = grant("a", Role::Officer);
     let names = |after, limit| -> Vec<String> {
         f.custody
             .list_keys(&a, after, limit)
+            .unwrap()
             .into_iter()
             .map(|k| k.name.to_string())
             .collect()
@@ -785,7 +951,134 @@ async fn sizes_are_checked_and_keys_are_listed_per_tenant() {
     assert_eq!(names(None, 2), ["tenants/a/keys/k1", "tenants/a/keys/k2"]);
     assert_eq!(names(Some("k2"), 2), ["tenants/a/keys/k3"]);
     assert_eq!(
-        f.custody.list_keys(&Tenant::new("c").unwrap(), None, 10),
+        f.custody
+            .list_keys(&grant("c", Role::Officer), None, 10)
+            .unwrap(),
         vec![]
+    );
+    // Only officers list keys.
+    assert!(matches!(
+        f.custody.list_keys(&grant("a", Role::Service), None, 10),
+        Err(CustodyError::PermissionDenied(_))
+    ));
+}
+
+#[tokio::test]
+async fn every_operation_requires_a_grant_for_its_role_tenant_and_keys() {
+    let f = Fixture::new().await;
+    let key = name("tenants/uksh/keys/ehr");
+    let other_tenant = name("tenants/other/keys/ehr");
+    f.custody
+        .create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
+    f.custody
+        .create_key(
+            &officer(&other_tenant),
+            &other_tenant,
+            "",
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let blob = f
+        .custody
+        .wrap(&service(&key), &key, pt(b"x"), b"")
+        .await
+        .unwrap()
+        .ciphertext;
+    let denied = |r: Result<(), CustodyError>| {
+        assert!(matches!(r, Err(CustodyError::PermissionDenied(_))), "{r:?}")
+    };
+
+    // Another tenant's service: its blob and its key are refused.
+    let stranger = service(&other_tenant);
+    denied(
+        f.custody
+            .wrap(&stranger, &key, pt(b"x"), b"")
+            .await
+            .map(|_| ()),
+    );
+    denied(
+        f.custody
+            .unwrap(&stranger, &blob, b"", None)
+            .await
+            .map(|_| ()),
+    );
+    denied(
+        f.custody
+            .rewrap(&stranger, &blob, b"", None)
+            .await
+            .map(|_| ()),
+    );
+    denied(
+        f.custody
+            .generate_data_key(&stranger, &key, b"", 32, true)
+            .await
+            .map(|_| ()),
+    );
+    // An officer may not wrap or unwrap; a service may not administer.
+    denied(
+        f.custody
+            .wrap(&officer(&key), &key, pt(b"x"), b"")
+            .await
+            .map(|_| ()),
+    );
+    denied(
+        f.custody
+            .unwrap(&officer(&key), &blob, b"", None)
+            .await
+            .map(|_| ()),
+    );
+    denied(f.custody.rotate_key(&service(&key), &key).await.map(|_| ()));
+    denied(f.custody.get_key(&service(&key), &key).map(|_| ()));
+    denied(
+        f.custody
+            .disable_version(&service(&key), &key, 1)
+            .await
+            .map(|_| ()),
+    );
+    // An auditor does neither.
+    let auditor = grant("uksh", Role::Auditor);
+    denied(
+        f.custody
+            .unwrap(&auditor, &blob, b"", None)
+            .await
+            .map(|_| ()),
+    );
+    denied(
+        f.custody
+            .create_key(
+                &auditor,
+                &name("tenants/uksh/keys/new"),
+                "",
+                Default::default(),
+            )
+            .await
+            .map(|_| ()),
+    );
+
+    // Key patterns narrow a service to some keys of its tenant.
+    let policy = tresor::auth::Policy::from_toml(
+        "[[identity]]\nname = \"lab\"\ntenant = \"uksh\"\nroles = [\"service\"]\nkeys = [\"lab-*\"]\n",
+        "test",
+    )
+    .unwrap();
+    let lab = policy
+        .grant(
+            &tresor::auth::Identity {
+                name: "lab".into(),
+                fingerprint: String::new(),
+            },
+            Role::Service,
+        )
+        .unwrap();
+    denied(f.custody.wrap(&lab, &key, pt(b"x"), b"").await.map(|_| ()));
+    denied(f.custody.unwrap(&lab, &blob, b"", None).await.map(|_| ()));
+    assert!(
+        f.custody
+            .unwrap(&service(&key), &blob, b"", None)
+            .await
+            .is_ok()
     );
 }

@@ -13,6 +13,7 @@ fn key_row() -> KeyRow {
         tenant: "t".into(),
         name: "k".into(),
         description: String::new(),
+        labels: Default::default(),
         primary_version: 1,
         created_at: 1,
         updated_at: 1,

@@ -30,6 +30,7 @@ pub(crate) struct Cache {
 pub(crate) struct KeyEntry {
     pub(crate) name: KeyName,
     pub(crate) description: String,
+    pub(crate) labels: std::collections::BTreeMap<String, String>,
     pub(crate) created_at: Millis,
     pub(crate) updated_at: Millis,
     pub(crate) primary: u32,
@@ -102,6 +103,7 @@ impl KeyEntry {
         Self {
             name,
             description: key.description.clone(),
+            labels: key.labels.clone(),
             created_at: key.created_at,
             updated_at: key.updated_at,
             primary: key.primary_version,

@@ -25,15 +25,18 @@ use std::sync::{Arc, RwLock};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
+use crate::auth::{Denied, Grant, Role};
 use crate::envelope::{self, EnvelopeError, IV_LEN, MAX_AAD_LEN, MAX_PLAINTEXT_LEN, VersionId};
 use crate::hsm::{Hsm, HsmError, ObjectId};
-use crate::model::{KeyName, Millis, NameError, Tenant, VersionState, now_millis};
+use crate::model::{KeyName, Millis, NameError, VersionState, now_millis};
 use crate::store::{KeyRow, Store, StoreError, VersionRow};
 use cache::{Cache, KeyEntry, Take, VersionEntry};
 pub use reconcile::{OrphanPolicy, ReconcileReport};
 
 /// Longest key description accepted, in bytes.
 pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// At most this many labels per key.
+pub const MAX_LABELS: usize = 64;
 /// Data keys are 16 to 1,024 bytes; the default is 32 (AES-256).
 pub const DATA_KEY_LEN_RANGE: std::ops::RangeInclusive<usize> = 16..=1024;
 
@@ -47,6 +50,9 @@ pub enum CustodyError {
     /// A key or tenant name breaks the naming rules.
     #[error("invalid name: {0}")]
     InvalidName(#[from] NameError),
+    /// The caller's grant does not cover the operation or key.
+    #[error("permission denied: {0}")]
+    PermissionDenied(#[from] Denied),
     /// A request value is out of range (sizes, lengths).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -131,6 +137,8 @@ pub struct KeyInfo {
     pub name: KeyName,
     /// Free text.
     pub description: String,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Creation time.
     pub created_at: Millis,
     /// Last metadata change.
@@ -341,14 +349,14 @@ impl Custody {
     /// Creates a key with version 1 as its primary version.
     pub async fn create_key(
         &self,
+        grant: &Grant,
         name: &KeyName,
         description: &str,
+        labels: std::collections::BTreeMap<String, String>,
     ) -> Result<KeyInfo, CustodyError> {
-        if description.len() > MAX_DESCRIPTION_LEN {
-            return Err(CustodyError::InvalidArgument(format!(
-                "description is longer than {MAX_DESCRIPTION_LEN} bytes"
-            )));
-        }
+        authorize(grant, Role::Officer, name)?;
+        check_description(description)?;
+        check_labels(&labels)?;
         let name = name.clone();
         let description = description.to_owned();
         self.admin(move |c| async move {
@@ -361,6 +369,7 @@ impl Custody {
                 tenant: name.tenant().as_str().to_owned(),
                 name: name.key().to_owned(),
                 description,
+                labels,
                 primary_version: 1,
                 created_at: now,
                 updated_at: now,
@@ -383,25 +392,34 @@ impl Custody {
     }
 
     /// The metadata of one key.
-    pub fn get_key(&self, name: &KeyName) -> Result<KeyInfo, CustodyError> {
+    pub fn get_key(&self, grant: &Grant, name: &KeyName) -> Result<KeyInfo, CustodyError> {
+        authorize(grant, Role::Officer, name)?;
         Ok(info(&*self.entry(name)?))
     }
 
-    /// Keys of a tenant in name order, starting after `after`, at most `limit`.
-    pub fn list_keys(&self, tenant: &Tenant, after: Option<&str>, limit: usize) -> Vec<KeyInfo> {
+    /// Keys of the caller's tenant that its grant covers, in name order, starting after
+    /// `after`, at most `limit`.
+    pub fn list_keys(
+        &self,
+        grant: &Grant,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<KeyInfo>, CustodyError> {
+        grant.require(Role::Officer)?;
         let cache = read(&self.inner.cache);
         let mut keys: Vec<&Arc<KeyEntry>> = cache
             .keys
             .values()
-            .filter(|k| k.name.tenant() == tenant && after.is_none_or(|a| k.name.key() > a))
+            .filter(|k| grant.allows_key(&k.name) && after.is_none_or(|a| k.name.key() > a))
             .collect();
         keys.sort_by(|a, b| a.name.key().cmp(b.name.key()));
-        keys.into_iter().take(limit).map(|k| info(k)).collect()
+        Ok(keys.into_iter().take(limit).map(|k| info(k)).collect())
     }
 
     /// Creates a new version and makes it primary. Older versions keep their state, so blobs
     /// they wrapped still unwrap.
-    pub async fn rotate_key(&self, name: &KeyName) -> Result<KeyInfo, CustodyError> {
+    pub async fn rotate_key(&self, grant: &Grant, name: &KeyName) -> Result<KeyInfo, CustodyError> {
+        authorize(grant, Role::Officer, name)?;
         let name = name.clone();
         self.admin(move |c| async move {
             let entry = c.entry(&name)?;
@@ -431,12 +449,57 @@ impl Custody {
         .await
     }
 
+    /// Replaces a key's description and/or labels (`None` keeps the current value).
+    pub async fn update_key(
+        &self,
+        grant: &Grant,
+        name: &KeyName,
+        description: Option<String>,
+        labels: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Result<KeyInfo, CustodyError> {
+        authorize(grant, Role::Officer, name)?;
+        if let Some(d) = &description {
+            check_description(d)?;
+        }
+        if let Some(l) = &labels {
+            check_labels(l)?;
+        }
+        let name = name.clone();
+        self.admin(move |c| async move {
+            let mut next = (*c.entry(&name)?).clone();
+            if let Some(d) = description {
+                next.description = d;
+            }
+            if let Some(l) = labels {
+                next.labels = l;
+            }
+            next.updated_at = now_millis();
+            let row = KeyRow {
+                tenant: name.tenant().as_str().to_owned(),
+                name: name.key().to_owned(),
+                description: next.description.clone(),
+                labels: next.labels.clone(),
+                primary_version: next.primary,
+                created_at: next.created_at,
+                updated_at: next.updated_at,
+            };
+            match c.inner.store.update_key(&row).await {
+                Ok(()) => Ok(c.publish(next)),
+                Err(StoreError::Conflict) => Err(CustodyError::KeyNotFound(name.to_string())),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
     /// `DISABLED` → `ENABLED`. Enabling an enabled version changes nothing.
     pub async fn enable_version(
         &self,
+        grant: &Grant,
         name: &KeyName,
         number: u32,
     ) -> Result<KeyInfo, CustodyError> {
+        authorize(grant, Role::Officer, name)?;
         self.transition(name, number, VersionState::Enabled, None)
             .await
     }
@@ -445,9 +508,11 @@ impl Custody {
     /// changes nothing.
     pub async fn disable_version(
         &self,
+        grant: &Grant,
         name: &KeyName,
         number: u32,
     ) -> Result<KeyInfo, CustodyError> {
+        authorize(grant, Role::Officer, name)?;
         self.transition(name, number, VersionState::Disabled, None)
             .await
     }
@@ -456,10 +521,12 @@ impl Custody {
     /// version. The approval and grace-period rules sit above this call.
     pub async fn schedule_destruction(
         &self,
+        grant: &Grant,
         name: &KeyName,
         number: u32,
         destroy_at: Millis,
     ) -> Result<KeyInfo, CustodyError> {
+        authorize(grant, Role::Officer, name)?;
         self.transition(
             name,
             number,
@@ -472,9 +539,11 @@ impl Custody {
     /// `DESTROY_SCHEDULED` → `DISABLED`.
     pub async fn cancel_destruction(
         &self,
+        grant: &Grant,
         name: &KeyName,
         number: u32,
     ) -> Result<KeyInfo, CustodyError> {
+        authorize(grant, Role::Officer, name)?;
         let entry = self.entry(name)?;
         let version = entry
             .version(number)
@@ -597,6 +666,18 @@ impl Custody {
     /// Wraps `plaintext` (1 byte to 64 KiB) under the key's primary version, binding `aad`.
     pub async fn wrap(
         &self,
+        grant: &Grant,
+        name: &KeyName,
+        plaintext: Zeroizing<Vec<u8>>,
+        aad: &[u8],
+    ) -> Result<Wrapped, CustodyError> {
+        authorize(grant, Role::Service, name)?;
+        self.wrap_authorized(name, plaintext, aad).await
+    }
+
+    /// Wrap, once the caller's grant was checked for `name`.
+    async fn wrap_authorized(
+        &self,
         name: &KeyName,
         plaintext: Zeroizing<Vec<u8>>,
         aad: &[u8],
@@ -644,11 +725,12 @@ impl Custody {
     /// `expected_key`, a blob of any other key is refused before the HSM is asked.
     pub async fn unwrap(
         &self,
+        grant: &Grant,
         ciphertext: &[u8],
         aad: &[u8],
         expected_key: Option<&KeyName>,
     ) -> Result<Unwrapped, CustodyError> {
-        let (plaintext, version) = self.open_blob(ciphertext, aad, expected_key).await?;
+        let (plaintext, version, _) = self.open_blob(grant, ciphertext, aad, expected_key).await?;
         Ok(Unwrapped {
             plaintext,
             key_version: version.full_name.to_string(),
@@ -658,6 +740,7 @@ impl Custody {
     /// Draws `len` random bytes from the HSM and wraps them under the key's primary version.
     pub async fn generate_data_key(
         &self,
+        grant: &Grant,
         name: &KeyName,
         aad: &[u8],
         len: usize,
@@ -670,11 +753,14 @@ impl Custody {
                 DATA_KEY_LEN_RANGE.end()
             )));
         }
+        authorize(grant, Role::Service, name)?;
         check_aad(aad)?;
         // Fail on an unknown key before spending HSM randomness.
         self.entry(name)?;
         let key = self.inner.hsm.random(len).await?;
-        let wrapped = self.wrap(name, Zeroizing::new(key.to_vec()), aad).await?;
+        let wrapped = self
+            .wrap_authorized(name, Zeroizing::new(key.to_vec()), aad)
+            .await?;
         Ok(DataKey {
             plaintext: with_plaintext.then_some(key),
             ciphertext: wrapped.ciphertext,
@@ -686,15 +772,13 @@ impl Custody {
     /// version is still authenticated, then returned unchanged with `rewrapped = false`.
     pub async fn rewrap(
         &self,
+        grant: &Grant,
         ciphertext: &[u8],
         aad: &[u8],
         expected_key: Option<&KeyName>,
     ) -> Result<Rewrapped, CustodyError> {
-        let (plaintext, version) = self.open_blob(ciphertext, aad, expected_key).await?;
-        let key = self
-            .inner
-            .cache_key_of(&version.id)
-            .ok_or(CustodyError::UnknownVersion)?;
+        let (plaintext, version, key) =
+            self.open_blob(grant, ciphertext, aad, expected_key).await?;
         let primary = self.entry(&key)?.primary;
         if version.number == primary {
             return Ok(Rewrapped {
@@ -703,7 +787,7 @@ impl Custody {
                 rewrapped: false,
             });
         }
-        let wrapped = self.wrap(&key, plaintext, aad).await?;
+        let wrapped = self.wrap_authorized(&key, plaintext, aad).await?;
         Ok(Rewrapped {
             ciphertext: wrapped.ciphertext,
             key_version: wrapped.key_version,
@@ -711,16 +795,21 @@ impl Custody {
         })
     }
 
-    /// Parses, resolves and decrypts a blob.
+    /// Parses, resolves, authorizes and decrypts a blob.
     async fn open_blob(
         &self,
+        grant: &Grant,
         ciphertext: &[u8],
         aad: &[u8],
         expected_key: Option<&KeyName>,
-    ) -> Result<(Zeroizing<Vec<u8>>, Arc<VersionEntry>), CustodyError> {
+    ) -> Result<(Zeroizing<Vec<u8>>, Arc<VersionEntry>, KeyName), CustodyError> {
+        grant.require(Role::Service)?;
+        if let Some(expected) = expected_key {
+            grant.check_key(expected)?;
+        }
         check_aad(aad)?;
         let blob = envelope::parse(ciphertext).map_err(CustodyError::MalformedCiphertext)?;
-        let version = {
+        let (version, key) = {
             let cache = read(&self.inner.cache);
             let key = cache
                 .versions
@@ -733,13 +822,15 @@ impl Custody {
                     expected: expected.to_string(),
                 });
             }
+            grant.check_key(key)?;
             let entry = cache.keys.get(key).ok_or(CustodyError::UnknownVersion)?;
-            entry
+            let version = entry
                 .versions
                 .iter()
                 .find(|v| v.id == blob.version_id)
                 .cloned()
-                .ok_or(CustodyError::UnknownVersion)?
+                .ok_or(CustodyError::UnknownVersion)?;
+            (version, key.clone())
         };
         usable(&version)?;
         let full_aad = envelope::gcm_aad(&version.id, &version.full_name, aad);
@@ -754,7 +845,7 @@ impl Custody {
             )
             .await
             .map_err(|e| self.hsm_failure(&version, e))?;
-        Ok((plaintext, version))
+        Ok((plaintext, version, key))
     }
 
     /// Maps an HSM failure on a version's key; a missing object marks the version lost.
@@ -883,6 +974,48 @@ impl Inner {
     }
 }
 
+/// Every caller-facing operation starts here: the grant must be for `role` and cover `key`.
+fn authorize(grant: &Grant, role: Role, key: &KeyName) -> Result<(), CustodyError> {
+    grant.require(role)?;
+    grant.check_key(key)?;
+    Ok(())
+}
+
+fn check_description(description: &str) -> Result<(), CustodyError> {
+    if description.len() > MAX_DESCRIPTION_LEN {
+        return Err(CustodyError::InvalidArgument(format!(
+            "description is longer than {MAX_DESCRIPTION_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Label names: 1–63 of `[a-z0-9_-]` starting with a letter; values: 0–63 of `[a-z0-9_-]`.
+fn check_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), CustodyError> {
+    let charset = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    };
+    if labels.len() > MAX_LABELS {
+        return Err(CustodyError::InvalidArgument(format!(
+            "at most {MAX_LABELS} labels"
+        )));
+    }
+    for (k, v) in labels {
+        if !((1..=63).contains(&k.len()) && k.as_bytes()[0].is_ascii_lowercase() && charset(k)) {
+            return Err(CustodyError::InvalidArgument(format!(
+                "label name {k:?}: 1-63 characters of a-z, 0-9, '-', '_', starting with a letter"
+            )));
+        }
+        if v.len() > 63 || !charset(v) {
+            return Err(CustodyError::InvalidArgument(format!(
+                "label {k:?}: values are 0-63 characters of a-z, 0-9, '-', '_'"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_aad(aad: &[u8]) -> Result<(), CustodyError> {
     if aad.len() > MAX_AAD_LEN {
         return Err(CustodyError::InvalidArgument(format!(
@@ -908,6 +1041,7 @@ fn info(entry: &KeyEntry) -> KeyInfo {
     KeyInfo {
         name: entry.name.clone(),
         description: entry.description.clone(),
+        labels: entry.labels.clone(),
         created_at: entry.created_at,
         updated_at: entry.updated_at,
         primary_version: entry.primary,

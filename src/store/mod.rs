@@ -87,6 +87,8 @@ pub struct KeyRow {
     pub name: String,
     /// Free text set by officers.
     pub description: String,
+    /// Labels set by officers.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Number of the primary version.
     pub primary_version: u32,
     /// Creation time.
@@ -172,7 +174,7 @@ impl Store {
     /// Every key row.
     pub async fn load_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT tenant, name, description, primary_version, created_at, updated_at FROM keys",
+            "SELECT tenant, name, description, labels, primary_version, created_at, updated_at FROM keys",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -182,6 +184,7 @@ impl Store {
                     tenant: r.try_get("tenant")?,
                     name: r.try_get("name")?,
                     description: r.try_get("description")?,
+                    labels: parse_labels(&r.try_get::<String, _>("labels")?)?,
                     primary_version: to_u32("keys", r.try_get("primary_version")?)?,
                     created_at: r.try_get("created_at")?,
                     updated_at: r.try_get("updated_at")?,
@@ -213,12 +216,13 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO keys (tenant, name, description, primary_version, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO keys (tenant, name, description, labels, primary_version, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&key.tenant)
         .bind(&key.name)
         .bind(&key.description)
+        .bind(labels_json(&key.labels)?)
         .bind(i64::from(key.primary_version))
         .bind(key.created_at)
         .bind(key.updated_at)
@@ -256,6 +260,29 @@ impl Store {
             other => other?,
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces a key's description and labels.
+    pub async fn update_key(&self, key: &KeyRow) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE keys SET description = $1, labels = $2, updated_at = $3 WHERE tenant = $4 AND name = $5")
+            .bind(&key.description)
+            .bind(labels_json(&key.labels)?)
+            .bind(key.updated_at)
+            .bind(&key.tenant)
+            .bind(&key.name)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict)
+        }
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
@@ -402,6 +429,20 @@ fn version_row(r: &sqlx::sqlite::SqliteRow) -> Result<VersionRow, StoreError> {
         destroyed_at: r.try_get("destroyed_at")?,
         lost_at: r.try_get("lost_at")?,
         wraps_reserved: to_u64("key_versions", r.try_get("wraps_reserved")?)?,
+    })
+}
+
+fn parse_labels(json: &str) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        table: "keys",
+        what: format!("labels: {e}"),
+    })
+}
+
+fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> Result<String, StoreError> {
+    serde_json::to_string(labels).map_err(|e| StoreError::Corrupt {
+        table: "keys",
+        what: format!("labels: {e}"),
     })
 }
 

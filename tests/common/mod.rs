@@ -129,3 +129,27 @@ impl Fixture {
             .unwrap()
     }
 }
+
+/// A grant for `role` in `tenant`, made the only way grants are made: by a policy.
+pub fn grant(tenant: &str, role: tresor::auth::Role) -> tresor::auth::Grant {
+    let policy = tresor::auth::Policy::from_toml(
+        &format!("[[identity]]\nname = \"test\"\ntenant = \"{tenant}\"\nroles = [\"service\", \"officer\", \"auditor\"]\n"),
+        "test policy",
+    )
+    .unwrap();
+    let who = tresor::auth::Identity {
+        name: "test".into(),
+        fingerprint: String::new(),
+    };
+    policy.grant(&who, role).unwrap()
+}
+
+/// An officer grant for the key's tenant.
+pub fn officer(key: &tresor::model::KeyName) -> tresor::auth::Grant {
+    grant(key.tenant().as_str(), tresor::auth::Role::Officer)
+}
+
+/// A service grant for the key's tenant.
+pub fn service(key: &tresor::model::KeyName) -> tresor::auth::Grant {
+    grant(key.tenant().as_str(), tresor::auth::Role::Service)
+}

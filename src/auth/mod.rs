@@ -1,0 +1,655 @@
+//! Who is calling, and what they may do.
+//!
+//! Owns client-certificate verification, the caller's identity (URI SAN, else subject CN), the
+//! policy file, and the authorization decision: a [`Grant`], which only [`Policy::grant`] can
+//! make and which every custody operation requires. Knows nothing of gRPC, keys' states or the
+//! HSM.
+//!
+//! Certificates are verified at the request layer, not only in the TLS handshake: the TLS layer
+//! ([`ClientAuthenticator::tls_verifier`]) checks that the client holds the private key of the
+//! certificate it presents, and the request layer ([`ClientAuthenticator::identify`]) checks the
+//! chain, validity and client-auth usage against the client CA on every call. A missing,
+//! expired or foreign certificate therefore reaches the caller as a gRPC `UNAUTHENTICATED` with
+//! a reason (and can be audited with its fingerprint), not as an opaque handshake failure.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use serde::Deserialize;
+
+use crate::model::{KeyName, Tenant, validate_segment};
+
+/// What a caller may act as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Cloud services: Wrap, Unwrap, GenerateDataKey, Rewrap.
+    Service,
+    /// Security officers: key lifecycle.
+    Officer,
+    /// Auditors: the audit log.
+    Auditor,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Service => "service",
+            Self::Officer => "officer",
+            Self::Auditor => "auditor",
+        })
+    }
+}
+
+/// A caller whose certificate chain verified against the client CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// URI SAN (e.g. `spiffe://uksh.example/ehr-archive`), else the subject CN.
+    pub name: String,
+    /// SHA-256 of the end-entity certificate, hex.
+    pub fingerprint: String,
+}
+
+/// Why a caller could not be authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No client certificate was presented.
+    #[error("no client certificate; connect with a certificate issued by the client CA")]
+    NoCertificate,
+    /// The certificate did not verify (unknown issuer, expired, wrong usage, …).
+    #[error("client certificate rejected: {reason}")]
+    Rejected {
+        /// Why, as the verifier says it.
+        reason: String,
+        /// SHA-256 of the presented end-entity certificate, hex.
+        fingerprint: String,
+    },
+    /// The certificate names no identity (no URI SAN and no subject CN).
+    #[error("client certificate has neither a URI SAN nor a subject CN")]
+    NoIdentity,
+    /// The client CA could not be used.
+    #[error("client CA unusable: {0}")]
+    ClientCa(String),
+}
+
+/// Why a verified caller may not do what it asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Denied {
+    /// The identity is not in the policy.
+    #[error("{0} is not in the access policy")]
+    UnknownIdentity(String),
+    /// The identity lacks the role.
+    #[error("{identity} does not have the {role} role")]
+    Role {
+        /// The caller.
+        identity: String,
+        /// The role the operation needs.
+        role: Role,
+    },
+    /// The key is outside the caller's tenant or key patterns.
+    #[error("{identity} may not use {key}")]
+    Key {
+        /// The caller.
+        identity: String,
+        /// The key asked for.
+        key: String,
+    },
+    /// The tenant is not the caller's.
+    #[error("{identity} may not act in tenant {tenant}")]
+    Tenant {
+        /// The caller.
+        identity: String,
+        /// The tenant asked for.
+        tenant: String,
+    },
+}
+
+/// An authorization decision: this identity may act as this role in this tenant, on keys
+/// matching these patterns. Only [`Policy::grant`] makes one; custody operations take it and
+/// check the key they touch with [`Grant::check_key`], so no path can skip authorization.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    identity: String,
+    tenant: Tenant,
+    role: Role,
+    keys: Option<Vec<KeyPattern>>,
+}
+
+impl Grant {
+    /// The caller's identity.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// The caller's tenant.
+    pub fn tenant(&self) -> &Tenant {
+        &self.tenant
+    }
+
+    /// The role this grant is for.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Refuses a grant of another role.
+    pub fn require(&self, role: Role) -> Result<(), Denied> {
+        if self.role == role {
+            Ok(())
+        } else {
+            Err(Denied::Role {
+                identity: self.identity.clone(),
+                role,
+            })
+        }
+    }
+
+    /// Whether `key` is in the caller's tenant and matches its key patterns.
+    pub fn allows_key(&self, key: &KeyName) -> bool {
+        key.tenant() == &self.tenant
+            && self
+                .keys
+                .as_ref()
+                .is_none_or(|patterns| patterns.iter().any(|p| p.matches(key.key())))
+    }
+
+    /// Refuses a key outside the caller's tenant or patterns.
+    pub fn check_key(&self, key: &KeyName) -> Result<(), Denied> {
+        if self.allows_key(key) {
+            Ok(())
+        } else {
+            Err(Denied::Key {
+                identity: self.identity.clone(),
+                key: key.to_string(),
+            })
+        }
+    }
+
+    /// Refuses a tenant other than the caller's.
+    pub fn check_tenant(&self, tenant: &Tenant) -> Result<(), Denied> {
+        if tenant == &self.tenant {
+            Ok(())
+        } else {
+            Err(Denied::Tenant {
+                identity: self.identity.clone(),
+                tenant: tenant.to_string(),
+            })
+        }
+    }
+}
+
+/// A key-name pattern: a key segment, or a prefix followed by `*` (`ehr-*`, `*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyPattern {
+    prefix: String,
+    wildcard: bool,
+}
+
+impl KeyPattern {
+    fn parse(s: &str) -> Result<Self, String> {
+        let (prefix, wildcard) = match s.strip_suffix('*') {
+            Some(p) => (p, true),
+            None => (s, false),
+        };
+        let ok = (wildcard && prefix.is_empty()) || validate_segment("key", prefix).is_ok();
+        if !ok || prefix.contains('*') {
+            return Err(format!(
+                "key pattern {s:?}: use a key name or a prefix ending in '*'"
+            ));
+        }
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            wildcard,
+        })
+    }
+
+    fn matches(&self, key: &str) -> bool {
+        if self.wildcard {
+            key.starts_with(&self.prefix)
+        } else {
+            key == self.prefix
+        }
+    }
+}
+
+/// Why a policy file was refused. Names the file, the entry and the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("policy {source_name}: {problem}")]
+pub struct PolicyError {
+    source_name: String,
+    problem: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    identity: Vec<PolicyFileEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFileEntry {
+    name: String,
+    tenant: String,
+    roles: Vec<Role>,
+    keys: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+struct PolicyEntry {
+    tenant: Tenant,
+    roles: Vec<Role>,
+    keys: Option<Vec<KeyPattern>>,
+}
+
+/// Identities and what each may do. Anything not listed is denied.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    entries: HashMap<String, PolicyEntry>,
+}
+
+impl Policy {
+    /// Parses a policy (see README "Access policy"); `source_name` names it in errors.
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, PolicyError> {
+        let err = |problem: String| PolicyError {
+            source_name: source_name.to_owned(),
+            problem,
+        };
+        let file: PolicyFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let mut entries = HashMap::new();
+        for (i, e) in file.identity.into_iter().enumerate() {
+            let at = format!("identity[{i}] ({:?})", e.name);
+            if e.name.is_empty() {
+                return Err(err(format!("identity[{i}].name is empty")));
+            }
+            let tenant = Tenant::new(&e.tenant).map_err(|x| err(format!("{at}.tenant: {x}")))?;
+            if e.roles.is_empty() {
+                return Err(err(format!(
+                    "{at}.roles is empty; give at least one of service, officer, auditor"
+                )));
+            }
+            let keys = match e.keys {
+                None => None,
+                Some(patterns) => Some(
+                    patterns
+                        .iter()
+                        .map(|p| KeyPattern::parse(p))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|x| err(format!("{at}.keys: {x}")))?,
+                ),
+            };
+            if entries
+                .insert(
+                    e.name.clone(),
+                    PolicyEntry {
+                        tenant,
+                        roles: e.roles,
+                        keys,
+                    },
+                )
+                .is_some()
+            {
+                return Err(err(format!("{at} appears twice")));
+            }
+        }
+        Ok(Self { entries })
+    }
+
+    /// Reads and parses a policy file.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+            source_name: path.display().to_string(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// How many identities the policy names.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the policy names no identity (and so denies everything).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Decides whether `identity` may act as `role`.
+    pub fn grant(&self, identity: &Identity, role: Role) -> Result<Grant, Denied> {
+        let entry = self
+            .entries
+            .get(&identity.name)
+            .ok_or_else(|| Denied::UnknownIdentity(identity.name.clone()))?;
+        if !entry.roles.contains(&role) {
+            return Err(Denied::Role {
+                identity: identity.name.clone(),
+                role,
+            });
+        }
+        Ok(Grant {
+            identity: identity.name.clone(),
+            tenant: entry.tenant.clone(),
+            role,
+            keys: entry.keys.clone(),
+        })
+    }
+}
+
+/// The policy in force, replaceable while serving (SIGHUP).
+#[derive(Debug)]
+pub struct SharedPolicy {
+    path: PathBuf,
+    current: RwLock<Arc<Policy>>,
+}
+
+impl SharedPolicy {
+    /// Loads the policy file.
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let policy = Policy::load(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            current: RwLock::new(Arc::new(policy)),
+        })
+    }
+
+    /// The policy for one decision.
+    pub fn current(&self) -> Arc<Policy> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Re-reads the file. A broken file keeps the policy in force and returns why.
+    pub fn reload(&self) -> Result<usize, PolicyError> {
+        let policy = Policy::load(&self.path)?;
+        let n = policy.len();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        Ok(n)
+    }
+}
+
+/// Verifies client certificates against the client CA and names the caller.
+#[derive(Debug, Clone)]
+pub struct ClientAuthenticator {
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientAuthenticator {
+    /// Trusts client certificates issued by these CA certificates.
+    pub fn new(client_ca: &[CertificateDer<'static>]) -> Result<Self, AuthError> {
+        let mut roots = RootCertStore::empty();
+        for ca in client_ca {
+            roots
+                .add(ca.clone())
+                .map_err(|e| AuthError::ClientCa(e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| AuthError::ClientCa(e.to_string()))?;
+        Ok(Self { verifier })
+    }
+
+    /// Verifies the chain a client presented and returns who it is.
+    pub fn identify(&self, chain: Option<&[CertificateDer<'_>]>) -> Result<Identity, AuthError> {
+        let Some((end_entity, intermediates)) = chain.and_then(|c| c.split_first()) else {
+            return Err(AuthError::NoCertificate);
+        };
+        let fingerprint = fingerprint(end_entity);
+        self.verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map_err(|e| AuthError::Rejected {
+                reason: e.to_string(),
+                fingerprint: fingerprint.clone(),
+            })?;
+        let name = identity_name(end_entity).ok_or(AuthError::NoIdentity)?;
+        Ok(Identity { name, fingerprint })
+    }
+
+    /// The verifier for the TLS handshake: it asks for a client certificate and checks that the
+    /// client holds its private key, but leaves the chain to [`Self::identify`], which runs on
+    /// every request.
+    pub fn tls_verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        Arc::new(ProofOfPossession {
+            inner: Arc::clone(&self.verifier),
+        })
+    }
+}
+
+/// SHA-256 of a certificate, hex.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The URI SAN of a certificate, else its subject CN.
+fn identity_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                return Some((*uri).to_owned());
+            }
+        }
+    }
+    parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+}
+
+#[derive(Debug)]
+struct ProofOfPossession {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for ProofOfPossession {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Deliberately deferred to ClientAuthenticator::identify, which every RPC calls.
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{DevCa, Validity};
+    use rustls::pki_types::pem::PemObject;
+
+    const POLICY: &str = r#"
+        [[identity]]
+        name = "spiffe://uksh.example/ehr-archive"
+        tenant = "uksh"
+        roles = ["service"]
+        keys = ["ehr-*", "pacs"]
+
+        [[identity]]
+        name = "officer-anna"
+        tenant = "uksh"
+        roles = ["officer", "auditor"]
+    "#;
+
+    fn id(name: &str) -> Identity {
+        Identity {
+            name: name.into(),
+            fingerprint: String::new(),
+        }
+    }
+
+    fn key(s: &str) -> KeyName {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn grants_follow_the_policy_and_deny_by_default() {
+        let p = Policy::from_toml(POLICY, "test").unwrap();
+        let g = p
+            .grant(&id("spiffe://uksh.example/ehr-archive"), Role::Service)
+            .unwrap();
+        assert!(g.allows_key(&key("tenants/uksh/keys/ehr-2024")));
+        assert!(g.allows_key(&key("tenants/uksh/keys/pacs")));
+        assert!(!g.allows_key(&key("tenants/uksh/keys/pacs-2")));
+        assert!(
+            !g.allows_key(&key("tenants/other/keys/ehr-2024")),
+            "another tenant"
+        );
+        assert!(matches!(g.require(Role::Officer), Err(Denied::Role { .. })));
+        assert!(matches!(
+            p.grant(&id("spiffe://uksh.example/ehr-archive"), Role::Officer),
+            Err(Denied::Role { .. })
+        ));
+        assert!(matches!(
+            p.grant(&id("stranger"), Role::Service),
+            Err(Denied::UnknownIdentity(_))
+        ));
+
+        let officer = p.grant(&id("officer-anna"), Role::Officer).unwrap();
+        assert!(officer.allows_key(&key("tenants/uksh/keys/anything")));
+        assert!(officer.check_tenant(&Tenant::new("uksh").unwrap()).is_ok());
+        assert!(
+            officer
+                .check_tenant(&Tenant::new("other").unwrap())
+                .is_err()
+        );
+        assert!(
+            Policy::default()
+                .grant(&id("officer-anna"), Role::Officer)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn bad_policies_name_the_entry_and_the_problem() {
+        for (text, needle) in [
+            (
+                "[[identity]]\nname = \"a\"\ntenant = \"UKSH\"\nroles = [\"service\"]",
+                "tenant",
+            ),
+            (
+                "[[identity]]\nname = \"a\"\ntenant = \"t\"\nroles = [\"admin\"]",
+                "admin",
+            ),
+            (
+                "[[identity]]\nname = \"a\"\ntenant = \"t\"\nroles = []",
+                "roles",
+            ),
+            (
+                "[[identity]]\nname = \"a\"\ntenant = \"t\"\nroles = [\"service\"]\nkeys = [\"a*b\"]",
+                "key pattern",
+            ),
+            (
+                "[[identity]]\nname = \"a\"\ntenant = \"t\"\nroles = [\"service\"]\nrole = 1",
+                "role",
+            ),
+            (
+                "[[identity]]\nname = \"a\"\ntenant = \"t\"\nroles = [\"service\"]\n[[identity]]\nname = \"a\"\ntenant = \"t\"\nroles = [\"service\"]",
+                "twice",
+            ),
+        ] {
+            let err = Policy::from_toml(text, "p.toml").unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains("p.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn identities_come_from_uri_san_else_cn_and_bad_certificates_are_rejected() {
+        let ca = DevCa::new("test CA").unwrap();
+        let ca_der = CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap();
+        let auth = ClientAuthenticator::new(&[ca_der]).unwrap();
+        let chain = |pem: &str| vec![CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()];
+
+        let spiffe = ca
+            .issue_client("spiffe://uksh.example/lab", Validity::default())
+            .unwrap();
+        let who = auth.identify(Some(&chain(&spiffe.cert_pem))).unwrap();
+        assert_eq!(who.name, "spiffe://uksh.example/lab");
+        assert_eq!(who.fingerprint.len(), 64);
+        let cn = ca
+            .issue_client("officer-anna", Validity::default())
+            .unwrap();
+        assert_eq!(
+            auth.identify(Some(&chain(&cn.cert_pem))).unwrap().name,
+            "officer-anna"
+        );
+
+        assert_eq!(auth.identify(None), Err(AuthError::NoCertificate));
+        let expired = ca
+            .issue_client(
+                "old",
+                Validity {
+                    from_days: -30,
+                    to_days: -1,
+                },
+            )
+            .unwrap();
+        assert!(matches!(
+            auth.identify(Some(&chain(&expired.cert_pem))),
+            Err(AuthError::Rejected { .. })
+        ));
+        let other = DevCa::new("other CA")
+            .unwrap()
+            .issue_client("officer-anna", Validity::default())
+            .unwrap();
+        assert!(matches!(
+            auth.identify(Some(&chain(&other.cert_pem))),
+            Err(AuthError::Rejected { .. })
+        ));
+        // A server certificate is not a client certificate.
+        let server = ca.issue_server(&["localhost"]).unwrap();
+        assert!(matches!(
+            auth.identify(Some(&chain(&server.cert_pem))),
+            Err(AuthError::Rejected { .. })
+        ));
+    }
+}
