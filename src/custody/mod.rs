@@ -295,6 +295,13 @@ impl Custody {
         &self.inner.hsm
     }
 
+    /// Checks that the HSM and the database answer (for the health service).
+    pub async fn check_dependencies(&self) -> Result<(), CustodyError> {
+        self.inner.hsm.random(1).await?;
+        self.inner.store.ping().await?;
+        Ok(())
+    }
+
     /// The store this service uses.
     pub fn store(&self) -> &Store {
         &self.inner.store

@@ -153,3 +153,197 @@ pub fn officer(key: &tresor::model::KeyName) -> tresor::auth::Grant {
 pub fn service(key: &tresor::model::KeyName) -> tresor::auth::Grant {
     grant(key.tenant().as_str(), tresor::auth::Role::Service)
 }
+
+/// Identities in the test policy.
+pub const SERVICE_A: &str = "spiffe://a.example/ehr-archive";
+pub const OFFICER_A: &str = "officer-anna";
+pub const OFFICER_A2: &str = "officer-ben";
+pub const AUDITOR_A: &str = "auditor-alex";
+pub const SERVICE_B: &str = "spiffe://b.example/lab";
+pub const OFFICER_B: &str = "officer-bea";
+
+pub const POLICY: &str = r#"
+[[identity]]
+name = "spiffe://a.example/ehr-archive"
+tenant = "a"
+roles = ["service"]
+
+[[identity]]
+name = "officer-anna"
+tenant = "a"
+roles = ["officer"]
+
+[[identity]]
+name = "officer-ben"
+tenant = "a"
+roles = ["officer"]
+
+[[identity]]
+name = "auditor-alex"
+tenant = "a"
+roles = ["auditor"]
+
+[[identity]]
+name = "spiffe://b.example/lab"
+tenant = "b"
+roles = ["service"]
+
+[[identity]]
+name = "officer-bea"
+tenant = "b"
+roles = ["officer"]
+"#;
+
+/// Everything `tresor serve` needs, written to a scratch directory: a SoftHSM2 token, a CA
+/// that issued the server certificate and issues client certificates, the policy and the
+/// configuration file.
+pub struct Deployment {
+    pub token: TestToken,
+    pub ca: tresor::pki::DevCa,
+    pub config_path: PathBuf,
+    pub policy_path: PathBuf,
+}
+
+impl Deployment {
+    pub fn new(extra_server_config: &str) -> Self {
+        let token = TestToken::new();
+        let dir = token.dir.path();
+        let ca = tresor::pki::DevCa::new("Tresor test CA").unwrap();
+        ca.write(&dir.join("ca.pem"), &dir.join("ca.key")).unwrap();
+        ca.issue_server(&["localhost", "127.0.0.1"])
+            .unwrap()
+            .write(&dir.join("server.pem"), &dir.join("server.key"))
+            .unwrap();
+        let policy_path = dir.join("policy.toml");
+        std::fs::write(&policy_path, POLICY).unwrap();
+        let PinSource::File(pin_file) = &token.config.pin else {
+            unreachable!()
+        };
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{extra_server_config}\n\
+             [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
+             [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n\
+             [database]\nurl = \"sqlite://tresor.db\"\n\
+             [policy]\nfile = \"policy.toml\"\n",
+            token.config.module.display(),
+            token.label,
+            pin_file.display()
+        );
+        let config_path = dir.join("tresor.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Self {
+            token,
+            ca,
+            config_path,
+            policy_path,
+        }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.token.dir.path()
+    }
+
+    /// A connection profile for `identity` (no client certificate when `None`).
+    pub fn profile(
+        &self,
+        addr: std::net::SocketAddr,
+        identity: Option<&str>,
+        validity: tresor::pki::Validity,
+    ) -> PathBuf {
+        self.profile_from(&self.ca, addr, identity, validity)
+    }
+
+    /// A profile whose client certificate comes from `issuer` (another CA, for tests).
+    pub fn profile_from(
+        &self,
+        issuer: &tresor::pki::DevCa,
+        addr: std::net::SocketAddr,
+        identity: Option<&str>,
+        validity: tresor::pki::Validity,
+    ) -> PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let dir = self.dir();
+        let mut profile = format!(
+            "endpoint = \"https://{addr}\"\nca = \"ca.pem\"\nserver_name = \"localhost\"\n"
+        );
+        if let Some(identity) = identity {
+            issuer
+                .issue_client(identity, validity)
+                .unwrap()
+                .write(
+                    &dir.join(format!("client{n}.pem")),
+                    &dir.join(format!("client{n}.key")),
+                )
+                .unwrap();
+            profile.push_str(&format!(
+                "cert = \"client{n}.pem\"\nkey = \"client{n}.key\"\n"
+            ));
+        }
+        let path = dir.join(format!("profile{n}.toml"));
+        std::fs::write(&path, profile).unwrap();
+        path
+    }
+}
+
+/// The real server, in this process, on a loopback port.
+pub struct TestServer {
+    pub deployment: Deployment,
+    pub addr: std::net::SocketAddr,
+    pub policy: std::sync::Arc<tresor::auth::SharedPolicy>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), tresor::api::server::StartError>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    pub async fn start_with(extra_server_config: &str) -> Self {
+        let deployment = Deployment::new(extra_server_config);
+        let config = tresor::config::Config::load(&deployment.config_path).unwrap();
+        let server = tresor::api::server::Server::prepare(config).await.unwrap();
+        let listener = server.bind().await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let policy = server.policy();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(server.serve(listener, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            deployment,
+            addr,
+            policy,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// A client connected as `identity`.
+    pub async fn client(&self, identity: &str) -> tresor::client::Client {
+        self.client_with(Some(identity), tresor::pki::Validity::default())
+            .await
+    }
+
+    pub async fn client_with(
+        &self,
+        identity: Option<&str>,
+        validity: tresor::pki::Validity,
+    ) -> tresor::client::Client {
+        let profile =
+            tresor::client::Profile::load(&self.deployment.profile(self.addr, identity, validity))
+                .unwrap();
+        tresor::client::Client::connect(&profile).await.unwrap()
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Starting, serving and stopping: TLS, health, reflection, limits, graceful shutdown.
+//!
+//! Owns the order of start-up (everything that can be wrong with the configuration is found
+//! before a port is bound) and the TLS listener. The library entry point is
+//! [`Server::serve`], which takes a bound listener and a shutdown future, so tests run the real
+//! server in-process on `127.0.0.1:0`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::Server as TonicServer;
+
+use super::proto::audit_service_server::AuditServiceServer;
+use super::proto::key_admin_service_server::KeyAdminServiceServer;
+use super::proto::key_service_server::KeyServiceServer;
+use super::{Api, MAX_REQUEST_BYTES, proto};
+use crate::auth::{ClientAuthenticator, SharedPolicy};
+use crate::config::{Config, ConfigError};
+use crate::custody::{Custody, CustodyError, CustodyOptions};
+use crate::hsm::{Hsm, HsmError};
+use crate::pki;
+use crate::store::{Store, StoreError};
+
+/// TLS handshakes in progress at once; more connections wait in the kernel's backlog.
+const MAX_HANDSHAKES: usize = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 streams per connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// Why the server did not start. [`StartError::exit_code`] gives the process exit status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration (or a file it names) is wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The HSM could not be opened.
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// The database could not be opened.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// Loading or reconciling key metadata failed.
+    #[error("key metadata: {0}")]
+    Custody(#[from] CustodyError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+impl StartError {
+    /// 64 (EX_USAGE) for configuration errors, 69 (EX_UNAVAILABLE) when a dependency is
+    /// unreachable, 70 (EX_SOFTWARE) otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Config(_) => 64,
+            Self::Hsm(_) | Self::Store(_) | Self::Custody(_) | Self::Bind { .. } => 69,
+            Self::Serve(_) => 70,
+        }
+    }
+}
+
+/// A server with its dependencies open, ready to serve.
+pub struct Server {
+    config: Config,
+    api: Api,
+    custody: Custody,
+    policy: Arc<SharedPolicy>,
+    tls: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+fn config_error(config: &Config, key: &str, problem: impl std::fmt::Display) -> ConfigError {
+    ConfigError {
+        file: config.source.display().to_string(),
+        key: key.to_owned(),
+        problem: problem.to_string(),
+    }
+}
+
+impl Server {
+    /// Loads TLS material and the policy (configuration errors), then opens the HSM and the
+    /// database and reconciles them. Binds nothing.
+    pub async fn prepare(config: Config) -> Result<Self, StartError> {
+        let certs =
+            pki::load_certs(&config.tls_cert).map_err(|e| config_error(&config, "tls.cert", e))?;
+        let key =
+            pki::load_key(&config.tls_key).map_err(|e| config_error(&config, "tls.key", e))?;
+        let client_ca = pki::load_certs(&config.client_ca)
+            .map_err(|e| config_error(&config, "tls.client_ca", e))?;
+        let authenticator = ClientAuthenticator::new(&client_ca)
+            .map_err(|e| config_error(&config, "tls.client_ca", e))?;
+        let tls = tls_config(certs, key, &authenticator)
+            .map_err(|e| config_error(&config, "tls.key", e))?;
+        let policy = Arc::new(
+            SharedPolicy::load(&config.policy_file)
+                .map_err(|e| config_error(&config, "policy.file", e))?,
+        );
+        if policy.current().is_empty() {
+            tracing::warn!(file = %config.policy_file.display(), "the access policy names no identity: every call will be denied");
+        }
+
+        let hsm_config = config.hsm.clone();
+        let hsm = tokio::task::spawn_blocking(move || Hsm::open(&hsm_config))
+            .await
+            .map_err(|e| StartError::Serve(e.to_string()))??;
+        let store = Store::open(&config.database_url).await?;
+        let (custody, report) = Custody::open(
+            hsm,
+            store,
+            CustodyOptions {
+                orphans: config.orphans,
+            },
+        )
+        .await?;
+        if report != Default::default() {
+            tracing::warn!(
+                ?report,
+                "start-up reconciliation changed or reported something"
+            );
+        }
+        let api = Api::new(
+            custody.clone(),
+            authenticator,
+            Arc::clone(&policy),
+            config.max_concurrent_requests,
+        );
+        Ok(Self {
+            config,
+            api,
+            custody,
+            policy,
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// The policy in force; [`SharedPolicy::reload`] replaces it while serving.
+    pub fn policy(&self) -> Arc<SharedPolicy> {
+        Arc::clone(&self.policy)
+    }
+
+    /// Binds the configured address.
+    pub async fn bind(&self) -> Result<TcpListener, StartError> {
+        TcpListener::bind(self.config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: self.config.listen,
+                source,
+            })
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops accepting, lets in-flight
+    /// requests finish, and returns.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Serve(e.to_string()))?;
+
+        let health_task = tokio::spawn(watch_health(
+            self.custody.clone(),
+            reporter,
+            self.config.health_check_interval,
+        ));
+        let (incoming_tx, incoming_rx) = mpsc::channel(MAX_HANDSHAKES);
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            TlsAcceptor::from(Arc::clone(&self.tls)),
+            incoming_tx,
+        ));
+
+        let result = TonicServer::builder()
+            .timeout(self.config.request_timeout)
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(
+                KeyServiceServer::new(self.api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                KeyAdminServiceServer::new(self.api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES)
+                    .max_encoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(
+                AuditServiceServer::new(self.api.clone())
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(incoming_rx),
+                shutdown,
+            )
+            .await
+            .map_err(|e| StartError::Serve(e.to_string()));
+        accept_task.abort();
+        health_task.abort();
+        tracing::info!("server stopped; in-flight requests finished");
+        result
+    }
+}
+
+fn tls_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    authenticator: &ClientAuthenticator,
+) -> Result<ServerConfig, rustls::Error> {
+    // ring's default suites are all AEAD: TLS 1.3 AES-GCM and ChaCha20-Poly1305, TLS 1.2 ECDHE
+    // with AES-GCM or ChaCha20-Poly1305. No CBC, no RSA key exchange.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(authenticator.tls_verifier())
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts TCP connections and runs each TLS handshake in its own task, so a slow client
+/// cannot hold up the others.
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    incoming: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let incoming = incoming.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let _ = incoming.send(Ok(tls)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Keeps `grpc.health.v1.Health` true: NOT_SERVING while the HSM or the database fails.
+async fn watch_health(
+    custody: Custody,
+    reporter: tonic_health::server::HealthReporter,
+    every: Duration,
+) {
+    let services = [
+        "",
+        "tresor.v1.KeyService",
+        "tresor.v1.KeyAdminService",
+        "tresor.v1.AuditService",
+    ];
+    let mut serving = None;
+    loop {
+        let healthy = match custody.check_dependencies().await {
+            Ok(()) => true,
+            Err(e) => {
+                if serving != Some(false) {
+                    tracing::error!(error = %e, "dependency check failed: health is NOT_SERVING");
+                }
+                false
+            }
+        };
+        if serving != Some(healthy) {
+            for s in services {
+                if healthy {
+                    reporter
+                        .set_service_status(s, tonic_health::ServingStatus::Serving)
+                        .await;
+                } else {
+                    reporter
+                        .set_service_status(s, tonic_health::ServingStatus::NotServing)
+                        .await;
+                }
+            }
+            if healthy && serving.is_some() {
+                tracing::info!("dependencies reachable again: health is SERVING");
+            }
+            serving = Some(healthy);
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,714 @@
+//! The `tresor` command: `serve`, and the client commands for officers and services.
+//!
+//! Owns argument parsing, reading and writing user files, output (tables or `--output json`)
+//! and exit codes. Talks to a server only through [`crate::client`]; `serve` only through
+//! [`crate::api::server`].
+//!
+//! Exit codes (stable, for scripts): 0 success; 1 other failure; 2 usage; 3 not found;
+//! 4 not authenticated or not allowed; 5 invalid input (including a ciphertext that does not
+//! open); 6 refused in the key's current state (or a conflict); 7 unavailable (server, HSM or
+//! database unreachable, overloaded, timed out: retry later); 64 bad configuration;
+//! 69 a dependency of `serve` is unreachable.
+
+mod output;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tonic::Code;
+use zeroize::Zeroizing;
+
+use crate::api::proto;
+use crate::client::{Client, ClientError, Profile};
+use output::Output;
+
+/// Tresor: sovereign key custody in front of PKCS#11 HSMs.
+#[derive(Debug, Parser)]
+#[command(name = "tresor", version, about, long_about = None)]
+pub struct Cli {
+    /// Connection profile (endpoint, CA, client certificate and key), a TOML file.
+    #[arg(long, global = true, env = "TRESOR_PROFILE")]
+    profile: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned text for people.
+    Table,
+    /// One JSON document for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server with a configuration file.
+    Serve {
+        /// The TOML configuration (see README "Configuration reference").
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create, inspect, rotate and manage keys (role officer).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Wrap a data key or small secret under a key's primary version (role service).
+    Wrap(WrapArgs),
+    /// Unwrap a blob made by `wrap` or `datakey` (role service).
+    Unwrap(UnwrapArgs),
+    /// Generate a data key in the HSM and return it wrapped (role service).
+    Datakey(DatakeyArgs),
+    /// Re-wrap a blob under its key's primary version (role service).
+    Rewrap(UnwrapArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Create a key; version 1 becomes primary.
+    Create {
+        /// tenants/{tenant}/keys/{key}
+        name: String,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A label NAME=VALUE; repeat for several.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Show a key and its versions.
+    Get {
+        /// tenants/{tenant}/keys/{key}
+        name: String,
+    },
+    /// List the keys of your tenant.
+    List {
+        /// Your tenant (optional: the policy knows it).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Keys per request.
+        #[arg(long, default_value_t = 100)]
+        page_size: u32,
+    },
+    /// Create a new primary version; old versions keep unwrapping their blobs.
+    Rotate {
+        /// tenants/{tenant}/keys/{key}
+        name: String,
+    },
+    /// Change a key's description or labels.
+    Update {
+        /// tenants/{tenant}/keys/{key}
+        name: String,
+        /// New description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Replace all labels with these NAME=VALUE pairs; repeat for several.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Remove all labels.
+        #[arg(long, conflicts_with = "labels")]
+        clear_labels: bool,
+    },
+    /// Enable a disabled version.
+    Enable {
+        /// tenants/{tenant}/keys/{key}
+        name: String,
+        /// Version number.
+        version: u32,
+    },
+    /// Disable a version (not the primary one): its blobs are refused until enabled again.
+    Disable {
+        /// tenants/{tenant}/keys/{key}
+        name: String,
+        /// Version number.
+        version: u32,
+    },
+}
+
+/// Additional authenticated data, given one way at most.
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+struct AadArgs {
+    /// AAD as UTF-8 text.
+    #[arg(long)]
+    aad: Option<String>,
+    /// AAD as standard base64.
+    #[arg(long)]
+    aad_base64: Option<String>,
+    /// AAD from a file (raw bytes).
+    #[arg(long)]
+    aad_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct WrapArgs {
+    /// tenants/{tenant}/keys/{key}
+    #[arg(long)]
+    key: String,
+    /// Plaintext from a file (raw bytes; `-` for standard input).
+    #[arg(long = "in", conflicts_with = "plaintext_base64")]
+    input: Option<PathBuf>,
+    /// Plaintext as standard base64.
+    #[arg(long)]
+    plaintext_base64: Option<String>,
+    #[command(flatten)]
+    aad: AadArgs,
+    /// Write the blob (raw bytes) to this file instead of printing it as base64.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct UnwrapArgs {
+    /// Blob from a file (raw bytes; `-` for standard input).
+    #[arg(long = "in", conflicts_with = "ciphertext_base64")]
+    input: Option<PathBuf>,
+    /// Blob as standard base64.
+    #[arg(long)]
+    ciphertext_base64: Option<String>,
+    /// Refuse blobs of any other key.
+    #[arg(long)]
+    key: Option<String>,
+    #[command(flatten)]
+    aad: AadArgs,
+    /// Write the result (raw bytes; plaintext files get mode 0600) to this file instead of
+    /// printing it as base64.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DatakeyArgs {
+    /// tenants/{tenant}/keys/{key}
+    #[arg(long)]
+    key: String,
+    /// Data key length in bytes (16 to 1024).
+    #[arg(long, default_value_t = 32)]
+    length: u32,
+    /// Return only the wrapped data key.
+    #[arg(long)]
+    without_plaintext: bool,
+    #[command(flatten)]
+    aad: AadArgs,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: write labels as NAME=VALUE"))
+}
+
+/// A failure with what to do about it, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    code: i32,
+    message: String,
+    hint: Option<String>,
+}
+
+impl Failure {
+    fn new(code: i32, message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
+    fn input(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self::new(5, message, hint)
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Status(s) => from_status(&s),
+            ClientError::Connect { .. } => Self::new(
+                7,
+                e.to_string(),
+                "check the profile's endpoint and that `tresor serve` runs there; a certificate error means the profile's `ca` did not issue the server certificate",
+            ),
+            ClientError::Profile { .. } => Self::new(
+                64,
+                e.to_string(),
+                "fix the profile file (see README \"Connection profiles\")",
+            ),
+            ClientError::Envelope(_) => Self::new(
+                5,
+                e.to_string(),
+                "the data was not made by `Client::seal`, or was altered",
+            ),
+        }
+    }
+}
+
+/// Explains a server refusal: the code's meaning for a user, and what to try.
+fn from_status(s: &tonic::Status) -> Failure {
+    let (code, hint) = match s.code() {
+        Code::NotFound => (3, "check the name: `tresor key list` shows your keys"),
+        Code::Unauthenticated => (
+            4,
+            "the server did not accept your certificate: check the profile's cert and key, that they are not expired, and that the server's client CA issued them",
+        ),
+        Code::PermissionDenied => (
+            4,
+            "your identity lacks the role or key in the server's access policy; ask the operator to grant it",
+        ),
+        Code::InvalidArgument | Code::OutOfRange => (
+            5,
+            "check the input; for unwrap, the AAD must be exactly the one given at wrap time",
+        ),
+        Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => (
+            6,
+            "the key or version is not in a state that allows this: `tresor key get NAME` shows it",
+        ),
+        Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded => (
+            7,
+            "the server or its HSM or database is unavailable or busy; retry later, and give the operator the request id",
+        ),
+        Code::Unimplemented => (1, "this server does not offer that yet"),
+        Code::DataLoss => (
+            1,
+            "the key version's HSM object is missing; tell the operator (request id above)",
+        ),
+        _ => (1, "tell the operator, with the request id above"),
+    };
+    Failure::new(
+        code,
+        format!("{}: {}", code_name(s.code()), s.message()),
+        hint,
+    )
+}
+
+fn code_name(c: Code) -> &'static str {
+    match c {
+        Code::NotFound => "not found",
+        Code::Unauthenticated => "not authenticated",
+        Code::PermissionDenied => "permission denied",
+        Code::InvalidArgument => "invalid argument",
+        Code::OutOfRange => "out of range",
+        Code::FailedPrecondition => "failed precondition",
+        Code::AlreadyExists => "already exists",
+        Code::Aborted => "conflict",
+        Code::Unavailable => "unavailable",
+        Code::ResourceExhausted => "overloaded",
+        Code::DeadlineExceeded => "timed out",
+        Code::Unimplemented => "not implemented",
+        Code::DataLoss => "data loss",
+        _ => "error",
+    }
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 70;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => 0,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            if let Some(h) = f.hint {
+                eprintln!("hint: {h}");
+            }
+            f.code
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let out = Output::new(cli.output);
+    match cli.command {
+        Command::Serve { config } => serve(&config).await,
+        command => {
+            let client = connect(cli.profile.as_deref()).await?;
+            match command {
+                Command::Key(k) => key_command(&client, k, &out).await,
+                Command::Wrap(a) => wrap(&client, a, &out).await,
+                Command::Unwrap(a) => unwrap(&client, a, &out).await,
+                Command::Datakey(a) => datakey(&client, a, &out).await,
+                Command::Rewrap(a) => rewrap(&client, a, &out).await,
+                Command::Serve { .. } => Ok(()),
+            }
+        }
+    }
+}
+
+async fn connect(profile: Option<&Path>) -> Result<Client, Failure> {
+    let path = profile.ok_or_else(|| {
+        Failure::new(
+            64,
+            "no connection profile",
+            "pass --profile FILE or set TRESOR_PROFILE (see README \"Connection profiles\")",
+        )
+    })?;
+    let profile = Profile::load(path)?;
+    Ok(Client::connect(&profile).await?)
+}
+
+async fn serve(config_path: &Path) -> Result<(), Failure> {
+    use crate::api::server::Server;
+    let config = crate::config::Config::load(config_path).map_err(|e| {
+        Failure::new(
+            64,
+            e.to_string(),
+            "fix the configuration (README \"Configuration reference\")",
+        )
+    })?;
+    init_logging();
+    let start_failed = |e: crate::api::server::StartError| {
+        let hint = match e.exit_code() {
+            64 => "fix the configuration (README \"Configuration reference\")",
+            _ => {
+                "check that the HSM, the database and the listen address are reachable, then start again"
+            }
+        };
+        Failure::new(e.exit_code(), e.to_string(), hint)
+    };
+    let server = Server::prepare(config).await.map_err(start_failed)?;
+    // Signal handlers are installed before the port is bound, so a signal that arrives once
+    // clients can connect is never the default action (terminate).
+    let signals = Signals::install().map_err(|e| {
+        Failure::new(
+            70,
+            format!("cannot install signal handlers: {e}"),
+            "report this",
+        )
+    })?;
+    let listener = server.bind().await.map_err(start_failed)?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::new(70, e.to_string(), "report this"))?;
+    tracing::info!(%addr, "serving");
+    println!("tresor: serving on {addr}");
+    let _ = std::io::stdout().flush();
+
+    let policy = server.policy();
+    let Signals {
+        mut hangup,
+        mut terminate,
+        mut interrupt,
+    } = signals;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match policy.reload() {
+                Ok(n) => tracing::info!(identities = n, "access policy reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "access policy NOT reloaded; the previous policy stays in force")
+                }
+            }
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+        }
+    };
+    server.serve(listener, shutdown).await.map_err(start_failed)
+}
+
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn key_command(client: &Client, command: KeyCommand, out: &Output) -> Result<(), Failure> {
+    let mut admin = client.admin();
+    let key = match command {
+        KeyCommand::Create {
+            name,
+            description,
+            labels,
+        } => {
+            admin
+                .create_key(proto::CreateKeyRequest {
+                    key: name,
+                    description,
+                    labels: labels.into_iter().collect(),
+                })
+                .await
+        }
+        KeyCommand::Get { name } => admin.get_key(proto::GetKeyRequest { key: name }).await,
+        KeyCommand::List { tenant, page_size } => {
+            let mut keys = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = admin
+                    .list_keys(proto::ListKeysRequest {
+                        tenant: tenant.clone().unwrap_or_default(),
+                        page_size,
+                        page_token: page_token.clone(),
+                    })
+                    .await
+                    .map_err(|s| from_status(&s))?
+                    .into_inner();
+                keys.extend(page.keys);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            out.keys(&keys);
+            return Ok(());
+        }
+        KeyCommand::Rotate { name } => {
+            admin
+                .rotate_key(proto::RotateKeyRequest { key: name })
+                .await
+        }
+        KeyCommand::Update {
+            name,
+            description,
+            labels,
+            clear_labels,
+        } => {
+            let update_labels = clear_labels || !labels.is_empty();
+            admin
+                .update_key(proto::UpdateKeyRequest {
+                    key: name,
+                    description,
+                    labels: labels.into_iter().collect::<HashMap<_, _>>(),
+                    update_labels,
+                    rotation_period: None,
+                })
+                .await
+        }
+        KeyCommand::Enable { name, version } => {
+            admin
+                .enable_key_version(proto::KeyVersionRequest { key: name, version })
+                .await
+        }
+        KeyCommand::Disable { name, version } => {
+            admin
+                .disable_key_version(proto::KeyVersionRequest { key: name, version })
+                .await
+        }
+    }
+    .map_err(|s| from_status(&s))?
+    .into_inner();
+    out.key(&key);
+    Ok(())
+}
+
+fn read_input(path: &Path) -> Result<Vec<u8>, Failure> {
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).map_err(|e| {
+            Failure::input(
+                format!("cannot read standard input: {e}"),
+                "pipe the data in, or use --in FILE",
+            )
+        })?;
+        return Ok(buf);
+    }
+    std::fs::read(path).map_err(|e| {
+        Failure::input(
+            format!("cannot read {}: {e}", path.display()),
+            "check the path given to --in",
+        )
+    })
+}
+
+fn decode_base64(what: &str, text: &str) -> Result<Vec<u8>, Failure> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| {
+            Failure::input(
+                format!("{what} is not standard base64: {e}"),
+                "encode with `base64 -w0`, or pass a file with --in",
+            )
+        })
+}
+
+fn input(file: Option<&Path>, b64: Option<&str>, what: &str) -> Result<Vec<u8>, Failure> {
+    match (file, b64) {
+        (Some(p), _) => read_input(p),
+        (None, Some(t)) => decode_base64(what, t),
+        (None, None) => Err(Failure::new(
+            2,
+            format!("no {what} given"),
+            format!("use --in FILE (or - for standard input) or --{what}-base64"),
+        )),
+    }
+}
+
+fn aad(args: &AadArgs) -> Result<Vec<u8>, Failure> {
+    match (&args.aad, &args.aad_base64, &args.aad_file) {
+        (Some(t), _, _) => Ok(t.as_bytes().to_vec()),
+        (_, Some(b), _) => decode_base64("--aad-base64", b),
+        (_, _, Some(p)) => std::fs::read(p).map_err(|e| {
+            Failure::input(
+                format!("cannot read {}: {e}", p.display()),
+                "check the path given to --aad-file",
+            )
+        }),
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Writes a result file; `secret` files are created with mode 0600.
+fn write_output(path: &Path, data: &[u8], secret: bool) -> Result<(), Failure> {
+    let mode = if secret { 0o600 } else { 0o644 };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| {
+            Failure::new(
+                1,
+                format!("cannot write {}: {e}", path.display()),
+                "check the path given to --out",
+            )
+        })
+}
+
+async fn wrap(client: &Client, a: WrapArgs, out: &Output) -> Result<(), Failure> {
+    let plaintext = Zeroizing::new(input(
+        a.input.as_deref(),
+        a.plaintext_base64.as_deref(),
+        "plaintext",
+    )?);
+    let r = client
+        .keys()
+        .wrap(proto::WrapRequest {
+            key: a.key,
+            plaintext: plaintext.to_vec(),
+            aad: aad(&a.aad)?,
+        })
+        .await
+        .map_err(|s| from_status(&s))?
+        .into_inner();
+    if let Some(path) = &a.out {
+        write_output(path, &r.ciphertext, false)?;
+    }
+    out.blob(
+        "ciphertext",
+        &r.ciphertext,
+        a.out.is_none(),
+        &r.key_version,
+        None,
+    );
+    Ok(())
+}
+
+async fn unwrap(client: &Client, a: UnwrapArgs, out: &Output) -> Result<(), Failure> {
+    let ciphertext = input(
+        a.input.as_deref(),
+        a.ciphertext_base64.as_deref(),
+        "ciphertext",
+    )?;
+    let r = client
+        .keys()
+        .unwrap(proto::UnwrapRequest {
+            ciphertext,
+            aad: aad(&a.aad)?,
+            key: a.key.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| from_status(&s))?
+        .into_inner();
+    let plaintext = Zeroizing::new(r.plaintext);
+    if let Some(path) = &a.out {
+        write_output(path, &plaintext, true)?;
+    }
+    out.blob(
+        "plaintext",
+        &plaintext,
+        a.out.is_none(),
+        &r.key_version,
+        None,
+    );
+    Ok(())
+}
+
+async fn rewrap(client: &Client, a: UnwrapArgs, out: &Output) -> Result<(), Failure> {
+    let ciphertext = input(
+        a.input.as_deref(),
+        a.ciphertext_base64.as_deref(),
+        "ciphertext",
+    )?;
+    let r = client
+        .keys()
+        .rewrap(proto::RewrapRequest {
+            ciphertext,
+            aad: aad(&a.aad)?,
+            key: a.key.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| from_status(&s))?
+        .into_inner();
+    if let Some(path) = &a.out {
+        write_output(path, &r.ciphertext, false)?;
+    }
+    out.blob(
+        "ciphertext",
+        &r.ciphertext,
+        a.out.is_none(),
+        &r.key_version,
+        Some(r.rewrapped),
+    );
+    Ok(())
+}
+
+async fn datakey(client: &Client, a: DatakeyArgs, out: &Output) -> Result<(), Failure> {
+    let r = client
+        .keys()
+        .generate_data_key(proto::GenerateDataKeyRequest {
+            key: a.key,
+            aad: aad(&a.aad)?,
+            length_bytes: a.length,
+            without_plaintext: a.without_plaintext,
+        })
+        .await
+        .map_err(|s| from_status(&s))?
+        .into_inner();
+    let plaintext = Zeroizing::new(r.plaintext);
+    out.data_key(
+        &plaintext,
+        &r.ciphertext,
+        &r.key_version,
+        !a.without_plaintext,
+    );
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! What the CLI prints: aligned tables for people, one JSON document for scripts.
+//!
+//! Owns formatting only. Binary values are printed as standard base64.
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+use super::Format;
+use crate::api::proto;
+
+pub(super) struct Output {
+    format: Format,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn time(t: Option<&prost_types::Timestamp>) -> String {
+    let Some(t) = t else { return String::new() };
+    let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn state(s: i32) -> &'static str {
+    proto::KeyVersionState::try_from(s)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+}
+
+fn key_json(k: &proto::Key) -> Value {
+    json!({
+        "name": k.name,
+        "description": k.description,
+        "labels": k.labels,
+        "create_time": time(k.create_time.as_ref()),
+        "update_time": time(k.update_time.as_ref()),
+        "primary_version": k.primary_version,
+        "versions": k.versions.iter().map(|v| json!({
+            "name": v.name,
+            "version": v.version,
+            "state": state(v.state),
+            "primary": v.primary,
+            "create_time": time(v.create_time.as_ref()),
+            "state_change_time": time(v.state_change_time.as_ref()),
+            "destroy_time": v.destroy_time.as_ref().map(|t| time(Some(t))),
+            "destroyed_time": v.destroyed_time.as_ref().map(|t| time(Some(t))),
+            "lost_time": v.lost_time.as_ref().map(|t| time(Some(t))),
+            "wraps_at_most": v.wraps_at_most,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.trim_end().to_owned()
+    };
+    let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+impl Output {
+    pub(super) fn new(format: Format) -> Self {
+        Self { format }
+    }
+
+    fn print_json(v: &Value) {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+
+    pub(super) fn key(&self, k: &proto::Key) {
+        if self.format == Format::Json {
+            return Self::print_json(&key_json(k));
+        }
+        println!("name:            {}", k.name);
+        if !k.description.is_empty() {
+            println!("description:     {}", k.description);
+        }
+        if !k.labels.is_empty() {
+            let mut labels: Vec<_> = k.labels.iter().map(|(a, b)| format!("{a}={b}")).collect();
+            labels.sort();
+            println!("labels:          {}", labels.join(", "));
+        }
+        println!("primary version: {}", k.primary_version);
+        println!("created:         {}", time(k.create_time.as_ref()));
+        println!();
+        let rows: Vec<Vec<String>> = k
+            .versions
+            .iter()
+            .map(|v| {
+                let mut s = state(v.state).to_owned();
+                if v.lost_time.is_some() {
+                    s.push_str(" (LOST)");
+                }
+                vec![
+                    v.version.to_string(),
+                    s,
+                    if v.primary {
+                        "yes".into()
+                    } else {
+                        String::new()
+                    },
+                    time(v.create_time.as_ref()),
+                    v.wraps_at_most.to_string(),
+                ]
+            })
+            .collect();
+        println!(
+            "{}",
+            table(
+                &["VERSION", "STATE", "PRIMARY", "CREATED", "WRAPS (AT MOST)"],
+                &rows
+            )
+        );
+    }
+
+    pub(super) fn keys(&self, keys: &[proto::Key]) {
+        if self.format == Format::Json {
+            return Self::print_json(&Value::Array(keys.iter().map(key_json).collect()));
+        }
+        let rows: Vec<Vec<String>> = keys
+            .iter()
+            .map(|k| {
+                vec![
+                    k.name.clone(),
+                    k.primary_version.to_string(),
+                    k.versions.len().to_string(),
+                    time(k.create_time.as_ref()),
+                    k.description.clone(),
+                ]
+            })
+            .collect();
+        println!(
+            "{}",
+            table(
+                &["NAME", "PRIMARY", "VERSIONS", "CREATED", "DESCRIPTION"],
+                &rows
+            )
+        );
+    }
+
+    /// A wrap/unwrap/rewrap result; `show` is false when the bytes went to a file.
+    pub(super) fn blob(
+        &self,
+        label: &str,
+        bytes: &[u8],
+        show: bool,
+        key_version: &str,
+        rewrapped: Option<bool>,
+    ) {
+        if self.format == Format::Json {
+            let mut v = json!({ "key_version": key_version });
+            if show {
+                v[label] = json!(b64(bytes));
+            }
+            if let Some(r) = rewrapped {
+                v["rewrapped"] = json!(r);
+            }
+            return Self::print_json(&v);
+        }
+        if show {
+            println!("{label}: {}", b64(bytes));
+        }
+        println!("key_version: {key_version}");
+        if let Some(r) = rewrapped {
+            println!("rewrapped: {r}");
+        }
+    }
+
+    pub(super) fn data_key(
+        &self,
+        plaintext: &[u8],
+        ciphertext: &[u8],
+        key_version: &str,
+        with_plaintext: bool,
+    ) {
+        if self.format == Format::Json {
+            let mut v = json!({ "ciphertext": b64(ciphertext), "key_version": key_version });
+            if with_plaintext {
+                v["plaintext"] = json!(b64(plaintext));
+            }
+            return Self::print_json(&v);
+        }
+        if with_plaintext {
+            println!("plaintext: {}", b64(plaintext));
+        }
+        println!("ciphertext: {}", b64(ciphertext));
+        println!("key_version: {key_version}");
+    }
+}

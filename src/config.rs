@@ -1,0 +1,379 @@
+//! `tresor serve`'s configuration: one TOML file, validated completely before anything starts.
+//!
+//! Owns parsing, defaults and validation, and the error that names the offending key. It does
+//! not open the HSM, the database or sockets; it only checks that what they need is present and
+//! well-formed. Secrets (the PIN, the TLS private key) are only ever *locations* here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::custody::OrphanPolicy;
+use crate::hsm::{DEFAULT_SESSIONS, HsmConfig, PinSource};
+
+/// Default cap on requests being served at once; beyond it callers get `RESOURCE_EXHAUSTED`.
+pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
+
+/// A configuration problem: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration {file}: {key}: {problem}")]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: String,
+    /// The TOML key, dotted (`hsm.pin_file`), or `-` for the file as a whole.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub problem: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    server: ServerSection,
+    tls: TlsSection,
+    hsm: HsmSection,
+    database: DatabaseSection,
+    policy: PolicySection,
+    #[serde(default)]
+    custody: CustodySection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSection {
+    listen: String,
+    max_concurrent_requests: Option<usize>,
+    request_timeout_secs: Option<u64>,
+    health_check_interval_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HsmSection {
+    module: PathBuf,
+    token_label: String,
+    token_serial: Option<String>,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    sessions: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatabaseSection {
+    url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicySection {
+    file: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustodySection {
+    orphans: Option<String>,
+}
+
+/// A validated configuration, with relative paths resolved against the file's directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub source: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Cap on requests served at once.
+    pub max_concurrent_requests: usize,
+    /// Longest a request may run.
+    pub request_timeout: Duration,
+    /// How often the HSM and database are checked for the health service.
+    pub health_check_interval: Duration,
+    /// Server certificate chain (PEM).
+    pub tls_cert: PathBuf,
+    /// Server private key (PEM).
+    pub tls_key: PathBuf,
+    /// CA certificates that issue client certificates (PEM).
+    pub client_ca: PathBuf,
+    /// The HSM.
+    pub hsm: HsmConfig,
+    /// Database URL.
+    pub database_url: String,
+    /// Access policy file.
+    pub policy_file: PathBuf,
+    /// What reconciliation does with orphan HSM objects.
+    pub orphans: OrphanPolicy,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            key: "-".into(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates configuration text; `path` names it and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file_name = path.display().to_string();
+        let err = |key: &str, problem: String| ConfigError {
+            file: file_name.clone(),
+            key: key.to_owned(),
+            problem,
+        };
+        let raw: File = toml::from_str(text).map_err(|e| {
+            let key = e
+                .span()
+                .map(|s| format!("at byte {}", s.start))
+                .unwrap_or_else(|| "-".into());
+            err(&key, e.message().to_owned())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let readable = |key: &str, p: &Path| -> Result<PathBuf, ConfigError> {
+            let full = resolve(p);
+            std::fs::File::open(&full)
+                .map(|_| full.clone())
+                .map_err(|e| err(key, format!("cannot read {}: {e}", full.display())))
+        };
+
+        let listen: SocketAddr = raw.server.listen.parse().map_err(|_| {
+            err(
+                "server.listen",
+                format!(
+                    "{:?} is not an address:port such as 127.0.0.1:8443",
+                    raw.server.listen
+                ),
+            )
+        })?;
+        let max_concurrent_requests = raw
+            .server
+            .max_concurrent_requests
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_REQUESTS);
+        if !(1..=100_000).contains(&max_concurrent_requests) {
+            return Err(err(
+                "server.max_concurrent_requests",
+                "must be 1 to 100000".into(),
+            ));
+        }
+        let request_timeout = raw.server.request_timeout_secs.unwrap_or(30);
+        if !(1..=3600).contains(&request_timeout) {
+            return Err(err(
+                "server.request_timeout_secs",
+                "must be 1 to 3600".into(),
+            ));
+        }
+        let health = raw.server.health_check_interval_secs.unwrap_or(5);
+        if !(1..=3600).contains(&health) {
+            return Err(err(
+                "server.health_check_interval_secs",
+                "must be 1 to 3600".into(),
+            ));
+        }
+
+        let tls_cert = readable("tls.cert", &raw.tls.cert)?;
+        let tls_key = readable("tls.key", &raw.tls.key)?;
+        let client_ca = readable("tls.client_ca", &raw.tls.client_ca)?;
+
+        let module = readable("hsm.module", &raw.hsm.module)?;
+        if raw.hsm.token_label.is_empty() || raw.hsm.token_label.len() > 32 {
+            return Err(err(
+                "hsm.token_label",
+                "must be 1 to 32 bytes (a PKCS#11 token label)".into(),
+            ));
+        }
+        let pin = match (raw.hsm.pin_file, raw.hsm.pin_env) {
+            (Some(f), None) => PinSource::File(readable("hsm.pin_file", &f)?),
+            (None, Some(v)) if !v.is_empty() => PinSource::Env(v),
+            (None, Some(_)) => {
+                return Err(err(
+                    "hsm.pin_env",
+                    "is empty; name the environment variable".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(err(
+                    "hsm.pin_file",
+                    "give the PIN's location: hsm.pin_file or hsm.pin_env (never the PIN itself)"
+                        .into(),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "hsm.pin_env",
+                    "give hsm.pin_file or hsm.pin_env, not both".into(),
+                ));
+            }
+        };
+        let sessions = raw.hsm.sessions.unwrap_or(DEFAULT_SESSIONS);
+        if !(1..=1024).contains(&sessions) {
+            return Err(err("hsm.sessions", "must be 1 to 1024".into()));
+        }
+
+        let database_url = match raw.database.url.strip_prefix("sqlite://") {
+            Some(p) if !p.is_empty() => format!("sqlite://{}", resolve(Path::new(p)).display()),
+            _ => {
+                return Err(err(
+                    "database.url",
+                    format!(
+                        "{:?}: use sqlite://PATH (PostgreSQL is not supported yet)",
+                        raw.database.url
+                    ),
+                ));
+            }
+        };
+        let policy_file = readable("policy.file", &raw.policy.file)?;
+        let orphans = match raw.custody.orphans.as_deref() {
+            None | Some("remove") => OrphanPolicy::Remove,
+            Some("report") => OrphanPolicy::Report,
+            Some(other) => {
+                return Err(err(
+                    "custody.orphans",
+                    format!("{other:?}: use \"remove\" or \"report\""),
+                ));
+            }
+        };
+
+        Ok(Self {
+            source: path.to_owned(),
+            listen,
+            max_concurrent_requests,
+            request_timeout: Duration::from_secs(request_timeout),
+            health_check_interval: Duration::from_secs(health),
+            tls_cert,
+            tls_key,
+            client_ca,
+            hsm: HsmConfig {
+                module,
+                token_label: raw.hsm.token_label,
+                token_serial: raw.hsm.token_serial,
+                pin,
+                sessions,
+            },
+            database_url,
+            policy_file,
+            orphans,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "server.pem",
+            "server.key",
+            "clients.pem",
+            "module.so",
+            "pin",
+            "policy.toml",
+        ] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let text = r#"
+            [server]
+            listen = "127.0.0.1:8443"
+            [tls]
+            cert = "server.pem"
+            key = "server.key"
+            client_ca = "clients.pem"
+            [hsm]
+            module = "module.so"
+            token_label = "tresor"
+            pin_file = "pin"
+            [database]
+            url = "sqlite://tresor.db"
+            [policy]
+            file = "policy.toml"
+        "#;
+        (dir, text.to_owned())
+    }
+
+    #[test]
+    fn a_minimal_file_gets_defaults_and_resolved_paths() {
+        let (dir, text) = setup();
+        let path = dir.path().join("tresor.toml");
+        let c = Config::parse(&text, &path).unwrap();
+        assert_eq!(c.listen.port(), 8443);
+        assert_eq!(c.hsm.sessions, DEFAULT_SESSIONS);
+        assert_eq!(c.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);
+        assert_eq!(c.tls_cert, dir.path().join("server.pem"));
+        assert_eq!(
+            c.database_url,
+            format!("sqlite://{}", dir.path().join("tresor.db").display())
+        );
+        assert_eq!(c.hsm.pin, PinSource::File(dir.path().join("pin")));
+        assert_eq!(c.orphans, OrphanPolicy::Remove);
+    }
+
+    #[test]
+    fn every_problem_names_its_key() {
+        let (dir, text) = setup();
+        let path = dir.path().join("tresor.toml");
+        for (from, to, key) in [
+            (
+                "listen = \"127.0.0.1:8443\"",
+                "listen = \"localhost\"",
+                "server.listen",
+            ),
+            (
+                "cert = \"server.pem\"",
+                "cert = \"missing.pem\"",
+                "tls.cert",
+            ),
+            ("pin_file = \"pin\"", "", "hsm.pin_file"),
+            (
+                "pin_file = \"pin\"",
+                "pin_file = \"pin\"\npin_env = \"PIN\"",
+                "hsm.pin_env",
+            ),
+            (
+                "token_label = \"tresor\"",
+                "token_label = \"\"",
+                "hsm.token_label",
+            ),
+            (
+                "url = \"sqlite://tresor.db\"",
+                "url = \"postgres://db\"",
+                "database.url",
+            ),
+            (
+                "[policy]",
+                "[custody]\norphans = \"keep\"\n[policy]",
+                "custody.orphans",
+            ),
+            ("[hsm]", "[hsm]\nsessions = 0", "hsm.sessions"),
+        ] {
+            let changed = text.replace(from, to);
+            let e = Config::parse(&changed, &path).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.to_string().contains(&path.display().to_string()));
+        }
+        // Unknown keys are refused, not ignored, and a PIN given inline is one of them.
+        let e = Config::parse(&text.replace("[hsm]", "[hsm]\npin = \"1234\""), &path).unwrap_err();
+        assert!(e.problem.contains("pin"), "{e}");
+        assert!(!e.to_string().contains("1234"), "the PIN was echoed: {e}");
+    }
+}
