@@ -159,6 +159,11 @@ impl Client {
         AuditServiceClient::new(self.channel.clone())
     }
 
+    /// The underlying channel, for services this client has no method for (e.g. reflection).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// The standard health service.
     pub fn health(&self) -> tonic_health::pb::health_client::HealthClient<Channel> {
         tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
