@@ -3,7 +3,7 @@
 //! this is how the default was chosen.
 //!
 //! ```text
-//! scripts/with-softhsm sh -c 'softhsm2-util --init-token --free --label bench --so-pin 1234 --pin 1234 >/dev/null &&
+//! scripts/with-test-hsm sh -c 'softhsm2-util --init-token --free --label bench --so-pin 1234 --pin 1234 >/dev/null &&
 //!   printf 1234 > $SOFTHSM2_CONF.pin && chmod 600 $SOFTHSM2_CONF.pin &&
 //!   cargo run --release --example hsm_pool_size -- /usr/lib/softhsm/libsofthsm2.so bench $SOFTHSM2_CONF.pin'
 //! ```
@@ -29,6 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             token_serial: None,
             pin: PinSource::File(pin_file.into()),
             sessions,
+            call_timeout: tresor::hsm::DEFAULT_CALL_TIMEOUT,
         };
         let hsm = Hsm::open(&config)?;
         let key = ObjectId([sessions as u8; 16]);

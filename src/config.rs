@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::custody::OrphanPolicy;
-use crate::hsm::{DEFAULT_SESSIONS, HsmConfig, PinSource};
+use crate::hsm::{DEFAULT_CALL_TIMEOUT, DEFAULT_SESSIONS, HsmConfig, PinSource};
 
 /// Default cap on requests being served at once; beyond it callers get `RESOURCE_EXHAUSTED`.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
@@ -66,6 +66,7 @@ struct HsmSection {
     pin_file: Option<PathBuf>,
     pin_env: Option<String>,
     sessions: Option<usize>,
+    call_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,7 +183,7 @@ impl Config {
                 "must be 1 to 3600".into(),
             ));
         }
-        let health = raw.server.health_check_interval_secs.unwrap_or(5);
+        let health = raw.server.health_check_interval_secs.unwrap_or(1);
         if !(1..=3600).contains(&health) {
             return Err(err(
                 "server.health_check_interval_secs",
@@ -224,6 +225,13 @@ impl Config {
                 ));
             }
         };
+        let call_timeout = raw
+            .hsm
+            .call_timeout_ms
+            .map_or(DEFAULT_CALL_TIMEOUT, Duration::from_millis);
+        if !(Duration::from_millis(10)..=Duration::from_secs(600)).contains(&call_timeout) {
+            return Err(err("hsm.call_timeout_ms", "must be 10 to 600000".into()));
+        }
         let sessions = raw.hsm.sessions.unwrap_or(DEFAULT_SESSIONS);
         if !(1..=1024).contains(&sessions) {
             return Err(err("hsm.sessions", "must be 1 to 1024".into()));
@@ -268,6 +276,7 @@ impl Config {
                 token_serial: raw.hsm.token_serial,
                 pin,
                 sessions,
+                call_timeout,
             },
             database_url,
             policy_file,

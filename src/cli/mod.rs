@@ -10,6 +10,7 @@
 //! database unreachable, overloaded, timed out: retry later); 64 bad configuration;
 //! 69 a dependency of `serve` is unreachable.
 
+pub mod dev;
 mod output;
 
 use std::collections::HashMap;
@@ -56,6 +57,18 @@ enum Command {
         /// The TOML configuration (see README "Configuration reference").
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Run a development server: hsm-sim, SQLite and a development CA under ./tresor-dev/.
+    Dev {
+        /// Where keys, database, certificates and profiles live.
+        #[arg(long, default_value = "tresor-dev")]
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// hsm-sim's module (default: found next to this executable).
+        #[arg(long)]
+        hsm_module: Option<PathBuf>,
     },
     /// Create, inspect, rotate and manage keys (role officer).
     #[command(subcommand)]
@@ -310,6 +323,15 @@ fn code_name(c: Code) -> &'static str {
 /// Runs the command line and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if let Command::Dev {
+        dir,
+        listen,
+        hsm_module,
+    } = cli.command
+    {
+        // Returns only if it could not become `tresor serve`.
+        return report(dev::run(&dir, listen, hsm_module));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -322,14 +344,16 @@ pub fn main() -> i32 {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => 0,
-        Err(f) => {
-            eprintln!("error: {}", f.message);
-            if let Some(h) = f.hint {
-                eprintln!("hint: {h}");
-            }
-            f.code
-        }
+        Err(f) => report(f),
     }
+}
+
+fn report(f: Failure) -> i32 {
+    eprintln!("error: {}", f.message);
+    if let Some(h) = f.hint {
+        eprintln!("hint: {h}");
+    }
+    f.code
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -344,7 +368,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Command::Unwrap(a) => unwrap(&client, a, &out).await,
                 Command::Datakey(a) => datakey(&client, a, &out).await,
                 Command::Rewrap(a) => rewrap(&client, a, &out).await,
-                Command::Serve { .. } => Ok(()),
+                Command::Serve { .. } | Command::Dev { .. } => Ok(()),
             }
         }
     }

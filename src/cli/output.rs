@@ -5,6 +5,15 @@
 use base64::Engine;
 use serde_json::{Value, json};
 
+/// `println!` that stops quietly when the reader went away (`tresor key list | head`) instead
+/// of panicking on a broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use super::Format;
 use crate::api::proto;
 
@@ -90,25 +99,25 @@ impl Output {
     }
 
     fn print_json(v: &Value) {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        say!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     }
 
     pub(super) fn key(&self, k: &proto::Key) {
         if self.format == Format::Json {
             return Self::print_json(&key_json(k));
         }
-        println!("name:            {}", k.name);
+        say!("name:            {}", k.name);
         if !k.description.is_empty() {
-            println!("description:     {}", k.description);
+            say!("description:     {}", k.description);
         }
         if !k.labels.is_empty() {
             let mut labels: Vec<_> = k.labels.iter().map(|(a, b)| format!("{a}={b}")).collect();
             labels.sort();
-            println!("labels:          {}", labels.join(", "));
+            say!("labels:          {}", labels.join(", "));
         }
-        println!("primary version: {}", k.primary_version);
-        println!("created:         {}", time(k.create_time.as_ref()));
-        println!();
+        say!("primary version: {}", k.primary_version);
+        say!("created:         {}", time(k.create_time.as_ref()));
+        say!();
         let rows: Vec<Vec<String>> = k
             .versions
             .iter()
@@ -130,7 +139,7 @@ impl Output {
                 ]
             })
             .collect();
-        println!(
+        say!(
             "{}",
             table(
                 &["VERSION", "STATE", "PRIMARY", "CREATED", "WRAPS (AT MOST)"],
@@ -155,7 +164,7 @@ impl Output {
                 ]
             })
             .collect();
-        println!(
+        say!(
             "{}",
             table(
                 &["NAME", "PRIMARY", "VERSIONS", "CREATED", "DESCRIPTION"],
@@ -184,11 +193,11 @@ impl Output {
             return Self::print_json(&v);
         }
         if show {
-            println!("{label}: {}", b64(bytes));
+            say!("{label}: {}", b64(bytes));
         }
-        println!("key_version: {key_version}");
+        say!("key_version: {key_version}");
         if let Some(r) = rewrapped {
-            println!("rewrapped: {r}");
+            say!("rewrapped: {r}");
         }
     }
 
@@ -207,9 +216,9 @@ impl Output {
             return Self::print_json(&v);
         }
         if with_plaintext {
-            println!("plaintext: {}", b64(plaintext));
+            say!("plaintext: {}", b64(plaintext));
         }
-        println!("ciphertext: {}", b64(ciphertext));
-        println!("key_version: {key_version}");
+        say!("ciphertext: {}", b64(ciphertext));
+        say!("key_version: {key_version}");
     }
 }

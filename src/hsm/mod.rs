@@ -65,6 +65,13 @@ pub use pin::{Pin, PinError, PinSource};
 /// module's internal serialisation does not show yet; 4 is the knee.
 pub const DEFAULT_SESSIONS: usize = 4;
 
+/// Default deadline of one HSM call, including the wait for a session.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Recoveries (new session, re-initialisation) one idempotent call may go through: a lost
+/// session can reveal a lost login, which needs a second step.
+const MAX_RECOVERIES: usize = 2;
+
 /// DER encoding of the OID of NIST P-256 (prime256v1), for `CKA_EC_PARAMS`.
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
@@ -88,6 +95,10 @@ pub struct HsmConfig {
     pub pin: PinSource,
     /// Size of the session pool: the most PKCS#11 calls in flight at once.
     pub sessions: usize,
+    /// Deadline of one call, including the wait for a free session. A call past it fails with
+    /// [`HsmError::Unavailable`]; the PKCS#11 call itself cannot be interrupted and keeps its
+    /// session until the module returns, so a hung HSM never gets more than `sessions` threads.
+    pub call_timeout: Duration,
 }
 
 /// The `CKA_ID` of a token object Tresor created.
@@ -252,6 +263,7 @@ struct Inner {
     /// One permit per pooled session: bounds the calls in flight; `reinitialise` takes all.
     permits: Arc<Semaphore>,
     pool_size: u32,
+    call_timeout: Duration,
     /// Serialises token-object creation and destruction (SoftHSM issue 573).
     object_lock: Mutex<()>,
     /// `CKA_ID` → handle, so the hot path skips `C_FindObjects`. Cleared on re-initialisation
@@ -262,8 +274,11 @@ struct Inner {
 struct Live {
     generation: u64,
     slot: Slot,
-    /// Never used after login: it exists so the application stays logged in.
-    _login: Mutex<Session>,
+    /// The token offers hash-and-sign `CKM_ECDSA_SHA256` (hsm-sim); otherwise Tresor hashes and
+    /// uses raw `CKM_ECDSA` (SoftHSM 2.6.1 offers only that). Both give ECDSA over SHA-256.
+    ecdsa_sha256: bool,
+    /// Kept open so the application stays logged in; probed when sessions are lost.
+    login: Mutex<Session>,
 }
 
 struct Pooled {
@@ -307,6 +322,7 @@ enum Retry {
 struct OpCtx<'a> {
     session: &'a Session,
     inner: &'a Inner,
+    live: &'a Live,
 }
 
 impl OpCtx<'_> {
@@ -320,6 +336,14 @@ impl OpCtx<'_> {
             Attribute::Id(id.0.to_vec()),
         ])?;
         let Some(&handle) = found.first() else {
+            // Private objects are invisible to a session that is not logged in: a lost login
+            // must not look like a lost key.
+            if !logged_in(self.session) {
+                return Err(OpError::Pkcs11(CkError::Pkcs11(
+                    RvError::UserNotLoggedIn,
+                    cryptoki::context::Function::FindObjects,
+                )));
+            }
             return Err(OpError::NotFound(id));
         };
         if found.len() > 1 {
@@ -353,6 +377,16 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn logged_in(session: &Session) -> bool {
+    use cryptoki::session::SessionState;
+    session.get_session_info().is_ok_and(|i| {
+        matches!(
+            i.session_state(),
+            SessionState::RoUser | SessionState::RwUser
+        )
+    })
 }
 
 fn unavailable(e: impl fmt::Display) -> HsmError {
@@ -403,6 +437,7 @@ impl Hsm {
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(pool_size as usize)),
             pool_size,
+            call_timeout: config.call_timeout,
             object_lock: Mutex::new(()),
             handles: RwLock::new(HashMap::new()),
         };
@@ -675,11 +710,19 @@ impl Hsm {
         .await
     }
 
-    /// Signs a SHA-256 digest with `CKM_ECDSA`. Returns `r ‖ s` (64 bytes).
-    pub async fn sign_p256(&self, id: ObjectId, digest: [u8; 32]) -> Result<Vec<u8>, HsmError> {
+    /// Signs `message` with ECDSA P-256 over SHA-256: `CKM_ECDSA_SHA256` where the token offers
+    /// it, else SHA-256 here and raw `CKM_ECDSA`. Returns `r ‖ s` (64 bytes).
+    pub async fn sign_p256(&self, id: ObjectId, message: Vec<u8>) -> Result<Vec<u8>, HsmError> {
         self.run(Call::Other, Retry::Once, move |cx| {
             let handle = cx.object(id, Kind::Private)?;
-            Ok(cx.session.sign(&Mechanism::Ecdsa, handle, &digest)?)
+            if cx.live.ecdsa_sha256 {
+                Ok(cx.session.sign(&Mechanism::EcdsaSha256, handle, &message)?)
+            } else {
+                let digest = ring::digest::digest(&ring::digest::SHA256, &message);
+                Ok(cx
+                    .session
+                    .sign(&Mechanism::Ecdsa, handle, digest.as_ref())?)
+            }
         })
         .await
     }
@@ -692,31 +735,37 @@ impl Hsm {
         F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
     {
         let op = Arc::new(op);
-        let mut first = true;
+        let deadline = tokio::time::Instant::now() + self.inner.call_timeout;
+        let mut recoveries = 0;
         loop {
             if self.inner.pin_refused.load(Ordering::Relaxed) {
                 return Err(HsmError::PinRefused(RvError::PinIncorrect));
             }
-            let permit = Arc::clone(&self.inner.permits)
-                .acquire_owned()
-                .await
-                .map_err(|_| unavailable("session pool closed"))?;
+            let permit =
+                tokio::time::timeout_at(deadline, Arc::clone(&self.inner.permits).acquire_owned())
+                    .await
+                    .map_err(|_| {
+                        unavailable("no HSM session became free before the call's deadline")
+                    })?
+                    .map_err(|_| unavailable("session pool closed"))?;
             let inner = Arc::clone(&self.inner);
             let attempt_op = Arc::clone(&op);
-            let outcome = tokio::task::spawn_blocking(move || {
+            let worker = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
                 inner.with_session(call, &*attempt_op)
-            })
-            .await
-            .map_err(|e| unavailable(format_args!("PKCS#11 worker failed: {e}")))?;
+            });
+            let outcome = tokio::time::timeout_at(deadline, worker)
+                .await
+                .map_err(|_| unavailable("the HSM did not answer before the call's deadline"))?
+                .map_err(|e| unavailable(format_args!("PKCS#11 worker failed: {e}")))?;
 
-            let may_retry = first && retry == Retry::Once;
-            first = false;
+            let may_retry = recoveries < MAX_RECOVERIES && retry == Retry::Once;
+            recoveries += 1;
             let why = match outcome {
                 Ok(value) => return Ok(value),
                 Err(Failure::NotFound(id)) => return Err(HsmError::ObjectNotFound(id)),
                 Err(Failure::Down) => {
-                    self.recover(None).await?;
+                    self.recover(None, deadline).await?;
                     "module was down".to_owned()
                 }
                 Err(Failure::Pkcs11 {
@@ -730,7 +779,7 @@ impl Hsm {
                     Recovery::DropSession | Recovery::ForgetHandle => err.to_string(),
                     Recovery::Reinitialise => {
                         tracing::warn!(error = %err, "PKCS#11 device or login lost; re-initialising the module");
-                        self.recover(Some(generation)).await?;
+                        self.recover(Some(generation), deadline).await?;
                         err.to_string()
                     }
                 },
@@ -742,11 +791,20 @@ impl Hsm {
     }
 
     /// Re-initialises the module once every in-flight call has finished.
-    async fn recover(&self, observed: Option<u64>) -> Result<(), HsmError> {
-        let all = Arc::clone(&self.inner.permits)
-            .acquire_many_owned(self.inner.pool_size)
-            .await
-            .map_err(|_| unavailable("session pool closed"))?;
+    async fn recover(
+        &self,
+        observed: Option<u64>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), HsmError> {
+        let all = tokio::time::timeout_at(
+            deadline,
+            Arc::clone(&self.inner.permits).acquire_many_owned(self.inner.pool_size),
+        )
+        .await
+        .map_err(|_| {
+            unavailable("HSM calls still in flight at the call's deadline; not re-initialising yet")
+        })?
+        .map_err(|_| unavailable("session pool closed"))?;
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
             let _all = all;
@@ -841,10 +899,15 @@ impl Inner {
             return Err(unavailable(err));
         }
         let generation = self.next_generation.fetch_add(1, Ordering::SeqCst);
+        let ecdsa_sha256 = self
+            .pkcs11
+            .get_mechanism_list(slot)
+            .is_ok_and(|m| m.contains(&cryptoki::mechanism::MechanismType::ECDSA_SHA256));
         Ok(Live {
             generation,
             slot,
-            _login: Mutex::new(session),
+            ecdsa_sha256,
+            login: Mutex::new(session),
         })
     }
 
@@ -910,6 +973,7 @@ impl Inner {
         let result = op(&OpCtx {
             session: &session,
             inner: self,
+            live: &live,
         });
         let err = match result {
             Ok(value) => {
@@ -922,11 +986,21 @@ impl Inner {
             }
             Err(OpError::Pkcs11(err)) => err,
         };
-        let recovery = classify(&err, call);
+        let mut recovery = classify(&err, call);
         match recovery {
             Recovery::DropSession => {
                 if let Err(e) = session.close() {
                     tracing::debug!(error = %e, "closing a lost session failed");
+                }
+                // A lost session rarely comes alone (a network HSM drops the connection): forget
+                // the idle ones too, and if the login went with them, re-initialise.
+                for pooled in lock(&self.idle).drain(..) {
+                    if pooled.generation == live.generation {
+                        let _ = pooled.session.close();
+                    }
+                }
+                if !logged_in(&lock(&live.login)) {
+                    recovery = Recovery::Reinitialise;
                 }
             }
             // Dropped without closing: the module is about to be finalised.
@@ -994,6 +1068,7 @@ mod tests {
             token_serial: None,
             pin: PinSource::Env("TRESOR_PIN".into()),
             sessions: 2,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         };
         let shown = format!("{config:?}");
         assert!(shown.contains("TRESOR_PIN"), "{shown}");

@@ -2,7 +2,7 @@
 //!
 //! SoftHSM reads `SOFTHSM2_CONF` once per process, at `C_Initialize`, and a process may hold
 //! one PKCS#11 context; so tests run one per process (cargo-nextest, as `scripts/test` does),
-//! each in its own token directory (`scripts/with-softhsm`, removed when the process ends),
+//! each in its own token directory (`scripts/with-test-hsm`, removed when the process ends),
 //! and each test creates its own token there.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
@@ -19,11 +19,30 @@ use tresor::store::Store;
 pub const PIN: &str = "test-user-pin-4711";
 const SO_PIN: &str = "test-so-pin-0815";
 
-/// One SoftHSM2 token and a scratch directory.
+/// Which PKCS#11 module a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Debian's SoftHSM 2.6.1.
+    SoftHsm,
+    /// Tresor's own simulator, built in this workspace.
+    HsmSim,
+}
+
+/// The hsm-sim module built next to the test binaries.
+pub fn hsm_sim_module() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    tresor::cli::dev::hsm_sim_module(&exe)
+        .expect("libhsm_sim.so is built next to the test binaries")
+}
+
+/// One token (SoftHSM2 or hsm-sim) and a scratch directory.
 pub struct TestToken {
     pub dir: tempfile::TempDir,
     pub label: String,
     pub config: HsmConfig,
+    pub backend: Backend,
+    /// hsm-sim's fault-injection control file (hsm-sim only).
+    pub control: Option<PathBuf>,
 }
 
 pub fn module_path() -> PathBuf {
@@ -34,6 +53,10 @@ pub fn module_path() -> PathBuf {
 
 impl TestToken {
     pub fn new() -> Self {
+        Self::with(Backend::SoftHsm)
+    }
+
+    pub fn with(backend: Backend) -> Self {
         assert!(
             std::env::var_os("SOFTHSM2_CONF").is_some()
                 && std::env::var_os("NEXTEST_RUN_ID").is_some(),
@@ -46,6 +69,9 @@ impl TestToken {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
+        if backend == Backend::HsmSim {
+            return Self::hsm_sim(label);
+        }
         let out = Command::new("softhsm2-util")
             .args([
                 "--init-token",
@@ -74,8 +100,63 @@ impl TestToken {
             token_serial: None,
             pin: PinSource::File(pin_file),
             sessions: DEFAULT_SESSIONS,
+            call_timeout: tresor::hsm::DEFAULT_CALL_TIMEOUT,
         };
-        Self { dir, label, config }
+        Self {
+            dir,
+            label,
+            config,
+            backend,
+            control: None,
+        }
+    }
+
+    /// An hsm-sim token: its configuration goes where `HSM_SIM_CONF` (set per test process by
+    /// scripts/with-test-hsm) points, its state and control file into the scratch directory.
+    fn hsm_sim(label: String) -> Self {
+        let conf = PathBuf::from(
+            std::env::var_os(hsm_sim::CONF_ENV)
+                .expect("HSM_SIM_CONF is set by scripts/with-test-hsm"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let pin_file = dir.path().join("pin");
+        std::fs::write(&pin_file, PIN).unwrap();
+        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(dir.path().join("so-pin"), SO_PIN).unwrap();
+        let control = dir.path().join("control.toml");
+        hsm_sim::SimConfig {
+            state_file: dir.path().join("hsm-sim-state.json"),
+            control_file: Some(control.clone()),
+            tokens: vec![hsm_sim::TokenDecl {
+                label: label.clone(),
+                so_pin_file: dir.path().join("so-pin"),
+                user_pin_file: pin_file.clone(),
+            }],
+        }
+        .write(&conf)
+        .unwrap();
+        let config = HsmConfig {
+            module: hsm_sim_module(),
+            token_label: label.clone(),
+            token_serial: None,
+            pin: PinSource::File(pin_file),
+            sessions: DEFAULT_SESSIONS,
+            call_timeout: tresor::hsm::DEFAULT_CALL_TIMEOUT,
+        };
+        Self {
+            dir,
+            label,
+            config,
+            backend: Backend::HsmSim,
+            control: Some(control),
+        }
+    }
+
+    /// Sets hsm-sim's faults (hsm-sim only).
+    pub fn faults(&self, faults: &hsm_sim::Faults) {
+        faults
+            .write(self.control.as_ref().expect("faults need hsm-sim"))
+            .unwrap();
     }
 
     pub fn open(&self) -> Hsm {

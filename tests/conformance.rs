@@ -1,19 +1,19 @@
-//! The PKCS#11 back-end against SoftHSM2, without the layers above it.
+//! The conformance suite of the PKCS#11 back-end: one set of tests, mounted once per module
+//! (SoftHSM2 and hsm-sim), through Tresor's HSM layer and nothing above it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use common::{PIN, TestToken};
+use common::{Backend, PIN, TestToken};
 use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use tresor::custody::{Custody, CustodyOptions};
 use tresor::hsm::{Hsm, HsmConfig, HsmError, ObjectId, Pin, PinSource};
 use tresor::store::Store;
 use zeroize::Zeroizing;
 
-#[tokio::test]
-async fn gcm_round_trip_and_a_failed_tag_is_a_bad_ciphertext() {
-    let token = TestToken::new();
+async fn gcm_round_trip_and_a_failed_tag_is_a_bad_ciphertext(backend: Backend) {
+    let token = TestToken::with(backend);
     let hsm = token.open();
     let id = ObjectId([1; 16]);
     hsm.generate_version_key(id, "test/gcm".into())
@@ -70,9 +70,8 @@ async fn gcm_round_trip_and_a_failed_tag_is_a_bad_ciphertext() {
     assert!(!hsm.secret_key_exists(id).await.unwrap());
 }
 
-#[tokio::test]
-async fn random_bytes_come_from_the_token() {
-    let token = TestToken::new();
+async fn random_bytes_come_from_the_token(backend: Backend) {
+    let token = TestToken::with(backend);
     let hsm = token.open();
     let a = hsm.random(32).await.unwrap();
     let b = hsm.random(32).await.unwrap();
@@ -80,9 +79,8 @@ async fn random_bytes_come_from_the_token() {
     assert_ne!(a, b);
 }
 
-#[tokio::test]
-async fn ecdsa_p256_signatures_verify_with_the_exported_public_key() {
-    let token = TestToken::new();
+async fn ecdsa_p256_signatures_verify_with_the_exported_public_key(backend: Backend) {
+    let token = TestToken::with(backend);
     let hsm = token.open();
     let id = ObjectId([7; 16]);
     let public = hsm
@@ -94,11 +92,7 @@ async fn ecdsa_p256_signatures_verify_with_the_exported_public_key() {
     assert_eq!(hsm.signing_public_key(id).await.unwrap(), public);
 
     let message = b"audit chain head 1000";
-    let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, message)
-        .as_ref()
-        .try_into()
-        .unwrap();
-    let signature = hsm.sign_p256(id, digest).await.unwrap();
+    let signature = hsm.sign_p256(id, message.to_vec()).await.unwrap();
     assert_eq!(signature.len(), 64);
     let verifier = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &public);
     verifier.verify(message, &signature).unwrap();
@@ -110,16 +104,15 @@ async fn ecdsa_p256_signatures_verify_with_the_exported_public_key() {
 
     assert!(hsm.destroy_signing_key(id).await.unwrap());
     assert!(matches!(
-        hsm.sign_p256(id, digest).await,
+        hsm.sign_p256(id, message.to_vec()).await,
         Err(HsmError::ObjectNotFound(_))
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_key_generation_leaves_exactly_the_keys_asked_for() {
+async fn concurrent_key_generation_leaves_exactly_the_keys_asked_for(backend: Backend) {
     // SoftHSM before 2.7.0 corrupts the token when threads of one process create token
     // objects at once; the back-end serialises creation, so this must come out exact.
-    let token = TestToken::new();
+    let token = TestToken::with(backend);
     let config = HsmConfig {
         sessions: 4,
         ..token.config.clone()
@@ -166,9 +159,8 @@ async fn concurrent_key_generation_leaves_exactly_the_keys_asked_for() {
     assert_eq!(labels, expected);
 }
 
-#[tokio::test]
-async fn one_context_per_process_and_clear_errors_for_bad_configuration() {
-    let token = TestToken::new();
+async fn one_context_per_process_and_clear_errors_for_bad_configuration(backend: Backend) {
+    let token = TestToken::with(backend);
     let hsm = token.open();
     assert!(matches!(
         Hsm::open(&token.config),
@@ -220,9 +212,8 @@ async fn one_context_per_process_and_clear_errors_for_bad_configuration() {
     token.open().random(1).await.unwrap();
 }
 
-#[tokio::test]
-async fn the_pin_never_appears_in_debug_output() {
-    let token = TestToken::new();
+async fn the_pin_never_appears_in_debug_output(backend: Backend) {
+    let token = TestToken::with(backend);
     let pin_source = token.config.pin.clone();
     let pin = pin_source.read().unwrap();
     let hsm = token.open();
@@ -245,3 +236,63 @@ async fn the_pin_never_appears_in_debug_output() {
     }
     assert!(shown[1].contains("<redacted>"));
 }
+
+async fn token_objects_survive_reopening_the_module(backend: Backend) {
+    let token = TestToken::with(backend);
+    let hsm = token.open();
+    let id = ObjectId([5; 16]);
+    hsm.generate_version_key(id, "test/persist".into())
+        .await
+        .unwrap();
+    let sealed = hsm
+        .encrypt_gcm(id, [1; 12], b"a".to_vec(), Zeroizing::new(b"kept".to_vec()))
+        .await
+        .unwrap();
+    let a = hsm.inspect_secret_key(id).await.unwrap();
+    assert!(
+        a.sensitive && !a.extractable && !a.value_readable && a.token && a.private,
+        "{a:?}"
+    );
+    drop(hsm);
+    let hsm = token.open();
+    assert_eq!(
+        hsm.decrypt_gcm(id, [1; 12], b"a".to_vec(), sealed)
+            .await
+            .unwrap()
+            .as_slice(),
+        b"kept"
+    );
+    assert_eq!(hsm.list_secret_keys().await.unwrap().len(), 1);
+}
+
+/// Mounts every test once per module.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod softhsm {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::SoftHsm).await
+                }
+            )*
+        }
+        mod hsm_sim {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::HsmSim).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    gcm_round_trip_and_a_failed_tag_is_a_bad_ciphertext,
+    random_bytes_come_from_the_token,
+    ecdsa_p256_signatures_verify_with_the_exported_public_key,
+    concurrent_key_generation_leaves_exactly_the_keys_asked_for,
+    one_context_per_process_and_clear_errors_for_bad_configuration,
+    the_pin_never_appears_in_debug_output,
+    token_objects_survive_reopening_the_module,
+);
