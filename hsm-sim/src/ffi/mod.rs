@@ -188,15 +188,13 @@ unsafe fn read_template(
     }
     // SAFETY: non-null, and the caller guarantees `count` attributes at `ptr`.
     let attrs = unsafe { std::slice::from_raw_parts(ptr, size(count)?) };
-    attrs
-        .iter()
+    let mut template = Vec::with_capacity(attrs.len());
+    for a in attrs {
         // SAFETY: each attribute's value pointer and length describe a readable buffer.
-        .map(|a| {
-            Ok((a.type_, unsafe {
-                read_bytes(a.pValue as *const u8, a.ulValueLen)
-            }?))
-        })
-        .collect()
+        let value = unsafe { read_bytes(a.pValue as *const u8, a.ulValueLen) }?;
+        template.push((a.type_, value));
+    }
+    Ok(template)
 }
 
 /// Parses a mechanism and its parameters.
