@@ -210,7 +210,14 @@ struct Session {
     rw: bool,
     op: Option<Op>,
     found: Option<Vec<CK_OBJECT_HANDLE>>,
-    objects: BTreeMap<CK_OBJECT_HANDLE, Object>,
+}
+
+/// A session object: visible to every session of the application on its slot, destroyed when
+/// the session that created it closes (PKCS#11 §4.4).
+struct SessionObject {
+    owner: CK_SESSION_HANDLE,
+    slot: usize,
+    object: Object,
 }
 
 /// Fault state read from the control file.
@@ -245,6 +252,7 @@ pub(crate) struct Sim {
     state_file: PathBuf,
     tokens: Vec<Token>,
     sessions: HashMap<CK_SESSION_HANDLE, Session>,
+    session_objects: BTreeMap<CK_OBJECT_HANDLE, SessionObject>,
     next_handle: u64,
     control: Control,
     rng: SystemRandom,
@@ -267,6 +275,7 @@ impl Sim {
             state_file: config.state_file.clone(),
             tokens: Vec::new(),
             sessions: HashMap::new(),
+            session_objects: BTreeMap::new(),
             next_handle: 1,
             control: Control {
                 path: config.control_file.clone(),
@@ -451,6 +460,7 @@ impl Sim {
     /// What a lost device does: every session gone, every user logged out.
     fn drop_all_sessions(&mut self) {
         self.sessions.clear();
+        self.session_objects.clear();
         for t in &mut self.tokens {
             t.user_logged_in = false;
         }
@@ -499,7 +509,6 @@ impl Sim {
                 rw: flags & CKF_RW_SESSION != 0,
                 op: None,
                 found: None,
-                objects: BTreeMap::new(),
             },
         );
         Ok(h)
@@ -507,6 +516,7 @@ impl Sim {
 
     pub(crate) fn close_session(&mut self, h: CK_SESSION_HANDLE) -> Result<(), Rv> {
         let s = self.sessions.remove(&h).ok_or(CKR_SESSION_HANDLE_INVALID)?;
+        self.session_objects.retain(|_, o| o.owner != h);
         // Closing an application's last session with a token logs it out (PKCS#11 §5.6).
         if !self.sessions.values().any(|o| o.slot == s.slot)
             && let Some(t) = self.tokens.get_mut(s.slot)
@@ -522,6 +532,7 @@ impl Sim {
             .filter(|i| *i < self.tokens.len())
             .ok_or(CKR_SLOT_ID_INVALID)?;
         self.sessions.retain(|_, s| s.slot != slot);
+        self.session_objects.retain(|_, o| o.slot != slot);
         self.tokens[slot].user_logged_in = false;
         Ok(())
     }
@@ -595,7 +606,12 @@ impl Sim {
         let obj = t
             .objects
             .get(&o)
-            .or_else(|| s.objects.get(&o))
+            .or_else(|| {
+                self.session_objects
+                    .get(&o)
+                    .filter(|so| so.slot == s.slot)
+                    .map(|so| &so.object)
+            })
             .ok_or(CKR_OBJECT_HANDLE_INVALID)?;
         if obj.is_private() && !t.user_logged_in {
             return Err(CKR_OBJECT_HANDLE_INVALID);
@@ -622,8 +638,15 @@ impl Sim {
                 self.tokens[slot].objects.remove(&handle);
                 return Err(rv);
             }
-        } else if let Some(s) = self.sessions.get_mut(&h) {
-            s.objects.insert(handle, obj);
+        } else {
+            self.session_objects.insert(
+                handle,
+                SessionObject {
+                    owner: h,
+                    slot,
+                    object: obj,
+                },
+            );
         }
         Ok(handle)
     }
@@ -651,8 +674,8 @@ impl Sim {
                 }
                 return Err(rv);
             }
-        } else if let Some(s) = self.sessions.get_mut(&h) {
-            s.objects.remove(&o);
+        } else {
+            self.session_objects.remove(&o);
         }
         Ok(())
     }
@@ -690,10 +713,15 @@ impl Sim {
         }
         let t = &self.tokens[s.slot];
         let visible = |o: &Object| !o.is_private() || t.user_logged_in;
+        let session_objects = self
+            .session_objects
+            .iter()
+            .filter(|(_, so)| so.slot == s.slot)
+            .map(|(h, so)| (h, &so.object));
         let found: Vec<CK_OBJECT_HANDLE> = t
             .objects
             .iter()
-            .chain(&s.objects)
+            .chain(session_objects)
             .filter(|(_, o)| visible(o) && o.matches(&template))
             .map(|(h, _)| *h)
             .collect();
