@@ -287,7 +287,12 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn new(extra_server_config: &str) -> Self {
-        let token = TestToken::new();
+        Self::with(Backend::SoftHsm, extra_server_config, "")
+    }
+
+    /// A deployment on `backend`, with extra lines for the `[server]` and `[hsm]` sections.
+    pub fn with(backend: Backend, extra_server_config: &str, extra_hsm_config: &str) -> Self {
+        let token = TestToken::with(backend);
         let dir = token.dir.path();
         let ca = tresor::pki::DevCa::new("Tresor test CA").unwrap();
         ca.write(&dir.join("ca.pem"), &dir.join("ca.key")).unwrap();
@@ -303,7 +308,7 @@ impl Deployment {
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n{extra_server_config}\n\
              [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\
-             [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n\
+             [hsm]\nmodule = \"{}\"\ntoken_label = \"{}\"\npin_file = \"{}\"\n{extra_hsm_config}\n\
              [database]\nurl = \"sqlite://tresor.db\"\n\
              [policy]\nfile = \"policy.toml\"\n",
             token.config.module.display(),
@@ -382,7 +387,10 @@ impl TestServer {
     }
 
     pub async fn start_with(extra_server_config: &str) -> Self {
-        let deployment = Deployment::new(extra_server_config);
+        Self::start_on(Deployment::new(extra_server_config)).await
+    }
+
+    pub async fn start_on(deployment: Deployment) -> Self {
         let config = tresor::config::Config::load(&deployment.config_path).unwrap();
         let server = tresor::api::server::Server::prepare(config).await.unwrap();
         let listener = server.bind().await.unwrap();
