@@ -12,6 +12,7 @@
 //!   format, pure. [`model`]: names and states, pure.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod client;

@@ -225,3 +225,36 @@ mod tests {
         assert_eq!(VersionState::parse("enabled"), None);
     }
 }
+
+/// Lower-case hex of bytes: the text form of hashes, ids and signatures in storage and exports.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+/// Parses lower- or upper-case hex.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod hex_tests {
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(super::to_hex(&[0, 0xab, 0xff]), "00abff");
+        assert_eq!(super::from_hex("00abFF"), Some(vec![0, 0xab, 0xff]));
+        assert_eq!(super::from_hex("0"), None);
+        assert_eq!(super::from_hex("zz"), None);
+    }
+}

@@ -3,7 +3,9 @@
 //! Owns turning requests into custody calls and custody results into responses. Every RPC
 //! starts with [`Api::begin`], which bounds concurrency, authenticates the caller from its
 //! verified certificate, and asks the policy for a [`Grant`] of the RPC's role; custody then
-//! requires that grant. No crypto and no SQL here.
+//! requires that grant. Every RPC ends with [`Api::finish`] (or a refusal inside `begin`),
+//! which appends the call's audit record and waits until it is durable before anything —
+//! least of all a plaintext — goes back to the caller. No crypto and no SQL here.
 
 pub mod server;
 mod status;
@@ -15,7 +17,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
-use crate::auth::{ClientAuthenticator, Grant, Role, SharedPolicy};
+use crate::audit::record::{Checkpoint, ExportItem, RecordBody};
+use crate::audit::{AuditLog, ExportFilter};
+use crate::auth::{AuthError, ClientAuthenticator, Grant, Role, SharedPolicy};
 use crate::custody::{Custody, CustodyError, KeyInfo, VersionInfo};
 use crate::model::{KeyName, Millis, Tenant, VersionState};
 pub use status::INVALID_CIPHERTEXT;
@@ -48,6 +52,7 @@ const MAX_PAGE_SIZE: usize = 1000;
 #[derive(Clone)]
 pub struct Api {
     custody: Custody,
+    audit: AuditLog,
     authenticator: ClientAuthenticator,
     policy: Arc<SharedPolicy>,
     /// Requests being served; `try_acquire` so that overload is refused at once
@@ -68,12 +73,35 @@ struct Call {
     request_id: String,
     grant: Grant,
     operation: &'static str,
+    role: Role,
+    peer: String,
+    fingerprint: String,
     _admitted: OwnedSemaphorePermit,
 }
 
+/// What a successful call returns, and what its audit record says it touched.
+struct Done<T> {
+    response: T,
+    key_version: String,
+}
+
+fn done<T>(response: T, key_version: impl Into<String>) -> Done<T> {
+    Done {
+        response,
+        key_version: key_version.into(),
+    }
+}
+
+/// `tenants/t/keys/k` of `tenants/t/keys/k/versions/n`.
+fn key_of(key_version: &str) -> &str {
+    key_version
+        .split_once("/versions/")
+        .map_or(key_version, |(k, _)| k)
+}
+
 impl Call {
-    fn fail(&self, e: CustodyError) -> Status {
-        let s = status::from_custody(&e, &self.request_id);
+    fn fail(&self, e: &CustodyError) -> Status {
+        let s = status::from_custody(e, &self.request_id);
         match s.code() {
             Code::Unavailable | Code::Internal | Code::DataLoss => tracing::error!(
                 request_id = %self.request_id, caller = %self.grant.identity(), op = self.operation, error = %e, "request failed"),
@@ -90,9 +118,14 @@ impl Call {
         }
         r
     }
+}
 
-    fn unimplemented(&self, what: &str) -> Status {
-        status::status(Code::Unimplemented, what, &self.request_id)
+fn outcome(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::PermissionDenied => "DENIED",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        _ => "FAILED",
     }
 }
 
@@ -100,51 +133,165 @@ impl Api {
     /// Builds the services.
     pub fn new(
         custody: Custody,
+        audit: AuditLog,
         authenticator: ClientAuthenticator,
         policy: Arc<SharedPolicy>,
         max_concurrent_requests: usize,
     ) -> Self {
         Self {
             custody,
+            audit,
             authenticator,
             policy,
             in_flight: Arc::new(Semaphore::new(max_concurrent_requests)),
         }
     }
 
-    /// Admits, authenticates and authorizes a call for `role`.
-    fn begin<T>(
+    /// Appends a refusal's audit record, then returns the refusal (or `UNAVAILABLE` if the record
+    /// could not be made durable).
+    async fn refuse(&self, refusal: Status, tenant: &str, body: RecordBody) -> Status {
+        let request_id = body.request_id.clone();
+        match self.audit.append(tenant, body).await {
+            Ok(_) => refusal,
+            Err(e) => {
+                tracing::error!(request_id = %request_id, error = %e, "audit record failed; answering UNAVAILABLE");
+                status::status(
+                    Code::Unavailable,
+                    "the audit log is unavailable; retry later",
+                    &request_id,
+                )
+            }
+        }
+    }
+
+    /// Admits, authenticates and authorizes a call for `role`; a refusal is audited here.
+    async fn begin<T>(
         &self,
         request: &Request<T>,
         role: Role,
         operation: &'static str,
     ) -> Result<Call, Status> {
         let request_id = new_request_id();
-        let admitted = Arc::clone(&self.in_flight)
-            .try_acquire_owned()
-            .map_err(|_| {
-                status::status(
-                    Code::ResourceExhausted,
-                    "the server is at its request limit; retry with backoff",
-                    &request_id,
-                )
-            })?;
-        let peer = request.remote_addr();
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut body = RecordBody {
+            request_id: request_id.clone(),
+            role: role.to_string(),
+            operation: operation.to_owned(),
+            peer: peer.clone(),
+            ..Default::default()
+        };
+        let Ok(admitted) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+            let s = status::status(
+                Code::ResourceExhausted,
+                "the server is at its request limit; retry with backoff",
+                &request_id,
+            );
+            body.outcome = outcome(s.code()).into();
+            body.status_code = s.code() as i32;
+            return Err(self.refuse(s, "", body).await);
+        };
         let certs = request.peer_certs();
-        let identity = self.authenticator.identify(certs.as_deref().map(Vec::as_slice)).map_err(|e| {
-            tracing::info!(request_id = %request_id, op = operation, peer = ?peer, error = %e, "unauthenticated call");
-            status::unauthenticated(&e, &request_id)
-        })?;
-        let grant = self.policy.current().grant(&identity, role).map_err(|e| {
-            tracing::info!(request_id = %request_id, op = operation, caller = %identity.name, error = %e, "call denied");
-            status::denied(&e, &request_id)
-        })?;
+        let identity = match self
+            .authenticator
+            .identify(certs.as_deref().map(Vec::as_slice))
+        {
+            Ok(identity) => identity,
+            Err(e) => {
+                tracing::info!(request_id = %request_id, op = operation, peer = %peer, error = %e, "unauthenticated call");
+                if let AuthError::Rejected { fingerprint, .. } = &e {
+                    body.fingerprint = fingerprint.clone();
+                }
+                let s = status::unauthenticated(&e, &request_id);
+                body.outcome = outcome(s.code()).into();
+                body.status_code = s.code() as i32;
+                drop(admitted);
+                return Err(self.refuse(s, "", body).await);
+            }
+        };
+        body.caller = identity.name.clone();
+        body.fingerprint = identity.fingerprint.clone();
+        let policy = self.policy.current();
+        let grant = match policy.grant(&identity, role) {
+            Ok(grant) => grant,
+            Err(e) => {
+                let tenant = policy
+                    .tenant_of(&identity)
+                    .map(|t| t.as_str().to_owned())
+                    .unwrap_or_default();
+                tracing::info!(request_id = %request_id, op = operation, caller = %identity.name, error = %e, "call denied");
+                let s = status::denied(&e, &request_id);
+                body.outcome = outcome(s.code()).into();
+                body.status_code = s.code() as i32;
+                return Err(self.refuse(s, &tenant, body).await);
+            }
+        };
         Ok(Call {
             request_id,
             grant,
             operation,
+            role,
+            peer,
+            fingerprint: identity.fingerprint,
             _admitted: admitted,
         })
+    }
+
+    /// Audits the call's outcome and, once the record is durable, answers. `key` is the key the
+    /// request named (if any); `aad` is recorded as an HMAC.
+    async fn finish<T>(
+        &self,
+        call: Call,
+        result: Result<Done<T>, Status>,
+        key: &str,
+        aad: &[u8],
+    ) -> Result<Response<T>, Status> {
+        let (code, key_version) = match &result {
+            Ok(d) => (Code::Ok, d.key_version.clone()),
+            Err(s) => (s.code(), String::new()),
+        };
+        let aad_hmac = match self.audit.hmac_aad(aad).await {
+            Ok(h) => h,
+            // A success must carry its AAD's HMAC; fail closed.
+            Err(e) if code == Code::Ok => {
+                tracing::error!(request_id = %call.request_id, error = %e, "AAD HMAC failed; answering UNAVAILABLE");
+                return Err(status::status(
+                    Code::Unavailable,
+                    "the audit log is unavailable; retry later",
+                    &call.request_id,
+                ));
+            }
+            Err(_) => "unavailable".to_owned(),
+        };
+        let key = if key_version.is_empty() {
+            key.to_owned()
+        } else {
+            key_of(&key_version).to_owned()
+        };
+        let body = RecordBody {
+            request_id: call.request_id.clone(),
+            caller: call.grant.identity().to_owned(),
+            fingerprint: call.fingerprint.clone(),
+            role: call.role.to_string(),
+            operation: call.operation.to_owned(),
+            key,
+            key_version,
+            outcome: outcome(code).into(),
+            status_code: code as i32,
+            peer: call.peer.clone(),
+            aad_hmac,
+        };
+        if let Err(e) = self.audit.append(call.grant.tenant().as_str(), body).await {
+            tracing::error!(request_id = %call.request_id, error = %e, "audit record failed; the result is withheld");
+            return Err(status::status(
+                Code::Unavailable,
+                "the audit log is unavailable; retry later",
+                &call.request_id,
+            ));
+        }
+        result.map(|d| call.ok(d.response))
     }
 }
 
@@ -154,7 +301,7 @@ fn new_request_id() -> String {
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).is_err() {
         raw = crate::model::now_millis().to_be_bytes();
     }
-    raw.iter().map(|b| format!("{b:02x}")).collect()
+    crate::model::to_hex(&raw)
 }
 
 fn invalid(call: &Call, message: &str) -> Status {
@@ -180,6 +327,12 @@ fn timestamp(ms: Millis) -> prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
     }
+}
+
+fn millis(t: &prost_types::Timestamp) -> Millis {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos / 1_000_000))
 }
 
 fn version_state(s: VersionState) -> proto::KeyVersionState {
@@ -219,8 +372,77 @@ fn version_message(v: VersionInfo) -> proto::KeyVersion {
     }
 }
 
+fn checkpoint_message(c: &Checkpoint) -> proto::AuditCheckpoint {
+    proto::AuditCheckpoint {
+        sequence: c.seq,
+        chain_hash: c.hash.to_vec(),
+        time: Some(timestamp(c.time_ms)),
+        signature: c.signature.clone(),
+        time_ms: c.time_ms,
+    }
+}
+
+/// The wire form of one export item.
+fn export_message(item: ExportItem) -> proto::AuditRecord {
+    match item {
+        ExportItem::Record(r) => proto::AuditRecord {
+            sequence: r.seq,
+            time: Some(timestamp(r.time_ms)),
+            time_ms: r.time_ms,
+            request_id: r.body.request_id,
+            caller: r.body.caller,
+            tenant: r.tenant,
+            role: r.body.role,
+            operation: r.body.operation,
+            key_version: r.body.key_version,
+            outcome: r.body.outcome,
+            status_code: r.body.status_code,
+            peer: r.body.peer,
+            aad_hmac: r.body.aad_hmac,
+            previous_hash: r.prev_hash.to_vec(),
+            key: r.body.key,
+            certificate_fingerprint: r.body.fingerprint,
+            kind: proto::AuditItemKind::Record.into(),
+            ..Default::default()
+        },
+        ExportItem::Withheld {
+            seq,
+            prev_hash,
+            time_ms,
+            tenant,
+            body_digest,
+        } => proto::AuditRecord {
+            sequence: seq,
+            time: Some(timestamp(time_ms)),
+            time_ms,
+            tenant,
+            previous_hash: prev_hash.to_vec(),
+            body_digest: body_digest.to_vec(),
+            kind: proto::AuditItemKind::Withheld.into(),
+            ..Default::default()
+        },
+        ExportItem::Checkpoint(c) => proto::AuditRecord {
+            sequence: c.seq,
+            time: Some(timestamp(c.time_ms)),
+            time_ms: c.time_ms,
+            kind: proto::AuditItemKind::Checkpoint.into(),
+            checkpoint: Some(checkpoint_message(&c)),
+            ..Default::default()
+        },
+    }
+}
+
 fn labels(map: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     map.into_iter().collect()
+}
+
+/// Maps a custody result for [`Api::finish`].
+fn custody<T, U>(
+    call: &Call,
+    r: Result<T, CustodyError>,
+    f: impl FnOnce(T) -> Done<U>,
+) -> Result<Done<U>, Status> {
+    r.map(f).map_err(|e| call.fail(&e))
 }
 
 #[tonic::async_trait]
@@ -229,88 +451,134 @@ impl KeyService for Api {
         &self,
         request: Request<proto::WrapRequest>,
     ) -> Result<Response<proto::WrapResponse>, Status> {
-        let call = self.begin(&request, Role::Service, "Wrap")?;
+        let call = self.begin(&request, Role::Service, "Wrap").await?;
         let r = request.into_inner();
-        let key = key_name(&call, "key", &r.key)?;
-        let wrapped = self
-            .custody
-            .wrap(&call.grant, &key, Zeroizing::new(r.plaintext), &r.aad)
-            .await
-            .map_err(|e| call.fail(e))?;
-        Ok(call.ok(proto::WrapResponse {
-            ciphertext: wrapped.ciphertext,
-            key_version: wrapped.key_version,
-        }))
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(key) => {
+                let out = self
+                    .custody
+                    .wrap(&call.grant, &key, Zeroizing::new(r.plaintext), &r.aad)
+                    .await;
+                custody(&call, out, |w| {
+                    done(
+                        proto::WrapResponse {
+                            ciphertext: w.ciphertext,
+                            key_version: w.key_version.clone(),
+                        },
+                        w.key_version,
+                    )
+                })
+            }
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &r.aad).await
     }
 
     async fn unwrap(
         &self,
         request: Request<proto::UnwrapRequest>,
     ) -> Result<Response<proto::UnwrapResponse>, Status> {
-        let call = self.begin(&request, Role::Service, "Unwrap")?;
+        let call = self.begin(&request, Role::Service, "Unwrap").await?;
         let r = request.into_inner();
-        let expected = optional_key_name(&call, "key", &r.key)?;
-        let mut out = self
-            .custody
-            .unwrap(&call.grant, &r.ciphertext, &r.aad, expected.as_ref())
-            .await
-            .map_err(|e| call.fail(e))?;
-        // The response must own the bytes; what tonic does with them after encoding is out of
-        // our hands (SECURITY.md).
-        let plaintext = std::mem::take(&mut *out.plaintext);
-        Ok(call.ok(proto::UnwrapResponse {
-            plaintext,
-            key_version: out.key_version,
-        }))
+        let result = match optional_key_name(&call, "key", &r.key) {
+            Ok(expected) => {
+                let out = self
+                    .custody
+                    .unwrap(&call.grant, &r.ciphertext, &r.aad, expected.as_ref())
+                    .await;
+                // The response must own the bytes; what tonic does with them after encoding is
+                // out of our hands (SECURITY.md). If the audit record fails, this value is
+                // dropped unsent.
+                custody(&call, out, |mut u| {
+                    let plaintext = std::mem::take(&mut *u.plaintext);
+                    done(
+                        proto::UnwrapResponse {
+                            plaintext,
+                            key_version: u.key_version.clone(),
+                        },
+                        u.key_version,
+                    )
+                })
+            }
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &r.aad).await
     }
 
     async fn generate_data_key(
         &self,
         request: Request<proto::GenerateDataKeyRequest>,
     ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
-        let call = self.begin(&request, Role::Service, "GenerateDataKey")?;
+        let call = self
+            .begin(&request, Role::Service, "GenerateDataKey")
+            .await?;
         let r = request.into_inner();
-        let key = key_name(&call, "key", &r.key)?;
-        let len = if r.length_bytes == 0 {
-            32
-        } else {
-            r.length_bytes as usize
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(key) => {
+                let len = if r.length_bytes == 0 {
+                    32
+                } else {
+                    r.length_bytes as usize
+                };
+                let out = self
+                    .custody
+                    .generate_data_key(&call.grant, &key, &r.aad, len, !r.without_plaintext)
+                    .await;
+                custody(&call, out, |mut dk| {
+                    let plaintext = dk
+                        .plaintext
+                        .as_mut()
+                        .map(|p| std::mem::take(&mut **p))
+                        .unwrap_or_default();
+                    let v = dk.key_version.clone();
+                    done(
+                        proto::GenerateDataKeyResponse {
+                            plaintext,
+                            ciphertext: dk.ciphertext,
+                            key_version: dk.key_version,
+                        },
+                        v,
+                    )
+                })
+            }
+            Err(s) => Err(s),
         };
-        let mut dk = self
-            .custody
-            .generate_data_key(&call.grant, &key, &r.aad, len, !r.without_plaintext)
-            .await
-            .map_err(|e| call.fail(e))?;
-        let plaintext = dk
-            .plaintext
-            .as_mut()
-            .map(|p| std::mem::take(&mut **p))
-            .unwrap_or_default();
-        Ok(call.ok(proto::GenerateDataKeyResponse {
-            plaintext,
-            ciphertext: dk.ciphertext,
-            key_version: dk.key_version,
-        }))
+        self.finish(call, result, &r.key, &r.aad).await
     }
 
     async fn rewrap(
         &self,
         request: Request<proto::RewrapRequest>,
     ) -> Result<Response<proto::RewrapResponse>, Status> {
-        let call = self.begin(&request, Role::Service, "Rewrap")?;
+        let call = self.begin(&request, Role::Service, "Rewrap").await?;
         let r = request.into_inner();
-        let expected = optional_key_name(&call, "key", &r.key)?;
-        let out = self
-            .custody
-            .rewrap(&call.grant, &r.ciphertext, &r.aad, expected.as_ref())
-            .await
-            .map_err(|e| call.fail(e))?;
-        Ok(call.ok(proto::RewrapResponse {
-            ciphertext: out.ciphertext,
-            key_version: out.key_version,
-            rewrapped: out.rewrapped,
-        }))
+        let result = match optional_key_name(&call, "key", &r.key) {
+            Ok(expected) => {
+                let out = self
+                    .custody
+                    .rewrap(&call.grant, &r.ciphertext, &r.aad, expected.as_ref())
+                    .await;
+                custody(&call, out, |w| {
+                    let v = w.key_version.clone();
+                    done(
+                        proto::RewrapResponse {
+                            ciphertext: w.ciphertext,
+                            key_version: w.key_version,
+                            rewrapped: w.rewrapped,
+                        },
+                        v,
+                    )
+                })
+            }
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &r.aad).await
     }
+}
+
+/// The key-version name a key's change is recorded under: its primary version.
+fn primary(k: &KeyInfo) -> String {
+    k.name.version(k.primary_version)
 }
 
 #[tonic::async_trait]
@@ -319,190 +587,230 @@ impl KeyAdminService for Api {
         &self,
         request: Request<proto::CreateKeyRequest>,
     ) -> Result<Response<proto::Key>, Status> {
-        let call = self.begin(&request, Role::Officer, "CreateKey")?;
+        let call = self.begin(&request, Role::Officer, "CreateKey").await?;
         let r = request.into_inner();
-        let key = key_name(&call, "key", &r.key)?;
-        let info = self
-            .custody
-            .create_key(&call.grant, &key, &r.description, labels(r.labels))
-            .await
-            .map_err(|e| call.fail(e))?;
-        tracing::info!(request_id = %call.request_id, caller = %call.grant.identity(), key = %key, "key created");
-        Ok(call.ok(key_message(info)))
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(key) => {
+                let out = self
+                    .custody
+                    .create_key(&call.grant, &key, &r.description, labels(r.labels))
+                    .await;
+                custody(&call, out, |k| done(key_message(k.clone()), primary(&k)))
+            }
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &[]).await
     }
 
     async fn get_key(
         &self,
         request: Request<proto::GetKeyRequest>,
     ) -> Result<Response<proto::Key>, Status> {
-        let call = self.begin(&request, Role::Officer, "GetKey")?;
-        let key = key_name(&call, "key", &request.get_ref().key)?;
-        let info = self
-            .custody
-            .get_key(&call.grant, &key)
-            .map_err(|e| call.fail(e))?;
-        Ok(call.ok(key_message(info)))
+        let call = self.begin(&request, Role::Officer, "GetKey").await?;
+        let r = request.into_inner();
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(key) => custody(&call, self.custody.get_key(&call.grant, &key), |k| {
+                done(key_message(k.clone()), primary(&k))
+            }),
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &[]).await
     }
 
     async fn list_keys(
         &self,
         request: Request<proto::ListKeysRequest>,
     ) -> Result<Response<proto::ListKeysResponse>, Status> {
-        let call = self.begin(&request, Role::Officer, "ListKeys")?;
+        let call = self.begin(&request, Role::Officer, "ListKeys").await?;
         let r = request.into_inner();
-        if !r.tenant.is_empty() {
-            let tenant =
-                Tenant::new(&r.tenant).map_err(|e| invalid(&call, &format!("tenant: {e}")))?;
-            call.grant
-                .check_tenant(&tenant)
-                .map_err(|e| status::denied(&e, &call.request_id))?;
-        }
-        let page_size = match r.page_size as usize {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n <= MAX_PAGE_SIZE => n,
-            _ => {
-                return Err(invalid(
-                    &call,
-                    &format!("page_size: at most {MAX_PAGE_SIZE}"),
-                ));
+        let result = (|| {
+            if !r.tenant.is_empty() {
+                let tenant =
+                    Tenant::new(&r.tenant).map_err(|e| invalid(&call, &format!("tenant: {e}")))?;
+                call.grant
+                    .check_tenant(&tenant)
+                    .map_err(|e| status::denied(&e, &call.request_id))?;
             }
-        };
-        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
-        let mut keys = self
-            .custody
-            .list_keys(&call.grant, after, page_size + 1)
-            .map_err(|e| call.fail(e))?;
-        let next_page_token = if keys.len() > page_size {
-            keys.truncate(page_size);
-            keys.last()
-                .map(|k| k.name.key().to_owned())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(call.ok(proto::ListKeysResponse {
-            keys: keys.into_iter().map(key_message).collect(),
-            next_page_token,
-        }))
+            let page_size = match r.page_size as usize {
+                0 => DEFAULT_PAGE_SIZE,
+                n if n <= MAX_PAGE_SIZE => n,
+                _ => {
+                    return Err(invalid(
+                        &call,
+                        &format!("page_size: at most {MAX_PAGE_SIZE}"),
+                    ));
+                }
+            };
+            let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+            let mut keys = self
+                .custody
+                .list_keys(&call.grant, after, page_size + 1)
+                .map_err(|e| call.fail(&e))?;
+            let next_page_token = if keys.len() > page_size {
+                keys.truncate(page_size);
+                keys.last()
+                    .map(|k| k.name.key().to_owned())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(done(
+                proto::ListKeysResponse {
+                    keys: keys.into_iter().map(key_message).collect(),
+                    next_page_token,
+                },
+                "",
+            ))
+        })();
+        self.finish(call, result, "", &[]).await
     }
 
     async fn rotate_key(
         &self,
         request: Request<proto::RotateKeyRequest>,
     ) -> Result<Response<proto::Key>, Status> {
-        let call = self.begin(&request, Role::Officer, "RotateKey")?;
-        let key = key_name(&call, "key", &request.get_ref().key)?;
-        let info = self
-            .custody
-            .rotate_key(&call.grant, &key)
-            .await
-            .map_err(|e| call.fail(e))?;
-        tracing::info!(request_id = %call.request_id, caller = %call.grant.identity(), key = %key, version = info.primary_version, "key rotated");
-        Ok(call.ok(key_message(info)))
+        let call = self.begin(&request, Role::Officer, "RotateKey").await?;
+        let r = request.into_inner();
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(key) => custody(
+                &call,
+                self.custody.rotate_key(&call.grant, &key).await,
+                |k| done(key_message(k.clone()), primary(&k)),
+            ),
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &[]).await
     }
 
     async fn update_key(
         &self,
         request: Request<proto::UpdateKeyRequest>,
     ) -> Result<Response<proto::Key>, Status> {
-        let call = self.begin(&request, Role::Officer, "UpdateKey")?;
+        let call = self.begin(&request, Role::Officer, "UpdateKey").await?;
         let r = request.into_inner();
-        let key = key_name(&call, "key", &r.key)?;
-        if r.rotation_period.is_some() {
-            return Err(call.unimplemented(
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(_) if r.rotation_period.is_some() => Err(status::status(
+                Code::Unimplemented,
                 "automatic rotation is not built yet (it arrives with the key-lifecycle work); leave rotation_period unset",
-            ));
-        }
-        let new_labels = r.update_labels.then(|| labels(r.labels));
-        let info = self
-            .custody
-            .update_key(&call.grant, &key, r.description, new_labels)
-            .await
-            .map_err(|e| call.fail(e))?;
-        Ok(call.ok(key_message(info)))
+                &call.request_id,
+            )),
+            Ok(key) => {
+                let new_labels = r.update_labels.then(|| labels(r.labels));
+                let out = self
+                    .custody
+                    .update_key(&call.grant, &key, r.description, new_labels)
+                    .await;
+                custody(&call, out, |k| done(key_message(k.clone()), primary(&k)))
+            }
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &[]).await
     }
 
     async fn enable_key_version(
         &self,
         request: Request<proto::KeyVersionRequest>,
     ) -> Result<Response<proto::Key>, Status> {
-        let call = self.begin(&request, Role::Officer, "EnableKeyVersion")?;
+        let call = self
+            .begin(&request, Role::Officer, "EnableKeyVersion")
+            .await?;
         let r = request.into_inner();
-        let key = key_name(&call, "key", &r.key)?;
-        let info = self
-            .custody
-            .enable_version(&call.grant, &key, r.version)
-            .await
-            .map_err(|e| call.fail(e))?;
-        Ok(call.ok(key_message(info)))
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(key) => {
+                let out = self
+                    .custody
+                    .enable_version(&call.grant, &key, r.version)
+                    .await;
+                custody(&call, out, |k| done(key_message(k), key.version(r.version)))
+            }
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &[]).await
     }
 
     async fn disable_key_version(
         &self,
         request: Request<proto::KeyVersionRequest>,
     ) -> Result<Response<proto::Key>, Status> {
-        let call = self.begin(&request, Role::Officer, "DisableKeyVersion")?;
+        let call = self
+            .begin(&request, Role::Officer, "DisableKeyVersion")
+            .await?;
         let r = request.into_inner();
-        let key = key_name(&call, "key", &r.key)?;
-        let info = self
-            .custody
-            .disable_version(&call.grant, &key, r.version)
-            .await
-            .map_err(|e| call.fail(e))?;
-        Ok(call.ok(key_message(info)))
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(key) => {
+                let out = self
+                    .custody
+                    .disable_version(&call.grant, &key, r.version)
+                    .await;
+                custody(&call, out, |k| done(key_message(k), key.version(r.version)))
+            }
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &[]).await
     }
 
     async fn schedule_key_version_destruction(
         &self,
         request: Request<proto::ScheduleKeyVersionDestructionRequest>,
     ) -> Result<Response<proto::Approval>, Status> {
-        let call = self.begin(&request, Role::Officer, "ScheduleKeyVersionDestruction")?;
-        Err(call.unimplemented(FOUR_EYES_PENDING))
+        let call = self
+            .begin(&request, Role::Officer, "ScheduleKeyVersionDestruction")
+            .await?;
+        let key = request.into_inner().key;
+        let s = status::status(Code::Unimplemented, FOUR_EYES_PENDING, &call.request_id);
+        self.finish(call, Err(s), &key, &[]).await
     }
 
     async fn cancel_key_version_destruction(
         &self,
         request: Request<proto::KeyVersionRequest>,
     ) -> Result<Response<proto::Key>, Status> {
-        let call = self.begin(&request, Role::Officer, "CancelKeyVersionDestruction")?;
+        let call = self
+            .begin(&request, Role::Officer, "CancelKeyVersionDestruction")
+            .await?;
         let r = request.into_inner();
-        let key = key_name(&call, "key", &r.key)?;
-        let info = self
-            .custody
-            .cancel_destruction(&call.grant, &key, r.version)
-            .await
-            .map_err(|e| call.fail(e))?;
-        Ok(call.ok(key_message(info)))
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(key) => {
+                let out = self
+                    .custody
+                    .cancel_destruction(&call.grant, &key, r.version)
+                    .await;
+                custody(&call, out, |k| done(key_message(k), key.version(r.version)))
+            }
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &[]).await
     }
 
     async fn list_approvals(
         &self,
         request: Request<proto::ListApprovalsRequest>,
     ) -> Result<Response<proto::ListApprovalsResponse>, Status> {
-        let call = self.begin(&request, Role::Officer, "ListApprovals")?;
-        Err(call.unimplemented(FOUR_EYES_PENDING))
+        let call = self.begin(&request, Role::Officer, "ListApprovals").await?;
+        let s = status::status(Code::Unimplemented, FOUR_EYES_PENDING, &call.request_id);
+        self.finish(call, Err(s), "", &[]).await
     }
 
     async fn approve(
         &self,
         request: Request<proto::ApprovalRequest>,
     ) -> Result<Response<proto::Approval>, Status> {
-        let call = self.begin(&request, Role::Officer, "Approve")?;
-        Err(call.unimplemented(FOUR_EYES_PENDING))
+        let call = self.begin(&request, Role::Officer, "Approve").await?;
+        let s = status::status(Code::Unimplemented, FOUR_EYES_PENDING, &call.request_id);
+        self.finish(call, Err(s), "", &[]).await
     }
 
     async fn reject(
         &self,
         request: Request<proto::ApprovalRequest>,
     ) -> Result<Response<proto::Approval>, Status> {
-        let call = self.begin(&request, Role::Officer, "Reject")?;
-        Err(call.unimplemented(FOUR_EYES_PENDING))
+        let call = self.begin(&request, Role::Officer, "Reject").await?;
+        let s = status::status(Code::Unimplemented, FOUR_EYES_PENDING, &call.request_id);
+        self.finish(call, Err(s), "", &[]).await
     }
 }
 
 const FOUR_EYES_PENDING: &str = "destruction with four-eyes approval is not built yet (it arrives with the key-lifecycle work); disable the version instead";
-
-const AUDIT_PENDING: &str = "the audit log is not built yet (it arrives with the audit-log work)";
 
 #[tonic::async_trait]
 impl AuditService for Api {
@@ -513,23 +821,135 @@ impl AuditService for Api {
         &self,
         request: Request<proto::ExportAuditLogRequest>,
     ) -> Result<Response<Self::ExportAuditLogStream>, Status> {
-        let call = self.begin(&request, Role::Auditor, "ExportAuditLog")?;
-        Err(call.unimplemented(AUDIT_PENDING))
+        let call = self
+            .begin(&request, Role::Auditor, "ExportAuditLog")
+            .await?;
+        let r = request.into_inner();
+        let filter = (|| {
+            let key = match optional_key_name(&call, "key", &r.key)? {
+                Some(k) => {
+                    call.grant
+                        .check_key(&k)
+                        .map_err(|e| status::denied(&e, &call.request_id))?;
+                    Some(k.to_string())
+                }
+                None => None,
+            };
+            Ok(ExportFilter {
+                tenant: call.grant.tenant().as_str().to_owned(),
+                from_ms: r.from.as_ref().map_or(0, millis),
+                to_ms: r.to.as_ref().map_or_else(crate::model::now_millis, millis),
+                key,
+                caller: (!r.caller.is_empty()).then(|| r.caller.clone()),
+            })
+        })();
+        let request_id = call.request_id.clone();
+        let filter = match filter {
+            Ok(f) => f,
+            Err(s) => return self.finish(call, Err(s), &r.key, &[]).await,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let response = self
+            .finish(
+                call,
+                Ok(done(tokio_stream::wrappers::ReceiverStream::new(rx), "")),
+                &r.key,
+                &[],
+            )
+            .await?;
+        let audit = self.audit.clone();
+        tokio::spawn(async move {
+            let (items_tx, mut items_rx) = tokio::sync::mpsc::channel(256);
+            let producer = tokio::spawn(async move { audit.export(&filter, &items_tx).await });
+            while let Some(item) = items_rx.recv().await {
+                if tx.send(Ok(export_message(item))).await.is_err() {
+                    return;
+                }
+            }
+            match producer.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(request_id = %request_id, error = %e, "audit export failed");
+                    let _ = tx
+                        .send(Err(status::status(
+                            Code::Unavailable,
+                            "the audit export failed; retry",
+                            &request_id,
+                        )))
+                        .await;
+                }
+                Err(e) => {
+                    tracing::error!(request_id = %request_id, error = %e, "audit export task failed");
+                    let _ = tx
+                        .send(Err(status::status(
+                            Code::Internal,
+                            "internal error",
+                            &request_id,
+                        )))
+                        .await;
+                }
+            }
+        });
+        Ok(response)
     }
 
     async fn get_audit_checkpoint(
         &self,
         request: Request<proto::GetAuditCheckpointRequest>,
     ) -> Result<Response<proto::AuditCheckpoint>, Status> {
-        let call = self.begin(&request, Role::Auditor, "GetAuditCheckpoint")?;
-        Err(call.unimplemented(AUDIT_PENDING))
+        let call = self
+            .begin(&request, Role::Auditor, "GetAuditCheckpoint")
+            .await?;
+        let result = match self.audit.checkpoint_now().await {
+            Ok(Some(c)) => Ok(done(checkpoint_message(&c), "")),
+            Ok(None) => Err(status::status(
+                Code::NotFound,
+                "the audit log is empty",
+                &call.request_id,
+            )),
+            Err(e) => {
+                tracing::error!(request_id = %call.request_id, error = %e, "audit checkpoint failed");
+                Err(status::status(
+                    Code::Unavailable,
+                    "the audit log is unavailable; retry later",
+                    &call.request_id,
+                ))
+            }
+        };
+        self.finish(call, result, "", &[]).await
     }
 
     async fn get_audit_public_key(
         &self,
         request: Request<proto::GetAuditPublicKeyRequest>,
     ) -> Result<Response<proto::AuditPublicKey>, Status> {
-        let call = self.begin(&request, Role::Auditor, "GetAuditPublicKey")?;
-        Err(call.unimplemented(AUDIT_PENDING))
+        let call = self
+            .begin(&request, Role::Auditor, "GetAuditPublicKey")
+            .await?;
+        let pem = self.audit.public_key_pem();
+        self.finish(call, Ok(done(proto::AuditPublicKey { pem }, "")), "", &[])
+            .await
+    }
+
+    async fn compute_aad_hmac(
+        &self,
+        request: Request<proto::ComputeAadHmacRequest>,
+    ) -> Result<Response<proto::ComputeAadHmacResponse>, Status> {
+        let call = self
+            .begin(&request, Role::Auditor, "ComputeAadHmac")
+            .await?;
+        let aad = request.into_inner().aad;
+        let result = match self.audit.hmac_aad(&aad).await {
+            Ok(aad_hmac) => Ok(done(proto::ComputeAadHmacResponse { aad_hmac }, "")),
+            Err(e) => {
+                tracing::error!(request_id = %call.request_id, error = %e, "AAD HMAC failed");
+                Err(status::status(
+                    Code::Unavailable,
+                    "the HSM is unavailable; retry later",
+                    &call.request_id,
+                ))
+            }
+        };
+        self.finish(call, result, "", &aad).await
     }
 }

@@ -22,6 +22,7 @@ use super::proto::audit_service_server::AuditServiceServer;
 use super::proto::key_admin_service_server::KeyAdminServiceServer;
 use super::proto::key_service_server::KeyServiceServer;
 use super::{Api, MAX_REQUEST_BYTES, proto};
+use crate::audit::{AuditError, AuditLog, AuditOptions};
 use crate::auth::{ClientAuthenticator, SharedPolicy};
 use crate::config::{Config, ConfigError};
 use crate::custody::{Custody, CustodyError, CustodyOptions};
@@ -48,6 +49,9 @@ pub enum StartError {
     /// The database could not be opened.
     #[error("database: {0}")]
     Store(#[from] StoreError),
+    /// The audit log could not be opened.
+    #[error("audit log: {0}")]
+    Audit(#[from] AuditError),
     /// Loading or reconciling key metadata failed.
     #[error("key metadata: {0}")]
     Custody(#[from] CustodyError),
@@ -70,7 +74,11 @@ impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Config(_) => 64,
-            Self::Hsm(_) | Self::Store(_) | Self::Custody(_) | Self::Bind { .. } => 69,
+            Self::Hsm(_)
+            | Self::Store(_)
+            | Self::Custody(_)
+            | Self::Audit(_)
+            | Self::Bind { .. } => 69,
             Self::Serve(_) => 70,
         }
     }
@@ -142,8 +150,15 @@ impl Server {
                 "start-up reconciliation changed or reported something"
             );
         }
+        let audit = AuditLog::open(
+            custody.hsm().clone(),
+            custody.store().clone(),
+            AuditOptions::default(),
+        )
+        .await?;
         let api = Api::new(
             custody.clone(),
+            audit,
             authenticator,
             Arc::clone(&policy),
             config.max_concurrent_requests,

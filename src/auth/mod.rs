@@ -323,6 +323,11 @@ impl Policy {
         self.entries.is_empty()
     }
 
+    /// The tenant the policy assigns to an identity, if it knows the identity.
+    pub fn tenant_of(&self, identity: &Identity) -> Option<&Tenant> {
+        self.entries.get(&identity.name).map(|e| &e.tenant)
+    }
+
     /// Decides whether `identity` may act as `role`.
     pub fn grant(&self, identity: &Identity, role: Role) -> Result<Grant, Denied> {
         let entry = self

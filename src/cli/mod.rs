@@ -7,8 +7,8 @@
 //! Exit codes (stable, for scripts): 0 success; 1 other failure; 2 usage; 3 not found;
 //! 4 not authenticated or not allowed; 5 invalid input (including a ciphertext that does not
 //! open); 6 refused in the key's current state (or a conflict); 7 unavailable (server, HSM or
-//! database unreachable, overloaded, timed out: retry later); 64 bad configuration;
-//! 69 a dependency of `serve` is unreachable.
+//! database unreachable, overloaded, timed out: retry later); 8 an audit export does not
+//! verify; 64 bad configuration; 69 a dependency of `serve` is unreachable.
 
 pub mod dev;
 mod output;
@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use rustls::pki_types::pem::PemObject;
 use tonic::Code;
 use zeroize::Zeroizing;
 
@@ -73,6 +74,9 @@ enum Command {
     /// Create, inspect, rotate and manage keys (role officer).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Export and verify the audit log (role auditor; `verify` works offline).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Wrap a data key or small secret under a key's primary version (role service).
     Wrap(WrapArgs),
     /// Unwrap a blob made by `wrap` or `datakey` (role service).
@@ -143,6 +147,58 @@ enum KeyCommand {
         /// Version number.
         version: u32,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Export your tenant's audit log, verifiable offline, to a file.
+    Export {
+        /// Start of the range: RFC 3339 (2026-11-21T00:00:00Z) or Unix milliseconds.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the range (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only records of this key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only records of this caller identity.
+        #[arg(long)]
+        caller: Option<String>,
+        /// File format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// The file to write.
+        #[arg(short = 'o', long = "out")]
+        out: PathBuf,
+    },
+    /// Verify an export offline: every hash link and checkpoint signature.
+    Verify {
+        /// The export (JSON Lines or CSV).
+        file: PathBuf,
+        /// The checkpoint public key, PEM (`tresor audit public-key`).
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+    /// Print the checkpoint public key (PEM), or write it to a file.
+    PublicKey {
+        /// Write the PEM to this file.
+        #[arg(short = 'o', long = "out")]
+        out: Option<PathBuf>,
+    },
+    /// Sign the chain head now and show the latest checkpoint.
+    Checkpoint,
+    /// The HMAC the audit log records for an AAD value, to search exports for it.
+    Hmac(AadArgs),
+}
+
+/// Audit export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ExportFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// Comma-separated values with a header row.
+    Csv,
 }
 
 /// Additional authenticated data, given one way at most.
@@ -360,10 +416,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let out = Output::new(cli.output);
     match cli.command {
         Command::Serve { config } => serve(&config).await,
+        Command::Audit(AuditCommand::Verify { file, public_key }) => {
+            verify_export(&file, &public_key, &out)
+        }
         command => {
             let client = connect(cli.profile.as_deref()).await?;
             match command {
                 Command::Key(k) => key_command(&client, k, &out).await,
+                Command::Audit(a) => audit_command(&client, a, &out).await,
                 Command::Wrap(a) => wrap(&client, a, &out).await,
                 Command::Unwrap(a) => unwrap(&client, a, &out).await,
                 Command::Datakey(a) => datakey(&client, a, &out).await,
@@ -735,4 +795,261 @@ async fn datakey(client: &Client, a: DatakeyArgs, out: &Output) -> Result<(), Fa
         !a.without_plaintext,
     );
     Ok(())
+}
+
+/// Parses RFC 3339 or Unix milliseconds into a protobuf timestamp.
+fn parse_time(flag: &str, text: &str) -> Result<prost_types::Timestamp, Failure> {
+    let ms = match text.parse::<i64>() {
+        Ok(ms) => ms,
+        Err(_) => {
+            let t =
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| {
+                    Failure::new(
+                        2,
+                        format!("{flag} {text:?}: {e}"),
+                        "give RFC 3339 (2026-11-21T00:00:00Z) or Unix milliseconds",
+                    )
+                })?;
+            i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+        }
+    };
+    Ok(prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    })
+}
+
+/// The export item carried by one streamed message.
+fn item_of(r: proto::AuditRecord) -> Result<crate::audit::record::ExportItem, Failure> {
+    use crate::audit::record::{Checkpoint, ExportItem, Record, RecordBody};
+    let bad = |what: &str| {
+        Failure::new(
+            1,
+            format!("the server sent a malformed audit item ({what})"),
+            "report this with the request id",
+        )
+    };
+    let hash = |b: &[u8], what: &str| <[u8; 32]>::try_from(b).map_err(|_| bad(what));
+    Ok(match proto::AuditItemKind::try_from(r.kind) {
+        Ok(proto::AuditItemKind::Record) => ExportItem::Record(Record {
+            seq: r.sequence,
+            prev_hash: hash(&r.previous_hash, "previous hash")?,
+            time_ms: r.time_ms,
+            tenant: r.tenant,
+            body: RecordBody {
+                request_id: r.request_id,
+                caller: r.caller,
+                fingerprint: r.certificate_fingerprint,
+                role: r.role,
+                operation: r.operation,
+                key: r.key,
+                key_version: r.key_version,
+                outcome: r.outcome,
+                status_code: r.status_code,
+                peer: r.peer,
+                aad_hmac: r.aad_hmac,
+            },
+        }),
+        Ok(proto::AuditItemKind::Withheld) => ExportItem::Withheld {
+            seq: r.sequence,
+            prev_hash: hash(&r.previous_hash, "previous hash")?,
+            time_ms: r.time_ms,
+            tenant: r.tenant,
+            body_digest: hash(&r.body_digest, "body digest")?,
+        },
+        Ok(proto::AuditItemKind::Checkpoint) => {
+            let c = r
+                .checkpoint
+                .ok_or_else(|| bad("checkpoint without its signature"))?;
+            ExportItem::Checkpoint(Checkpoint {
+                seq: c.sequence,
+                hash: hash(&c.chain_hash, "chain hash")?,
+                time_ms: c.time_ms,
+                signature: c.signature,
+            })
+        }
+        _ => return Err(bad("unknown kind")),
+    })
+}
+
+async fn audit_command(
+    client: &Client,
+    command: AuditCommand,
+    out: &Output,
+) -> Result<(), Failure> {
+    use crate::audit::file::{Format as FileFormat, Row, Writer};
+    use crate::audit::record::ExportItem;
+    let mut audit = client.audit();
+    match command {
+        AuditCommand::Export {
+            from,
+            to,
+            key,
+            caller,
+            format,
+            out: path,
+        } => {
+            let request = proto::ExportAuditLogRequest {
+                from: from
+                    .as_deref()
+                    .map(|t| parse_time("--from", t))
+                    .transpose()?,
+                to: to.as_deref().map(|t| parse_time("--to", t)).transpose()?,
+                key: key.unwrap_or_default(),
+                caller: caller.unwrap_or_default(),
+            };
+            let mut stream = audit
+                .export_audit_log(request)
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner();
+            let file = std::fs::File::create(&path).map_err(|e| {
+                Failure::new(
+                    1,
+                    format!("cannot write {}: {e}", path.display()),
+                    "check the path given to -o",
+                )
+            })?;
+            let format = match format {
+                ExportFormat::Jsonl => FileFormat::Jsonl,
+                ExportFormat::Csv => FileFormat::Csv,
+            };
+            let mut writer = Writer::new(format, std::io::BufWriter::new(file));
+            let progress = indicatif::ProgressBar::new_spinner();
+            progress.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {pos} items exported ({per_sec}) {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            let (mut shown, mut withheld, mut checkpoints) = (0u64, 0u64, 0u64);
+            while let Some(message) = stream.message().await.map_err(|s| from_status(&s))? {
+                let item = item_of(message)?;
+                match &item {
+                    ExportItem::Record(_) => shown += 1,
+                    ExportItem::Withheld { .. } => withheld += 1,
+                    ExportItem::Checkpoint(_) => checkpoints += 1,
+                }
+                writer.write(&Row::from_item(&item)).map_err(|e| {
+                    Failure::new(
+                        1,
+                        format!("cannot write {}: {e}", path.display()),
+                        "check free space",
+                    )
+                })?;
+                progress.inc(1);
+            }
+            progress.finish_and_clear();
+            writer.finish().map_err(|e| {
+                Failure::new(
+                    1,
+                    format!("cannot write {}: {e}", path.display()),
+                    "check free space",
+                )
+            })?;
+            out.summary(&format!(
+                "exported {shown} records ({withheld} withheld by tenant, range or filter) and {checkpoints} checkpoints to {}",
+                path.display()
+            ));
+            Ok(())
+        }
+        AuditCommand::PublicKey { out: path } => {
+            let pem = audit
+                .get_audit_public_key(proto::GetAuditPublicKeyRequest {})
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner()
+                .pem;
+            match path {
+                Some(p) => write_output(&p, pem.as_bytes(), false),
+                None => {
+                    out.text(&pem);
+                    Ok(())
+                }
+            }
+        }
+        AuditCommand::Checkpoint => {
+            let c = audit
+                .get_audit_checkpoint(proto::GetAuditCheckpointRequest {})
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner();
+            out.checkpoint(&c);
+            Ok(())
+        }
+        AuditCommand::Hmac(a) => {
+            let aad = aad(&a)?;
+            let r = audit
+                .compute_aad_hmac(proto::ComputeAadHmacRequest { aad })
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner();
+            out.hmac(&r.aad_hmac);
+            Ok(())
+        }
+        AuditCommand::Verify { .. } => Ok(()),
+    }
+}
+
+/// `tresor audit verify`: offline, no server.
+fn verify_export(path: &Path, public_key: &Path, out: &Output) -> Result<(), Failure> {
+    use crate::audit::{file, record};
+    let pem = std::fs::read(public_key).map_err(|e| {
+        Failure::new(
+            64,
+            format!("cannot read {}: {e}", public_key.display()),
+            "save it with `tresor audit public-key -o FILE`",
+        )
+    })?;
+    let spki = rustls::pki_types::SubjectPublicKeyInfoDer::from_pem_slice(&pem).map_err(|e| {
+        Failure::new(
+            64,
+            format!("{}: not a PEM public key: {e}", public_key.display()),
+            "save it with `tresor audit public-key -o FILE`",
+        )
+    })?;
+    let point = record::p256_point_from_spki(spki.as_ref()).ok_or_else(|| {
+        Failure::new(
+            64,
+            format!("{}: not a P-256 public key", public_key.display()),
+            "use the key `tresor audit public-key` prints",
+        )
+    })?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Failure::new(
+            5,
+            format!("cannot read {}: {e}", path.display()),
+            "check the path of the export",
+        )
+    })?;
+    let rows = file::read(&text).map_err(|e| {
+        Failure::new(
+            8,
+            format!("{}: {e}", path.display()),
+            "the file is not a Tresor audit export, or was damaged",
+        )
+    })?;
+    let items = rows
+        .iter()
+        .map(file::Row::to_item)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            Failure::new(
+                8,
+                format!("{}: {e}", path.display()),
+                "the file is not a Tresor audit export, or was damaged",
+            )
+        })?;
+    match record::verify(&items, &point) {
+        Ok(v) => {
+            out.verified(&v);
+            Ok(())
+        }
+        Err(e) => Err(Failure::new(
+            8,
+            format!("{} does not verify: {e}", path.display()),
+            "the export or the log it came from was altered, truncated or signed by another key; keep the file as evidence",
+        )),
+    }
 }

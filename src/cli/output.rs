@@ -222,3 +222,76 @@ impl Output {
         say!("key_version: {key_version}");
     }
 }
+
+impl Output {
+    /// A one-line result for people (scripts get `{"summary": …}`).
+    pub(super) fn summary(&self, line: &str) {
+        if self.format == Format::Json {
+            return Self::print_json(&json!({ "summary": line }));
+        }
+        say!("{line}");
+    }
+
+    pub(super) fn text(&self, text: &str) {
+        if self.format == Format::Json {
+            return Self::print_json(&json!({ "pem": text }));
+        }
+        say!("{}", text.trim_end());
+    }
+
+    pub(super) fn hmac(&self, hmac: &str) {
+        if self.format == Format::Json {
+            return Self::print_json(&json!({ "aad_hmac": hmac }));
+        }
+        say!("aad_hmac: {hmac}");
+    }
+
+    pub(super) fn checkpoint(&self, c: &proto::AuditCheckpoint) {
+        let hash = crate::model::to_hex(&c.chain_hash);
+        let signature = crate::model::to_hex(&c.signature);
+        if self.format == Format::Json {
+            return Self::print_json(
+                &json!({ "seq": c.sequence, "chain_hash": hash, "time": time(c.time.as_ref()), "time_ms": c.time_ms, "signature": signature }),
+            );
+        }
+        say!("sequence:   {}", c.sequence);
+        say!("chain hash: {hash}");
+        say!("time:       {}", time(c.time.as_ref()));
+        say!("signature:  {signature}");
+    }
+
+    pub(super) fn verified(&self, v: &crate::audit::record::Verified) {
+        let span = v.time_span.map(|(a, b)| {
+            let t = |ms: i64| {
+                time(Some(&prost_types::Timestamp {
+                    seconds: ms.div_euclid(1000),
+                    nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+                }))
+            };
+            (t(a), t(b))
+        });
+        if self.format == Format::Json {
+            return Self::print_json(&json!({
+                "verified": true,
+                "records": v.records,
+                "withheld": v.withheld,
+                "checkpoints": v.checkpoints,
+                "first_seq": v.seq_range.0,
+                "last_seq": v.seq_range.1,
+                "from": span.as_ref().map(|s| s.0.clone()),
+                "to": span.as_ref().map(|s| s.1.clone()),
+            }));
+        }
+        let span = span
+            .map(|(a, b)| format!(", {a} to {b}"))
+            .unwrap_or_default();
+        say!(
+            "verified: {} records{span}, sequence {} to {} complete ({} withheld by tenant, range or filter), {} checkpoint signatures",
+            v.records,
+            v.seq_range.0,
+            v.seq_range.1,
+            v.withheld,
+            v.checkpoints
+        );
+    }
+}

@@ -263,6 +263,11 @@ struct Inner {
     /// One permit per pooled session: bounds the calls in flight; `reinitialise` takes all.
     permits: Arc<Semaphore>,
     pool_size: u32,
+    /// A few extra sessions for the audit log's AAD HMACs. A request that already did its
+    /// crypto must not wait behind newer requests for its HMAC: with one FIFO pool, an
+    /// overloaded HSM would make every request miss its deadline (nothing completes).
+    audit_permits: Arc<Semaphore>,
+    audit_lane: u32,
     call_timeout: Duration,
     /// Serialises token-object creation and destruction (SoftHSM issue 573).
     object_lock: Mutex<()>,
@@ -308,6 +313,15 @@ enum Failure {
         recovery: Recovery,
         generation: u64,
     },
+}
+
+/// Which session permits a call uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Every custody operation.
+    Main,
+    /// The audit log's AAD HMACs.
+    Audit,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -437,6 +451,8 @@ impl Hsm {
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(pool_size as usize)),
             pool_size,
+            audit_permits: Arc::new(Semaphore::new((pool_size as usize / 2).max(1))),
+            audit_lane: (pool_size / 2).max(1),
             call_timeout: config.call_timeout,
             object_lock: Mutex::new(()),
             handles: RwLock::new(HashMap::new()),
@@ -701,6 +717,47 @@ impl Hsm {
         .await
     }
 
+    /// Creates a 256-bit HMAC key (generic secret): sensitive, never extractable, sign only.
+    /// Not retried.
+    pub async fn generate_hmac_key(&self, id: ObjectId, label: String) -> Result<(), HsmError> {
+        self.run(Call::Other, Retry::Never, move |cx| {
+            let template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::ValueLen(32u64.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Modifiable(false),
+                Attribute::Copyable(false),
+                Attribute::Sign(true),
+                Attribute::Verify(false),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Derive(false),
+                Attribute::Id(id.0.to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ];
+            let _serialised = cx.object_lock();
+            let handle = cx
+                .session
+                .generate_key(&Mechanism::GenericSecretKeyGen, &template)?;
+            cx.remember(id, Kind::Secret, handle);
+            Ok(())
+        })
+        .await
+    }
+
+    /// HMAC-SHA256 of `data` under the HMAC key with this `CKA_ID`.
+    pub async fn hmac_sha256(&self, id: ObjectId, data: Vec<u8>) -> Result<Vec<u8>, HsmError> {
+        self.run_in(Lane::Audit, Call::Other, Retry::Once, move |cx| {
+            let handle = cx.object(id, Kind::Secret)?;
+            Ok(cx.session.sign(&Mechanism::Sha256Hmac, handle, &data)?)
+        })
+        .await
+    }
+
     /// The public point (uncompressed, 65 bytes) of the signing key pair with this `CKA_ID`.
     pub async fn signing_public_key(&self, id: ObjectId) -> Result<Vec<u8>, HsmError> {
         self.run(Call::Other, Retry::Once, move |cx| {
@@ -734,6 +791,18 @@ impl Hsm {
         T: Send + 'static,
         F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
     {
+        self.run_in(Lane::Main, call, retry, op).await
+    }
+
+    async fn run_in<T, F>(&self, lane: Lane, call: Call, retry: Retry, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
+    {
+        let permits = match lane {
+            Lane::Main => &self.inner.permits,
+            Lane::Audit => &self.inner.audit_permits,
+        };
         let op = Arc::new(op);
         let deadline = tokio::time::Instant::now() + self.inner.call_timeout;
         let mut recoveries = 0;
@@ -741,13 +810,10 @@ impl Hsm {
             if self.inner.pin_refused.load(Ordering::Relaxed) {
                 return Err(HsmError::PinRefused(RvError::PinIncorrect));
             }
-            let permit =
-                tokio::time::timeout_at(deadline, Arc::clone(&self.inner.permits).acquire_owned())
-                    .await
-                    .map_err(|_| {
-                        unavailable("no HSM session became free before the call's deadline")
-                    })?
-                    .map_err(|_| unavailable("session pool closed"))?;
+            let permit = tokio::time::timeout_at(deadline, Arc::clone(permits).acquire_owned())
+                .await
+                .map_err(|_| unavailable("no HSM session became free before the call's deadline"))?
+                .map_err(|_| unavailable("session pool closed"))?;
             let inner = Arc::clone(&self.inner);
             let attempt_op = Arc::clone(&op);
             let worker = tokio::task::spawn_blocking(move || {
@@ -796,15 +862,23 @@ impl Hsm {
         observed: Option<u64>,
         deadline: tokio::time::Instant,
     ) -> Result<(), HsmError> {
-        let all = tokio::time::timeout_at(
-            deadline,
-            Arc::clone(&self.inner.permits).acquire_many_owned(self.inner.pool_size),
-        )
-        .await
-        .map_err(|_| {
-            unavailable("HSM calls still in flight at the call's deadline; not re-initialising yet")
-        })?
-        .map_err(|_| unavailable("session pool closed"))?;
+        let all = async {
+            let main = Arc::clone(&self.inner.permits)
+                .acquire_many_owned(self.inner.pool_size)
+                .await?;
+            let audit = Arc::clone(&self.inner.audit_permits)
+                .acquire_many_owned(self.inner.audit_lane)
+                .await?;
+            Ok::<_, tokio::sync::AcquireError>((main, audit))
+        };
+        let all = tokio::time::timeout_at(deadline, all)
+            .await
+            .map_err(|_| {
+                unavailable(
+                    "HSM calls still in flight at the call's deadline; not re-initialising yet",
+                )
+            })?
+            .map_err(|_| unavailable("session pool closed"))?;
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
             let _all = all;

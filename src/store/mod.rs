@@ -9,6 +9,8 @@
 //! power cut, because blobs wrapped under it are unreadable without it. The file is created
 //! with mode 0600 (SQLite gives its `-wal` and `-shm` files the same mode).
 
+mod audit;
+
 use std::fs::OpenOptions;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};

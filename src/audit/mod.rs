@@ -1,0 +1,528 @@
+//! The tamper-evident audit log: records, hash chain, group-commit writer, checkpoints, export.
+//!
+//! Owns appending records durably and in order, signing checkpoints with the HSM's audit key,
+//! computing AAD HMACs with the HSM's audit HMAC key, and assembling verifiable exports. It
+//! talks to the HSM and the store only through their interfaces and knows nothing of gRPC.
+//! [`record`] is the pure part (encodings, hashes, the offline verifier), which the store
+//! persists and `tresor audit verify` uses without a server.
+//!
+//! One writer task owns the chain head. Callers hand it a record and wait: it takes every
+//! record queued at that moment (up to [`MAX_BATCH`]), chains them, commits them in one
+//! transaction, and only then answers each caller. So concurrent requests share one commit
+//! (group commit) without any added delay, and no caller learns of success before its record
+//! is durable (fail closed).
+
+pub mod file;
+pub mod record;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hsm::{Hsm, HsmError, ObjectId};
+use crate::model::{from_hex, now_millis, to_hex};
+use crate::store::{Store, StoreError};
+use record::{Checkpoint, ExportItem, GENESIS, Record, RecordBody, checkpoint_message};
+
+/// Most records committed in one transaction.
+pub const MAX_BATCH: usize = 1024;
+/// Records queued for the writer at most; callers beyond wait (back-pressure).
+const QUEUE: usize = 8192;
+
+/// Checkpoint policy.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditOptions {
+    /// Sign the chain head after this many records.
+    pub checkpoint_every: u64,
+    /// ... and at least this often while records arrive.
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Audit failures. Every one of them means the caller's operation must not report success.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The record could not be made durable.
+    #[error("the audit log is unavailable: {0}")]
+    Unavailable(String),
+    /// The HSM failed.
+    #[error("audit HSM operation failed: {0}")]
+    Hsm(#[from] HsmError),
+    /// The database failed.
+    #[error("audit store failed: {0}")]
+    Store(#[from] StoreError),
+    /// An audit key is recorded in the database but missing from the HSM.
+    #[error("the audit {0} key is recorded but missing from the HSM; restore it before starting")]
+    KeyMissing(&'static str),
+}
+
+struct Pending {
+    tenant: String,
+    body: RecordBody,
+    done: oneshot::Sender<Result<u64, String>>,
+}
+
+// Appends are the common case on the hot path; boxing them would add an allocation per record.
+#[allow(clippy::large_enum_variant)]
+enum Command {
+    Append(Pending),
+    /// Sign the current head now (if not yet signed) and answer with the latest checkpoint.
+    Checkpoint(oneshot::Sender<Result<Option<Checkpoint>, String>>),
+}
+
+/// The audit log handle: cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    store: Store,
+    hsm: Hsm,
+    hmac_key: ObjectId,
+    public_point: Vec<u8>,
+    /// A build for measuring the cost of auditing; never in production builds.
+    #[cfg(feature = "bench-unaudited")]
+    noop: bool,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog").finish_non_exhaustive()
+    }
+}
+
+const SIGNING: &str = "signing";
+const HMAC: &str = "hmac";
+
+fn object_id(hex: &str) -> Option<ObjectId> {
+    from_hex(hex)
+        .and_then(|v| <[u8; 16]>::try_from(v).ok())
+        .map(ObjectId)
+}
+
+fn random_id() -> Result<ObjectId, AuditError> {
+    let mut id = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+        .map_err(|_| AuditError::Unavailable("no system randomness".into()))?;
+    Ok(ObjectId(id))
+}
+
+impl AuditLog {
+    /// Loads (or, at first start, creates in the HSM) the audit keys, continues the chain from
+    /// the database, and starts the writer.
+    pub async fn open(hsm: Hsm, store: Store, options: AuditOptions) -> Result<Self, AuditError> {
+        let labels = format!("tresor-audit/{}", store.installation_id());
+        let (signing, public_point) = match store.audit_key(SIGNING).await? {
+            Some((id, point)) => {
+                let id = object_id(&id).ok_or(AuditError::KeyMissing(SIGNING))?;
+                let in_hsm = match hsm.signing_public_key(id).await {
+                    Ok(p) => p,
+                    Err(HsmError::ObjectNotFound(_)) => {
+                        return Err(AuditError::KeyMissing(SIGNING));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if to_hex(&in_hsm) != point {
+                    return Err(AuditError::KeyMissing(SIGNING));
+                }
+                (id, in_hsm)
+            }
+            None => {
+                let id = random_id()?;
+                let point = hsm
+                    .generate_signing_key(id, format!("{labels}/signing"))
+                    .await?;
+                if let Err(e) = store
+                    .insert_audit_key(SIGNING, &id.to_string(), &to_hex(&point))
+                    .await
+                {
+                    let _ = hsm.destroy_signing_key(id).await;
+                    return Err(e.into());
+                }
+                tracing::info!("audit signing key created in the HSM");
+                (id, point)
+            }
+        };
+        let hmac_key = match store.audit_key(HMAC).await? {
+            Some((id, _)) => {
+                let id = object_id(&id).ok_or(AuditError::KeyMissing(HMAC))?;
+                if !hsm.secret_key_exists(id).await? {
+                    return Err(AuditError::KeyMissing(HMAC));
+                }
+                id
+            }
+            None => {
+                let id = random_id()?;
+                hsm.generate_hmac_key(id, format!("{labels}/hmac")).await?;
+                if let Err(e) = store.insert_audit_key(HMAC, &id.to_string(), "").await {
+                    let _ = hsm.destroy_secret_key(id).await;
+                    return Err(e.into());
+                }
+                id
+            }
+        };
+        let head = store.audit_head().await?;
+        let checkpointed = store
+            .audit_latest_checkpoint()
+            .await?
+            .map(|c| c.seq)
+            .unwrap_or(0);
+        let (commands, rx) = mpsc::channel(QUEUE);
+        let writer = Writer {
+            store: store.clone(),
+            hsm: hsm.clone(),
+            signing,
+            options,
+            head_seq: head.map(|h| h.0).unwrap_or(0),
+            head_hash: head.map(|h| h.1).unwrap_or(GENESIS),
+            last_time: 0,
+            checkpointed,
+            last_checkpoint: tokio::time::Instant::now(),
+        };
+        tokio::spawn(writer.run(rx));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                commands,
+                store,
+                hsm,
+                hmac_key,
+                public_point,
+                #[cfg(feature = "bench-unaudited")]
+                noop: false,
+            }),
+        })
+    }
+
+    /// The same log with appends replaced by a no-op, to measure what auditing costs.
+    /// Exists only in builds with the `bench-unaudited` feature, which production never uses.
+    #[cfg(feature = "bench-unaudited")]
+    pub fn unaudited_for_benchmarks(&self) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                commands: self.inner.commands.clone(),
+                store: self.inner.store.clone(),
+                hsm: self.inner.hsm.clone(),
+                hmac_key: self.inner.hmac_key,
+                public_point: self.inner.public_point.clone(),
+                noop: true,
+            }),
+        }
+    }
+
+    /// Appends a record and waits until it is durable; returns its sequence number.
+    pub async fn append(&self, tenant: &str, body: RecordBody) -> Result<u64, AuditError> {
+        #[cfg(feature = "bench-unaudited")]
+        if self.inner.noop {
+            return Ok(0);
+        }
+        let (done, wait) = oneshot::channel();
+        self.inner
+            .commands
+            .send(Command::Append(Pending {
+                tenant: tenant.to_owned(),
+                body,
+                done,
+            }))
+            .await
+            .map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))?;
+        wait.await
+            .map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))?
+            .map_err(AuditError::Unavailable)
+    }
+
+    /// HMAC-SHA256 of `aad` under the HSM's audit HMAC key, hex; empty for empty AAD.
+    pub async fn hmac_aad(&self, aad: &[u8]) -> Result<String, AuditError> {
+        if aad.is_empty() {
+            return Ok(String::new());
+        }
+        #[cfg(feature = "bench-unaudited")]
+        if self.inner.noop {
+            return Ok(String::new());
+        }
+        Ok(to_hex(
+            &self
+                .inner
+                .hsm
+                .hmac_sha256(self.inner.hmac_key, aad.to_vec())
+                .await?,
+        ))
+    }
+
+    /// The checkpoint public key, SubjectPublicKeyInfo PEM.
+    pub fn public_key_pem(&self) -> String {
+        crate::pki::pem("PUBLIC KEY", &record::p256_spki(&self.inner.public_point))
+    }
+
+    /// Signs the chain head now unless it already is, and returns the latest checkpoint.
+    pub async fn checkpoint_now(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let (reply, wait) = oneshot::channel();
+        self.inner
+            .commands
+            .send(Command::Checkpoint(reply))
+            .await
+            .map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))?;
+        wait.await
+            .map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))?
+            .map_err(AuditError::Unavailable)
+    }
+
+    /// Streams a verifiable export (see [`ExportFilter`]) into `sink`, in chain order: the
+    /// checkpoint before the range as anchor, every record from there to a checkpoint at or
+    /// after the range's end (shown if it matches, withheld otherwise), and the checkpoints in
+    /// between. Returns how many records were shown.
+    pub async fn export(
+        &self,
+        filter: &ExportFilter,
+        sink: &mpsc::Sender<ExportItem>,
+    ) -> Result<u64, AuditError> {
+        let store = &self.inner.store;
+        let Some((lo, hi)) = store.audit_seq_range(filter.from_ms, filter.to_ms).await? else {
+            return Ok(0);
+        };
+        let anchor = store.audit_checkpoint_before(lo).await?;
+        let start = anchor.as_ref().map_or(1, |c| c.seq + 1);
+        let closing = match store.audit_checkpoint_from(hi).await? {
+            Some(c) => c,
+            None => self
+                .checkpoint_now()
+                .await?
+                .filter(|c| c.seq >= hi)
+                .ok_or_else(|| {
+                    AuditError::Unavailable("could not sign a closing checkpoint".into())
+                })?,
+        };
+        let end = closing.seq;
+        let send = |item| async {
+            sink.send(item)
+                .await
+                .map_err(|_| AuditError::Unavailable("export receiver went away".into()))
+        };
+        if let Some(a) = anchor {
+            send(ExportItem::Checkpoint(a)).await?;
+        }
+        let mut checkpoints = store
+            .audit_checkpoints(start, end)
+            .await?
+            .into_iter()
+            .peekable();
+        let mut shown = 0;
+        let mut next = start;
+        while next <= end {
+            let page = store.audit_records(next, end, 1000).await?;
+            if page.is_empty() {
+                return Err(AuditError::Unavailable(format!(
+                    "audit record {next} is missing from the database"
+                )));
+            }
+            for (r, _) in page {
+                next = r.seq + 1;
+                let seq = r.seq;
+                if filter.shows(&r) {
+                    shown += 1;
+                    send(ExportItem::Record(r)).await?;
+                } else {
+                    let body_digest = r.body.digest();
+                    send(ExportItem::Withheld {
+                        seq: r.seq,
+                        prev_hash: r.prev_hash,
+                        time_ms: r.time_ms,
+                        tenant: r.tenant,
+                        body_digest,
+                    })
+                    .await?;
+                }
+                while checkpoints.peek().is_some_and(|c| c.seq == seq) {
+                    if let Some(c) = checkpoints.next() {
+                        send(ExportItem::Checkpoint(c)).await?;
+                    }
+                }
+            }
+        }
+        Ok(shown)
+    }
+}
+
+/// Which records an export shows; all others in its span are withheld (header and digest only).
+#[derive(Debug, Clone)]
+pub struct ExportFilter {
+    /// Only this tenant's records (and records of no tenant) are shown.
+    pub tenant: String,
+    /// First millisecond of the range (UTC).
+    pub from_ms: i64,
+    /// Last millisecond of the range (UTC).
+    pub to_ms: i64,
+    /// Only records of this key.
+    pub key: Option<String>,
+    /// Only records of this caller.
+    pub caller: Option<String>,
+}
+
+impl ExportFilter {
+    /// A record without a tenant (an unauthenticated call, an identity the policy does not
+    /// know) belongs to no tenant and is shown to every auditor: it is evidence of probing.
+    fn shows(&self, r: &Record) -> bool {
+        (r.tenant == self.tenant || r.tenant.is_empty())
+            && (self.from_ms..=self.to_ms).contains(&r.time_ms)
+            && self.key.as_ref().is_none_or(|k| &r.body.key == k)
+            && self.caller.as_ref().is_none_or(|c| &r.body.caller == c)
+    }
+}
+
+/// The task that owns the chain head.
+struct Writer {
+    store: Store,
+    hsm: Hsm,
+    signing: ObjectId,
+    options: AuditOptions,
+    head_seq: u64,
+    head_hash: [u8; 32],
+    last_time: i64,
+    /// Highest sequence number covered by a checkpoint.
+    checkpointed: u64,
+    last_checkpoint: tokio::time::Instant,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut tick = tokio::time::interval(
+            self.options
+                .checkpoint_interval
+                .min(Duration::from_secs(60)),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = rx.recv() => {
+                    let Some(command) = command else { break };
+                    let mut batch = Vec::new();
+                    let mut checkpoint_requests = Vec::new();
+                    let mut next = Some(command);
+                    while let Some(c) = next.take() {
+                        match c {
+                            Command::Append(p) => batch.push(p),
+                            Command::Checkpoint(reply) => checkpoint_requests.push(reply),
+                        }
+                        if batch.len() < MAX_BATCH {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    if !batch.is_empty() {
+                        self.commit(batch).await;
+                    }
+                    if self.head_seq >= self.checkpointed + self.options.checkpoint_every {
+                        // Failures are logged inside; the next batch or tick tries again.
+                        let _ = self.checkpoint().await;
+                    }
+                    for reply in checkpoint_requests {
+                        let result = self.checkpoint().await;
+                        let _ = reply.send(result);
+                    }
+                }
+                _ = tick.tick() => {
+                    if self.head_seq > self.checkpointed && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval {
+                        // Failures are logged inside; the next tick tries again.
+                        let _ = self.checkpoint().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Chains and commits one batch; answers every caller only after the commit.
+    async fn commit(&mut self, batch: Vec<Pending>) {
+        let now = now_millis().max(self.last_time);
+        let mut seq = self.head_seq;
+        let mut prev = self.head_hash;
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::with_capacity(batch.len());
+        for p in batch {
+            seq += 1;
+            let r = Record {
+                seq,
+                prev_hash: prev,
+                time_ms: now,
+                tenant: p.tenant,
+                body: p.body,
+            };
+            let hash = r.hash();
+            prev = hash;
+            rows.push((r, hash));
+            waiting.push((seq, p.done));
+        }
+        match self.store.append_audit(&rows).await {
+            Ok(()) => {
+                self.head_seq = seq;
+                self.head_hash = prev;
+                self.last_time = now;
+                for (seq, done) in waiting {
+                    let _ = done.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = rows.len(), "audit records could not be committed; their operations fail");
+                for (_, done) in waiting {
+                    let _ = done.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Signs the head if it is not yet covered; returns the latest checkpoint.
+    async fn checkpoint(&mut self) -> Result<Option<Checkpoint>, String> {
+        if self.head_seq == 0 {
+            return Ok(None);
+        }
+        if self.head_seq == self.checkpointed {
+            return self
+                .store
+                .audit_latest_checkpoint()
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let time_ms = now_millis().max(self.last_time);
+        let message = checkpoint_message(self.head_seq, &self.head_hash, time_ms);
+        let signed = async {
+            let signature = self
+                .hsm
+                .sign_p256(self.signing, message)
+                .await
+                .map_err(|e| e.to_string())?;
+            let c = Checkpoint {
+                seq: self.head_seq,
+                hash: self.head_hash,
+                time_ms,
+                signature,
+            };
+            self.store
+                .insert_checkpoint(&c)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(c)
+        }
+        .await;
+        match signed {
+            Ok(c) => {
+                self.checkpointed = c.seq;
+                self.last_checkpoint = tokio::time::Instant::now();
+                Ok(Some(c))
+            }
+            Err(e) => {
+                // The records are durable; the next checkpoint will cover them.
+                tracing::error!(error = %e, seq = self.head_seq, "audit checkpoint could not be signed; retrying later");
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Audit tables: records, checkpoints, and the ids of the HSM keys the log uses.
+//!
+//! Owns the audit SQL only. Sequence numbers, hashes and signatures are computed by
+//! `crate::audit`; this module stores and reads them, appending a batch in one transaction.
+
+use sqlx::Row;
+
+use super::{Store, StoreError};
+use crate::audit::record::{Checkpoint, Record, RecordBody};
+use crate::model::{from_hex, to_hex};
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt {
+        table: "audit_records",
+        what: what.to_owned(),
+    }
+}
+
+fn hash32(s: &str) -> Result<[u8; 32], StoreError> {
+    from_hex(s)
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        .ok_or_else(|| corrupt("hash is not 32 bytes of hex"))
+}
+
+fn record_row(r: &sqlx::sqlite::SqliteRow) -> Result<(Record, [u8; 32]), StoreError> {
+    let seq: i64 = r.try_get("seq")?;
+    Ok((
+        Record {
+            seq: u64::try_from(seq).map_err(|_| corrupt("negative sequence number"))?,
+            prev_hash: hash32(&r.try_get::<String, _>("prev_hash")?)?,
+            time_ms: r.try_get("time_ms")?,
+            tenant: r.try_get("tenant")?,
+            body: RecordBody {
+                request_id: r.try_get("request_id")?,
+                caller: r.try_get("caller")?,
+                fingerprint: r.try_get("fingerprint")?,
+                role: r.try_get("role")?,
+                operation: r.try_get("operation")?,
+                key: r.try_get("key_name")?,
+                key_version: r.try_get("key_version")?,
+                outcome: r.try_get("outcome")?,
+                status_code: r.try_get("status_code")?,
+                peer: r.try_get("peer")?,
+                aad_hmac: r.try_get("aad_hmac")?,
+            },
+        },
+        hash32(&r.try_get::<String, _>("hash")?)?,
+    ))
+}
+
+fn checkpoint_row(r: &sqlx::sqlite::SqliteRow) -> Result<Checkpoint, StoreError> {
+    let seq: i64 = r.try_get("seq")?;
+    Ok(Checkpoint {
+        seq: u64::try_from(seq).map_err(|_| corrupt("negative sequence number"))?,
+        hash: hash32(&r.try_get::<String, _>("hash")?)?,
+        time_ms: r.try_get("time_ms")?,
+        signature: from_hex(&r.try_get::<String, _>("signature")?)
+            .ok_or_else(|| corrupt("signature is not hex"))?,
+    })
+}
+
+fn seq_i64(seq: u64) -> Result<i64, StoreError> {
+    i64::try_from(seq).map_err(|_| corrupt("sequence number beyond i64"))
+}
+
+const RECORD_COLUMNS: &str = "seq, prev_hash, time_ms, tenant, request_id, caller, fingerprint, role, operation, \
+     key_name, key_version, outcome, status_code, peer, aad_hmac, hash";
+
+impl Store {
+    /// The last record's sequence number and hash, if any.
+    pub async fn audit_head(&self) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let seq: i64 = r.try_get("seq")?;
+            Ok((
+                u64::try_from(seq).map_err(|_| corrupt("negative sequence number"))?,
+                hash32(&r.try_get::<String, _>("hash")?)?,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Appends a batch of records (already chained) in one transaction: all or nothing.
+    pub async fn append_audit(&self, batch: &[(Record, [u8; 32])]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (r, hash) in batch {
+            sqlx::query(
+                "INSERT INTO audit_records (seq, prev_hash, time_ms, tenant, request_id, caller, fingerprint, role, \
+                 operation, key_name, key_version, outcome, status_code, peer, aad_hmac, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            )
+            .bind(seq_i64(r.seq)?)
+            .bind(to_hex(&r.prev_hash))
+            .bind(r.time_ms)
+            .bind(&r.tenant)
+            .bind(&r.body.request_id)
+            .bind(&r.body.caller)
+            .bind(&r.body.fingerprint)
+            .bind(&r.body.role)
+            .bind(&r.body.operation)
+            .bind(&r.body.key)
+            .bind(&r.body.key_version)
+            .bind(&r.body.outcome)
+            .bind(r.body.status_code)
+            .bind(&r.body.peer)
+            .bind(&r.body.aad_hmac)
+            .bind(to_hex(hash))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stores a checkpoint.
+    pub async fn insert_checkpoint(&self, c: &Checkpoint) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, hash, time_ms, signature) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(seq_i64(c.seq)?)
+        .bind(to_hex(&c.hash))
+        .bind(c.time_ms)
+        .bind(to_hex(&c.signature))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records with `from <= seq <= to`, in order, at most `limit`.
+    pub async fn audit_records(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<(Record, [u8; 32])>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM audit_records WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3"
+        )))
+        .bind(seq_i64(from)?)
+        .bind(seq_i64(to)?)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record_row).collect()
+    }
+
+    /// Checkpoints with `from <= seq <= to`, in order.
+    pub async fn audit_checkpoints(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<Checkpoint>, StoreError> {
+        let rows = sqlx::query("SELECT seq, hash, time_ms, signature FROM audit_checkpoints WHERE seq >= $1 AND seq <= $2 ORDER BY seq")
+            .bind(seq_i64(from)?)
+            .bind(seq_i64(to)?)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(checkpoint_row).collect()
+    }
+
+    /// The last checkpoint with `seq < before`.
+    pub async fn audit_checkpoint_before(
+        &self,
+        before: u64,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash, time_ms, signature FROM audit_checkpoints WHERE seq < $1 ORDER BY seq DESC LIMIT 1")
+            .bind(seq_i64(before)?)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(checkpoint_row).transpose()
+    }
+
+    /// The first checkpoint with `seq >= at`.
+    pub async fn audit_checkpoint_from(&self, at: u64) -> Result<Option<Checkpoint>, StoreError> {
+        let row = sqlx::query("SELECT seq, hash, time_ms, signature FROM audit_checkpoints WHERE seq >= $1 ORDER BY seq LIMIT 1")
+            .bind(seq_i64(at)?)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(checkpoint_row).transpose()
+    }
+
+    /// The latest checkpoint.
+    pub async fn audit_latest_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.audit_checkpoint_before(u64::try_from(i64::MAX).unwrap_or(u64::MAX))
+            .await
+    }
+
+    /// The first and last sequence numbers of records with `from_ms <= time <= to_ms`.
+    pub async fn audit_seq_range(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let row = sqlx::query("SELECT MIN(seq) AS lo, MAX(seq) AS hi FROM audit_records WHERE time_ms >= $1 AND time_ms <= $2")
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_one(&self.pool)
+            .await?;
+        let lo: Option<i64> = row.try_get("lo")?;
+        let hi: Option<i64> = row.try_get("hi")?;
+        Ok(match (lo, hi) {
+            (Some(lo), Some(hi)) => Some((
+                u64::try_from(lo).map_err(|_| corrupt("negative sequence number"))?,
+                u64::try_from(hi).map_err(|_| corrupt("negative sequence number"))?,
+            )),
+            _ => None,
+        })
+    }
+
+    /// The HSM object id (hex) and public key (hex) of an audit key.
+    pub async fn audit_key(&self, purpose: &str) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query("SELECT object_id, public_key FROM audit_keys WHERE purpose = $1")
+            .bind(purpose)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("object_id")?, r.try_get("public_key")?)))
+            .transpose()
+    }
+
+    /// Records an audit key. [`StoreError::AlreadyExists`] if another process won the race.
+    pub async fn insert_audit_key(
+        &self,
+        purpose: &str,
+        object_id: &str,
+        public_key: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO audit_keys (purpose, object_id, public_key, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(purpose)
+            .bind(object_id)
+            .bind(public_key)
+            .bind(crate::model::now_millis())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
