@@ -294,5 +294,81 @@ async fn sixty_seconds_of_chaos_lose_nothing() {
         health.iter().filter(|s| !**s).count() >= 2,
         "health transitions: {health:?}"
     );
+
+    // The audit chain written through all of it verifies, and holds a record for every call.
+    let auditor = server.client(AUDITOR_A).await;
+    let pem = auditor
+        .audit()
+        .get_audit_public_key(proto::GetAuditPublicKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pem;
+    let spki: rustls::pki_types::SubjectPublicKeyInfoDer =
+        rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
+    let point = tresor::audit::record::p256_point_from_spki(spki.as_ref()).unwrap();
+    let mut stream = auditor
+        .audit()
+        .export_audit_log(proto::ExportAuditLogRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rows = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        rows.push(m);
+    }
+    let mut file = Vec::new();
+    {
+        let mut w = tresor::audit::file::Writer::new(tresor::audit::file::Format::Jsonl, &mut file);
+        for m in &rows {
+            let kind = proto::AuditItemKind::try_from(m.kind).unwrap();
+            let item = match kind {
+                proto::AuditItemKind::Checkpoint => {
+                    let c = m.checkpoint.clone().unwrap();
+                    tresor::audit::record::ExportItem::Checkpoint(
+                        tresor::audit::record::Checkpoint {
+                            seq: c.sequence,
+                            hash: c.chain_hash.try_into().unwrap(),
+                            time_ms: c.time_ms,
+                            signature: c.signature,
+                        },
+                    )
+                }
+                _ => tresor::audit::record::ExportItem::Record(tresor::audit::record::Record {
+                    seq: m.sequence,
+                    prev_hash: m.previous_hash.clone().try_into().unwrap(),
+                    time_ms: m.time_ms,
+                    tenant: m.tenant.clone(),
+                    body: tresor::audit::record::RecordBody {
+                        request_id: m.request_id.clone(),
+                        caller: m.caller.clone(),
+                        fingerprint: m.certificate_fingerprint.clone(),
+                        role: m.role.clone(),
+                        operation: m.operation.clone(),
+                        key: m.key.clone(),
+                        key_version: m.key_version.clone(),
+                        outcome: m.outcome.clone(),
+                        status_code: m.status_code,
+                        peer: m.peer.clone(),
+                        aad_hmac: m.aad_hmac.clone(),
+                    },
+                }),
+            };
+            w.write(&tresor::audit::file::Row::from_item(&item))
+                .unwrap();
+        }
+        w.finish().unwrap();
+    }
+    let items: Vec<_> = tresor::audit::file::read(std::str::from_utf8(&file).unwrap())
+        .unwrap()
+        .iter()
+        .map(|r| r.to_item().unwrap())
+        .collect();
+    let v = tresor::audit::record::verify(&items, &point).unwrap();
+    println!(
+        "chaos audit: {} records, {} checkpoints verified",
+        v.records, v.checkpoints
+    );
+    assert!(v.checkpoints >= 2, "{v:?}");
     server.stop().await;
 }

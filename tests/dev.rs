@@ -185,17 +185,46 @@ fn a_newcomer_runs_tresor_dev_and_the_walkthrough() {
         ],
     ));
     assert!(rotated.contains("primary version: 2"), "{rotated}");
-    // The auditor's profile connects (the audit log itself arrives with its own issue).
-    let audit = run(
+    // The auditor exports the log and verifies it offline.
+    let auditor = "tresor-dev/auditor.profile.toml";
+    ok(run(
         d,
         &[
             "--profile",
-            "tresor-dev/auditor.profile.toml",
-            "key",
-            "list",
+            auditor,
+            "audit",
+            "public-key",
+            "-o",
+            "audit.pem",
         ],
+    ));
+    ok(run(
+        d,
+        &["--profile", auditor, "audit", "export", "-o", "audit.jsonl"],
+    ));
+    let verified = ok(run(
+        d,
+        &[
+            "audit",
+            "verify",
+            "audit.jsonl",
+            "--public-key",
+            "audit.pem",
+        ],
+    ));
+    assert!(verified.starts_with("verified: "), "{verified}");
+    let log = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
+    for op in ["CreateKey", "Wrap", "Unwrap", "RotateKey"] {
+        assert!(
+            log.contains(&format!("\"operation\":\"{op}\"")),
+            "{op} missing from the audit export"
+        );
+    }
+    assert_eq!(
+        run(d, &["--profile", auditor, "key", "list"]).status.code(),
+        Some(4),
+        "an auditor is not an officer"
     );
-    assert_eq!(audit.status.code(), Some(4), "an auditor is not an officer");
     dev.stop();
 
     // A restart keeps keys, versions and the CA: the old blob still unwraps.

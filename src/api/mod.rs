@@ -147,6 +147,13 @@ impl Api {
         }
     }
 
+    /// The same services with auditing replaced by a no-op (benchmark builds only).
+    #[cfg(feature = "bench-unaudited")]
+    pub(crate) fn unaudited_for_benchmarks(mut self) -> Self {
+        self.audit = self.audit.unaudited_for_benchmarks();
+        self
+    }
+
     /// Appends a refusal's audit record, then returns the refusal (or `UNAVAILABLE` if the record
     /// could not be made durable).
     async fn refuse(&self, refusal: Status, tenant: &str, body: RecordBody) -> Status {

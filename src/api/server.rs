@@ -172,6 +172,14 @@ impl Server {
         })
     }
 
+    /// The same server with the audit writer replaced by a no-op, to measure what auditing
+    /// costs. Only in builds with the `bench-unaudited` feature, which production never uses.
+    #[cfg(feature = "bench-unaudited")]
+    pub fn unaudited_for_benchmarks(mut self) -> Self {
+        self.api = self.api.unaudited_for_benchmarks();
+        self
+    }
+
     /// The policy in force; [`SharedPolicy::reload`] replaces it while serving.
     pub fn policy(&self) -> Arc<SharedPolicy> {
         Arc::clone(&self.policy)
