@@ -8,8 +8,11 @@
 //! cargo run --release -- --profile tresor-dev/officer.profile.toml key create tenants/demo/keys/bench  # with tresor dev running
 //! cargo build --release --features bench-unaudited --example audit_overhead
 //! HSM_SIM_CONF=tresor-dev/hsm-sim.toml target/release/examples/audit_overhead \
-//!     tresor-dev/tresor.toml tresor-dev/service.profile.toml tenants/demo/keys/bench
+//!     tresor-dev/tresor.toml tresor-dev/service.profile.toml tenants/demo/keys/bench [AAD]
 //! ```
+//!
+//! The AAD defaults to `object` (6 bytes); pass `""` to measure without the AAD's HMAC.
+//! `TRESOR_BENCH_CALLERS` sets the number of concurrent callers (default 32).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,15 +23,21 @@ use tresor::api::server::Server;
 use tresor::client::{Client, Profile};
 use tresor::config::Config;
 
-const CALLERS: usize = 32;
 const SECONDS: u64 = 5;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, config, profile, key] = args.as_slice() else {
-        return Err("usage: audit_overhead CONFIG SERVICE_PROFILE KEY".into());
+    let (config, profile, key, aad) = match args.as_slice() {
+        [_, c, p, k] => (c, p, k, b"object".to_vec()),
+        [_, c, p, k, aad] => (c, p, k, aad.as_bytes().to_vec()),
+        _ => return Err("usage: audit_overhead CONFIG SERVICE_PROFILE KEY [AAD]".into()),
     };
+    // Concurrent callers; TRESOR_BENCH_CALLERS overrides the default of 32.
+    let callers: usize = std::env::var("TRESOR_BENCH_CALLERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
     let mut results = Vec::new();
     for audited in [true, false, true, false] {
         let mut config = Config::load(config.as_ref())?;
@@ -54,12 +63,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let done = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_secs(SECONDS);
-        let tasks: Vec<_> = (0..CALLERS)
+        let tasks: Vec<_> = (0..callers)
             .map(|i| {
-                let (client, done, key) = (
+                let (client, done, key, aad) = (
                     clients[i % clients.len()].clone(),
                     Arc::clone(&done),
                     key.clone(),
+                    aad.clone(),
                 );
                 tokio::spawn(async move {
                     while Instant::now() < deadline {
@@ -68,7 +78,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             .wrap(proto::WrapRequest {
                                 key: key.clone(),
                                 plaintext: vec![7; 32],
-                                aad: b"object".to_vec(),
+                                aad: aad.clone(),
                             })
                             .await;
                         if r.is_ok() {
@@ -83,8 +93,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let rate = done.load(Ordering::Relaxed) as f64 / SECONDS as f64;
         println!(
-            "{:<10} {rate:>8.0} wraps/s ({CALLERS} callers, 32-byte DEK, 6-byte AAD)",
-            if audited { "audited" } else { "no-op" }
+            "{:<10} {rate:>8.0} wraps/s ({callers} callers, 32-byte DEK, {}-byte AAD)",
+            if audited { "audited" } else { "no-op" },
+            aad.len()
         );
         results.push((audited, rate));
         let _ = stop.send(());
