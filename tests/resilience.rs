@@ -124,8 +124,9 @@ async fn an_unplugged_hsm_fails_fast_and_tresor_recovers_on_its_own() {
         let t = Instant::now();
         let s = wrap(&service, b"x").await.unwrap_err();
         assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+        // Far below the 2 s deadline: the call does not wait for the HSM that is gone.
         assert!(
-            t.elapsed() < Duration::from_millis(500),
+            t.elapsed() < Duration::from_millis(1000),
             "a call took {:?} to fail",
             t.elapsed()
         );
