@@ -85,6 +85,9 @@ struct PolicySection {
 #[serde(deny_unknown_fields)]
 struct CustodySection {
     orphans: Option<String>,
+    destruction_grace_hours: Option<u64>,
+    approval_ttl_hours: Option<u64>,
+    scheduler_interval_secs: Option<u64>,
 }
 
 /// A validated configuration, with relative paths resolved against the file's directory.
@@ -114,6 +117,12 @@ pub struct Config {
     pub policy_file: PathBuf,
     /// What reconciliation does with orphan HSM objects.
     pub orphans: OrphanPolicy,
+    /// Wait between an approved destruction and the HSM object's destruction.
+    pub destruction_grace: Duration,
+    /// How long a destruction request waits for its second officer.
+    pub approval_ttl: Duration,
+    /// How often due rotations, destructions and expiries run.
+    pub scheduler_interval: Duration,
 }
 
 impl Config {
@@ -261,7 +270,28 @@ impl Config {
             }
         };
 
+        let grace = raw.custody.destruction_grace_hours.unwrap_or(7 * 24);
+        if grace < 24 {
+            return Err(err(
+                "custody.destruction_grace_hours",
+                "must be at least 24".into(),
+            ));
+        }
+        let ttl = raw.custody.approval_ttl_hours.unwrap_or(24);
+        if !(1..=24 * 30).contains(&ttl) {
+            return Err(err("custody.approval_ttl_hours", "must be 1 to 720".into()));
+        }
+        let tick = raw.custody.scheduler_interval_secs.unwrap_or(30);
+        if !(1..=3600).contains(&tick) {
+            return Err(err(
+                "custody.scheduler_interval_secs",
+                "must be 1 to 3600".into(),
+            ));
+        }
         Ok(Self {
+            destruction_grace: Duration::from_secs(grace * 3600),
+            approval_ttl: Duration::from_secs(ttl * 3600),
+            scheduler_interval: Duration::from_secs(tick),
             source: path.to_owned(),
             listen,
             max_concurrent_requests,

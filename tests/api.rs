@@ -316,7 +316,7 @@ async fn every_key_admin_rpc_works_end_to_end() {
             description: Some("EHR archive, 2026".into()),
             labels: [("owner".to_owned(), "it-security".to_owned())].into(),
             update_labels: true,
-            rotation_period: None,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -376,51 +376,126 @@ async fn every_key_admin_rpc_works_end_to_end() {
         Code::FailedPrecondition,
     );
 
-    // Not built yet, and saying so.
-    for s in [
-        assert_code(
-            admin
-                .schedule_key_version_destruction(proto::ScheduleKeyVersionDestructionRequest {
-                    key: KEY.into(),
-                    version: 1,
-                })
-                .await,
-            Code::Unimplemented,
-        ),
-        assert_code(
-            admin
-                .list_approvals(proto::ListApprovalsRequest::default())
-                .await,
-            Code::Unimplemented,
-        ),
-        assert_code(
-            admin
-                .approve(proto::ApprovalRequest { id: "x".into() })
-                .await,
-            Code::Unimplemented,
-        ),
-        assert_code(
-            admin
-                .reject(proto::ApprovalRequest { id: "x".into() })
-                .await,
-            Code::Unimplemented,
-        ),
-        assert_code(
-            admin
-                .update_key(proto::UpdateKeyRequest {
-                    key: KEY.into(),
-                    rotation_period: Some(prost_types::Duration {
-                        seconds: 86_400,
-                        nanos: 0,
-                    }),
-                    ..Default::default()
-                })
-                .await,
-            Code::Unimplemented,
-        ),
-    ] {
-        assert!(s.message().contains("not built yet"), "{s:?}");
-    }
+    // Four eyes: one officer asks, another approves; the asker cannot, nor can another tenant.
+    let approval = admin
+        .schedule_key_version_destruction(proto::ScheduleKeyVersionDestructionRequest {
+            key: KEY.into(),
+            version: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(approval.state, proto::ApprovalState::Pending as i32);
+    assert_eq!(approval.key_version, "tenants/a/keys/ehr/versions/1");
+    assert_code(
+        admin
+            .schedule_key_version_destruction(proto::ScheduleKeyVersionDestructionRequest {
+                key: KEY.into(),
+                version: 1,
+            })
+            .await,
+        Code::FailedPrecondition,
+    );
+    let s = assert_code(
+        admin
+            .approve(proto::ApprovalRequest {
+                id: approval.id.clone(),
+            })
+            .await,
+        Code::PermissionDenied,
+    );
+    assert!(s.message().contains("different officer"), "{s:?}");
+    let stranger = server.client(OFFICER_B).await;
+    assert_code(
+        stranger
+            .admin()
+            .approve(proto::ApprovalRequest {
+                id: approval.id.clone(),
+            })
+            .await,
+        Code::NotFound,
+    );
+    let listed = admin
+        .list_approvals(proto::ListApprovalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals;
+    assert_eq!(listed.len(), 1);
+    let second = server.client(OFFICER_A2).await;
+    let approved = second
+        .admin()
+        .approve(proto::ApprovalRequest {
+            id: approval.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(approved.state, proto::ApprovalState::Approved as i32);
+    assert_eq!(approved.decided_by, OFFICER_A2);
+    assert!(approved.destroy_time.is_some());
+    let key = admin
+        .get_key(proto::GetKeyRequest { key: KEY.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        key.versions[0].state,
+        proto::KeyVersionState::DestroyScheduled as i32
+    );
+    assert_code(
+        admin
+            .reject(proto::ApprovalRequest { id: approval.id })
+            .await,
+        Code::FailedPrecondition,
+    );
+    assert_code(
+        admin
+            .approve(proto::ApprovalRequest { id: "nope".into() })
+            .await,
+        Code::NotFound,
+    );
+
+    // Rotation period and minimum decryption version.
+    let updated = admin
+        .update_key(proto::UpdateKeyRequest {
+            key: KEY.into(),
+            rotation_period: Some(prost_types::Duration {
+                seconds: 86_400,
+                nanos: 0,
+            }),
+            min_decryption_version: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.rotation_period.map(|d| d.seconds), Some(86_400));
+    assert!(updated.next_rotation_time.is_some());
+    assert_eq!(updated.min_decryption_version, 2);
+    assert_code(
+        admin
+            .update_key(proto::UpdateKeyRequest {
+                key: KEY.into(),
+                min_decryption_version: 9,
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        admin
+            .update_key(proto::UpdateKeyRequest {
+                key: KEY.into(),
+                rotation_period: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+    );
     server.stop().await;
 }
 

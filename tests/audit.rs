@@ -21,9 +21,19 @@ const PLAINTEXT_MARKER: &[u8] = b"PLAINTEXT-MARKER-7f3a9c";
 const AAD_MARKER: &[u8] = b"AAD-MARKER-91c2d4";
 
 async fn export(auditor: &Client) -> Vec<ExportItem> {
+    // A range ending an hour from now, so the export's own record is inside it (with the
+    // default end, "now", it may fall a millisecond after and be withheld).
+    let later = tresor::model::now_millis() + 3_600_000;
+    let to = prost_types::Timestamp {
+        seconds: later / 1000,
+        nanos: 0,
+    };
     let mut stream = auditor
         .audit()
-        .export_audit_log(proto::ExportAuditLogRequest::default())
+        .export_audit_log(proto::ExportAuditLogRequest {
+            to: Some(to),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

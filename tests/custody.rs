@@ -623,6 +623,7 @@ async fn a_crash_between_hsm_object_and_row_is_cleaned_up_at_start() {
     let (_, report) = f
         .restart(CustodyOptions {
             orphans: OrphanPolicy::Report,
+            ..Default::default()
         })
         .await;
     assert_eq!(report.orphans_kept, vec![format!("{prefix}{orphan}")]);

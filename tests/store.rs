@@ -17,6 +17,9 @@ fn key_row() -> KeyRow {
         primary_version: 1,
         created_at: 1,
         updated_at: 1,
+        rotation_period_ms: None,
+        next_rotation_at: None,
+        min_decryption_version: 1,
     }
 }
 

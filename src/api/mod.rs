@@ -20,7 +20,9 @@ use zeroize::Zeroizing;
 use crate::audit::record::{Checkpoint, ExportItem, RecordBody};
 use crate::audit::{AuditLog, ExportFilter};
 use crate::auth::{AuthError, ClientAuthenticator, Grant, Role, SharedPolicy};
-use crate::custody::{Custody, CustodyError, KeyInfo, VersionInfo};
+use crate::custody::{
+    ApprovalInfo, ApprovalState, Custody, CustodyError, KeyInfo, KeyUpdate, VersionInfo,
+};
 use crate::model::{KeyName, Millis, Tenant, VersionState};
 pub use status::INVALID_CIPHERTEXT;
 
@@ -360,7 +362,12 @@ fn key_message(k: KeyInfo) -> proto::Key {
         update_time: Some(timestamp(k.updated_at)),
         primary_version: k.primary_version,
         versions: k.versions.into_iter().map(version_message).collect(),
-        rotation_period: None,
+        rotation_period: k.rotation_period_ms.map(|ms| prost_types::Duration {
+            seconds: ms / 1000,
+            nanos: 0,
+        }),
+        next_rotation_time: k.next_rotation_at.map(timestamp),
+        min_decryption_version: k.min_decryption_version,
     }
 }
 
@@ -436,6 +443,28 @@ fn export_message(item: ExportItem) -> proto::AuditRecord {
             checkpoint: Some(checkpoint_message(&c)),
             ..Default::default()
         },
+    }
+}
+
+fn approval_message(a: ApprovalInfo) -> proto::Approval {
+    proto::Approval {
+        id: a.id,
+        operation: a.operation,
+        key_version: a.key.version(a.version),
+        requested_by: a.requested_by,
+        state: match a.state {
+            ApprovalState::Pending => proto::ApprovalState::Pending,
+            ApprovalState::Approved => proto::ApprovalState::Approved,
+            ApprovalState::Rejected => proto::ApprovalState::Rejected,
+            ApprovalState::Expired => proto::ApprovalState::Expired,
+        }
+        .into(),
+        create_time: Some(timestamp(a.requested_at)),
+        expire_time: Some(timestamp(a.expires_at)),
+        decided_by: a.decided_by,
+        version: a.version,
+        key: a.key.to_string(),
+        destroy_time: a.destroy_at.map(timestamp),
     }
 }
 
@@ -696,17 +725,30 @@ impl KeyAdminService for Api {
         let call = self.begin(&request, Role::Officer, "UpdateKey").await?;
         let r = request.into_inner();
         let result = match key_name(&call, "key", &r.key) {
-            Ok(_) if r.rotation_period.is_some() => Err(status::status(
-                Code::Unimplemented,
-                "automatic rotation is not built yet (it arrives with the key-lifecycle work); leave rotation_period unset",
-                &call.request_id,
-            )),
+            Ok(_)
+                if r.rotation_period
+                    .as_ref()
+                    .is_some_and(|d| d.seconds <= 0 || d.nanos != 0) =>
+            {
+                Err(invalid(
+                    &call,
+                    "rotation_period: a whole number of seconds, at least one hour",
+                ))
+            }
             Ok(key) => {
-                let new_labels = r.update_labels.then(|| labels(r.labels));
-                let out = self
-                    .custody
-                    .update_key(&call.grant, &key, r.description, new_labels)
-                    .await;
+                let update = KeyUpdate {
+                    description: r.description,
+                    labels: r.update_labels.then(|| labels(r.labels)),
+                    rotation_period_ms: if r.clear_rotation_period {
+                        Some(None)
+                    } else {
+                        r.rotation_period
+                            .map(|d| Some(d.seconds.saturating_mul(1000)))
+                    },
+                    min_decryption_version: (r.min_decryption_version > 0)
+                        .then_some(r.min_decryption_version),
+                };
+                let out = self.custody.update_key(&call.grant, &key, update).await;
                 custody(&call, out, |k| done(key_message(k.clone()), primary(&k)))
             }
             Err(s) => Err(s),
@@ -763,9 +805,20 @@ impl KeyAdminService for Api {
         let call = self
             .begin(&request, Role::Officer, "ScheduleKeyVersionDestruction")
             .await?;
-        let key = request.into_inner().key;
-        let s = status::status(Code::Unimplemented, FOUR_EYES_PENDING, &call.request_id);
-        self.finish(call, Err(s), &key, &[]).await
+        let r = request.into_inner();
+        let result = match key_name(&call, "key", &r.key) {
+            Ok(key) => {
+                let out = self
+                    .custody
+                    .request_destruction(&call.grant, &key, r.version)
+                    .await;
+                custody(&call, out, |a| {
+                    done(approval_message(a), key.version(r.version))
+                })
+            }
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, &r.key, &[]).await
     }
 
     async fn cancel_key_version_destruction(
@@ -794,8 +847,16 @@ impl KeyAdminService for Api {
         request: Request<proto::ListApprovalsRequest>,
     ) -> Result<Response<proto::ListApprovalsResponse>, Status> {
         let call = self.begin(&request, Role::Officer, "ListApprovals").await?;
-        let s = status::status(Code::Unimplemented, FOUR_EYES_PENDING, &call.request_id);
-        self.finish(call, Err(s), "", &[]).await
+        let out = self.custody.list_approvals(&call.grant).await;
+        let result = custody(&call, out, |list| {
+            done(
+                proto::ListApprovalsResponse {
+                    approvals: list.into_iter().map(approval_message).collect(),
+                },
+                "",
+            )
+        });
+        self.finish(call, result, "", &[]).await
     }
 
     async fn approve(
@@ -803,8 +864,15 @@ impl KeyAdminService for Api {
         request: Request<proto::ApprovalRequest>,
     ) -> Result<Response<proto::Approval>, Status> {
         let call = self.begin(&request, Role::Officer, "Approve").await?;
-        let s = status::status(Code::Unimplemented, FOUR_EYES_PENDING, &call.request_id);
-        self.finish(call, Err(s), "", &[]).await
+        let out = self
+            .custody
+            .approve(&call.grant, &request.get_ref().id)
+            .await;
+        let result = custody(&call, out, |a| {
+            let v = a.key.version(a.version);
+            done(approval_message(a), v)
+        });
+        self.finish(call, result, "", &[]).await
     }
 
     async fn reject(
@@ -812,12 +880,17 @@ impl KeyAdminService for Api {
         request: Request<proto::ApprovalRequest>,
     ) -> Result<Response<proto::Approval>, Status> {
         let call = self.begin(&request, Role::Officer, "Reject").await?;
-        let s = status::status(Code::Unimplemented, FOUR_EYES_PENDING, &call.request_id);
-        self.finish(call, Err(s), "", &[]).await
+        let out = self
+            .custody
+            .reject(&call.grant, &request.get_ref().id)
+            .await;
+        let result = custody(&call, out, |a| {
+            let v = a.key.version(a.version);
+            done(approval_message(a), v)
+        });
+        self.finish(call, result, "", &[]).await
     }
 }
-
-const FOUR_EYES_PENDING: &str = "destruction with four-eyes approval is not built yet (it arrives with the key-lifecycle work); disable the version instead";
 
 #[tonic::async_trait]
 impl AuditService for Api {

@@ -136,14 +136,14 @@ impl Server {
             .await
             .map_err(|e| StartError::Serve(e.to_string()))??;
         let store = Store::open(&config.database_url).await?;
-        let (custody, report) = Custody::open(
-            hsm,
-            store,
-            CustodyOptions {
-                orphans: config.orphans,
-            },
-        )
-        .await?;
+        let options = CustodyOptions {
+            orphans: config.orphans,
+            destruction_grace_ms: i64::try_from(config.destruction_grace.as_millis())
+                .unwrap_or(i64::MAX),
+            approval_ttl_ms: i64::try_from(config.approval_ttl.as_millis()).unwrap_or(i64::MAX),
+            ..CustodyOptions::default()
+        };
+        let (custody, report) = Custody::open(hsm, store, options).await?;
         if report != Default::default() {
             tracing::warn!(
                 ?report,
@@ -209,6 +209,10 @@ impl Server {
             .build_v1()
             .map_err(|e| StartError::Serve(e.to_string()))?;
 
+        let scheduler_task = tokio::spawn(run_scheduler(
+            self.custody.clone(),
+            self.config.scheduler_interval,
+        ));
         let health_task = tokio::spawn(watch_health(
             self.custody.clone(),
             reporter,
@@ -249,6 +253,7 @@ impl Server {
             .map_err(|e| StartError::Serve(e.to_string()));
         accept_task.abort();
         health_task.abort();
+        scheduler_task.abort();
         tracing::info!("server stopped; in-flight requests finished");
         result
     }
@@ -304,6 +309,23 @@ async fn accept_loop(
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// Runs due rotations, destructions and approval expiries. Due times live in the database, so
+/// work missed while the server was down happens at the first run after start — once.
+async fn run_scheduler(custody: Custody, every: Duration) {
+    loop {
+        match custody.run_due().await {
+            Ok(r) if r != Default::default() => {
+                tracing::info!(rotated = ?r.rotated, destroyed = ?r.destroyed, expired_approvals = r.expired_approvals, "scheduled work done")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "scheduled work failed; retrying at the next run")
+            }
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -71,6 +71,9 @@ enum Command {
         #[arg(long)]
         hsm_module: Option<PathBuf>,
     },
+    /// List, approve or reject destruction requests (role officer, a second officer approves).
+    #[command(subcommand)]
+    Approvals(ApprovalCommand),
     /// Create, inspect, rotate and manage keys (role officer).
     #[command(subcommand)]
     Key(KeyCommand),
@@ -132,6 +135,39 @@ enum KeyCommand {
         /// Remove all labels.
         #[arg(long, conflicts_with = "labels")]
         clear_labels: bool,
+        /// Rotate automatically this often: 90d, 12h, 3600s (at least 1h).
+        #[arg(long, value_parser = parse_period)]
+        rotation_period: Option<i64>,
+        /// Stop rotating automatically.
+        #[arg(long, conflicts_with = "rotation_period")]
+        no_rotation: bool,
+        /// Refuse unwrap for versions below this number (to force re-wrapping before destruction).
+        #[arg(long)]
+        min_decryption_version: Option<u32>,
+    },
+    /// Show a key's versions: state, created, destroy time, wrap count.
+    Versions {
+        /// tenants/{tenant}/keys/{key}
+        name: String,
+    },
+    /// Ask for a version's destruction; a second officer must approve (`tresor approvals`).
+    Destroy {
+        /// tenants/{tenant}/keys/{key}
+        name: String,
+        /// Version number.
+        #[arg(long)]
+        version: u32,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Cancel a scheduled destruction; the version becomes DISABLED.
+    CancelDestroy {
+        /// tenants/{tenant}/keys/{key}
+        name: String,
+        /// Version number.
+        #[arg(long)]
+        version: u32,
     },
     /// Enable a disabled version.
     Enable {
@@ -147,6 +183,74 @@ enum KeyCommand {
         /// Version number.
         version: u32,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApprovalCommand {
+    /// Your tenant's destruction requests, newest first.
+    List,
+    /// Approve another officer's request: the version is destroyed after the grace period.
+    Approve {
+        /// The approval id (`tresor approvals list`).
+        id: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Reject a request (or withdraw your own).
+    Reject {
+        /// The approval id.
+        id: String,
+    },
+}
+
+fn parse_period(s: &str) -> Result<i64, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: write a number and a unit, e.g. 90d, 12h, 3600s"))?;
+    let seconds = match unit {
+        "d" => n * 86_400,
+        "h" => n * 3_600,
+        "m" => n * 60,
+        "s" | "" => n,
+        _ => return Err(format!("{s:?}: units are d, h, m, s")),
+    };
+    if seconds < 3_600 {
+        return Err(format!("{s:?}: the shortest rotation period is 1h"));
+    }
+    Ok(seconds)
+}
+
+/// Asks the user to type `expected` before a destructive step; refuses without a terminal.
+fn confirm(what: &str, expected: &str) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::new(
+            2,
+            format!("{what} needs confirmation"),
+            "run it in a terminal, or pass --yes",
+        ));
+    }
+    eprint!("{what}\nType {expected} to confirm: ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).map_err(|e| {
+        Failure::new(
+            1,
+            format!("cannot read the confirmation: {e}"),
+            "pass --yes",
+        )
+    })?;
+    if answer.trim() == expected {
+        Ok(())
+    } else {
+        Err(Failure::new(
+            1,
+            "not confirmed; nothing was changed",
+            "type the exact text, or pass --yes",
+        ))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -424,6 +528,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             match command {
                 Command::Key(k) => key_command(&client, k, &out).await,
                 Command::Audit(a) => audit_command(&client, a, &out).await,
+                Command::Approvals(a) => approvals_command(&client, a, &out).await,
                 Command::Wrap(a) => wrap(&client, a, &out).await,
                 Command::Unwrap(a) => unwrap(&client, a, &out).await,
                 Command::Datakey(a) => datakey(&client, a, &out).await,
@@ -578,12 +683,7 @@ async fn key_command(client: &Client, command: KeyCommand, out: &Output) -> Resu
                 .rotate_key(proto::RotateKeyRequest { key: name })
                 .await
         }
-        KeyCommand::Update {
-            name,
-            description,
-            labels,
-            clear_labels,
-        } => {
+        KeyCommand::Update { name, description, labels, clear_labels, rotation_period, no_rotation, min_decryption_version } => {
             let update_labels = clear_labels || !labels.is_empty();
             admin
                 .update_key(proto::UpdateKeyRequest {
@@ -591,9 +691,34 @@ async fn key_command(client: &Client, command: KeyCommand, out: &Output) -> Resu
                     description,
                     labels: labels.into_iter().collect::<HashMap<_, _>>(),
                     update_labels,
-                    rotation_period: None,
+                    rotation_period: rotation_period.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+                    clear_rotation_period: no_rotation,
+                    min_decryption_version: min_decryption_version.unwrap_or(0),
                 })
                 .await
+        }
+        KeyCommand::Versions { name } => {
+            let key = admin.get_key(proto::GetKeyRequest { key: name }).await.map_err(|s| from_status(&s))?.into_inner();
+            out.versions(&key);
+            return Ok(());
+        }
+        KeyCommand::Destroy { name, version, yes } => {
+            if !yes {
+                confirm(
+                    &format!("This asks for the destruction of {name}/versions/{version}: once a second officer approves and the grace period ends, its blobs can never be unwrapped again."),
+                    &format!("{name}/versions/{version}"),
+                )?;
+            }
+            let a = admin
+                .schedule_key_version_destruction(proto::ScheduleKeyVersionDestructionRequest { key: name, version })
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner();
+            out.approval(&a);
+            return Ok(());
+        }
+        KeyCommand::CancelDestroy { name, version } => {
+            admin.cancel_key_version_destruction(proto::KeyVersionRequest { key: name, version }).await
         }
         KeyCommand::Enable { name, version } => {
             admin
@@ -1052,4 +1177,45 @@ fn verify_export(path: &Path, public_key: &Path, out: &Output) -> Result<(), Fai
             "the export or the log it came from was altered, truncated or signed by another key; keep the file as evidence",
         )),
     }
+}
+
+async fn approvals_command(
+    client: &Client,
+    command: ApprovalCommand,
+    out: &Output,
+) -> Result<(), Failure> {
+    let mut admin = client.admin();
+    match command {
+        ApprovalCommand::List => {
+            let list = admin
+                .list_approvals(proto::ListApprovalsRequest::default())
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner();
+            out.approvals(&list.approvals);
+        }
+        ApprovalCommand::Approve { id, yes } => {
+            if !yes {
+                confirm(
+                    &format!("Approving {id} schedules a key version's destruction."),
+                    &id,
+                )?;
+            }
+            let a = admin
+                .approve(proto::ApprovalRequest { id })
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner();
+            out.approval(&a);
+        }
+        ApprovalCommand::Reject { id } => {
+            let a = admin
+                .reject(proto::ApprovalRequest { id })
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner();
+            out.approval(&a);
+        }
+    }
+    Ok(())
 }

@@ -295,3 +295,108 @@ impl Output {
         );
     }
 }
+
+fn approval_state(s: i32) -> &'static str {
+    proto::ApprovalState::try_from(s)
+        .map(|s| s.as_str_name())
+        .unwrap_or("UNKNOWN")
+}
+
+fn approval_json(a: &proto::Approval) -> Value {
+    json!({
+        "id": a.id,
+        "operation": a.operation,
+        "key_version": a.key_version,
+        "requested_by": a.requested_by,
+        "state": approval_state(a.state),
+        "create_time": time(a.create_time.as_ref()),
+        "expire_time": time(a.expire_time.as_ref()),
+        "decided_by": a.decided_by,
+        "destroy_time": a.destroy_time.as_ref().map(|t| time(Some(t))),
+    })
+}
+
+impl Output {
+    pub(super) fn versions(&self, k: &proto::Key) {
+        if self.format == Format::Json {
+            return Self::print_json(&key_json(k)["versions"]);
+        }
+        let rows: Vec<Vec<String>> = k
+            .versions
+            .iter()
+            .map(|v| {
+                vec![
+                    v.version.to_string(),
+                    state(v.state).to_owned() + if v.lost_time.is_some() { " (LOST)" } else { "" },
+                    if v.primary {
+                        "yes".into()
+                    } else {
+                        String::new()
+                    },
+                    time(v.create_time.as_ref()),
+                    time(v.destroy_time.as_ref().or(v.destroyed_time.as_ref())),
+                    v.wraps_at_most.to_string(),
+                ]
+            })
+            .collect();
+        say!(
+            "{}",
+            table(
+                &[
+                    "VERSION",
+                    "STATE",
+                    "PRIMARY",
+                    "CREATED",
+                    "DESTROY TIME",
+                    "WRAPS (AT MOST)"
+                ],
+                &rows
+            )
+        );
+    }
+
+    pub(super) fn approval(&self, a: &proto::Approval) {
+        if self.format == Format::Json {
+            return Self::print_json(&approval_json(a));
+        }
+        say!("approval:     {}", a.id);
+        say!("key version:  {}", a.key_version);
+        say!("state:        {}", approval_state(a.state));
+        say!("requested by: {}", a.requested_by);
+        say!("expires:      {}", time(a.expire_time.as_ref()));
+        if !a.decided_by.is_empty() {
+            say!("decided by:   {}", a.decided_by);
+        }
+        if let Some(t) = &a.destroy_time {
+            say!(
+                "destroyed at: {} (cancel before: tresor key cancel-destroy)",
+                time(Some(t))
+            );
+        }
+    }
+
+    pub(super) fn approvals(&self, list: &[proto::Approval]) {
+        if self.format == Format::Json {
+            return Self::print_json(&Value::Array(list.iter().map(approval_json).collect()));
+        }
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|a| {
+                vec![
+                    a.id.clone(),
+                    a.key_version.clone(),
+                    approval_state(a.state).into(),
+                    a.requested_by.clone(),
+                    time(a.expire_time.as_ref()),
+                ]
+            })
+            .collect();
+        say!(
+            "{}",
+            table(
+                &["ID", "KEY VERSION", "STATE", "REQUESTED BY", "EXPIRES"],
+                &rows
+            )
+        );
+    }
+}

@@ -34,6 +34,9 @@ pub(crate) struct KeyEntry {
     pub(crate) created_at: Millis,
     pub(crate) updated_at: Millis,
     pub(crate) primary: u32,
+    pub(crate) rotation_period_ms: Option<i64>,
+    pub(crate) next_rotation_at: Option<Millis>,
+    pub(crate) min_decryption_version: u32,
     /// Index `n - 1` holds version `n`; versions are never deleted.
     pub(crate) versions: Vec<Arc<VersionEntry>>,
 }
@@ -107,6 +110,9 @@ impl KeyEntry {
             created_at: key.created_at,
             updated_at: key.updated_at,
             primary: key.primary_version,
+            rotation_period_ms: key.rotation_period_ms,
+            next_rotation_at: key.next_rotation_at,
+            min_decryption_version: key.min_decryption_version,
             versions: versions.into_iter().map(Arc::new).collect(),
         }
     }

@@ -16,7 +16,9 @@
 //! - **Cache.** Key metadata is served from memory ([`cache`]); every write updates it after
 //!   its commit. The wrap/unwrap path reads the cache, then calls the HSM with no lock held.
 
+mod approvals;
 mod cache;
+mod clock;
 mod reconcile;
 
 use std::future::Future;
@@ -28,9 +30,11 @@ use zeroize::Zeroizing;
 use crate::auth::{Denied, Grant, Role};
 use crate::envelope::{self, EnvelopeError, IV_LEN, MAX_AAD_LEN, MAX_PLAINTEXT_LEN, VersionId};
 use crate::hsm::{Hsm, HsmError, ObjectId};
-use crate::model::{KeyName, Millis, NameError, VersionState, now_millis};
+use crate::model::{KeyName, Millis, NameError, VersionState};
 use crate::store::{KeyRow, Store, StoreError, VersionRow};
+pub use approvals::{ApprovalInfo, ApprovalState};
 use cache::{Cache, KeyEntry, Take, VersionEntry};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use reconcile::{OrphanPolicy, ReconcileReport};
 
 /// Longest key description accepted, in bytes.
@@ -96,6 +100,26 @@ pub enum CustodyError {
     /// The version has wrapped as many blobs as a random-IV GCM key safely can.
     #[error("{0} has reached its wrap limit; rotate the key")]
     VersionExhausted(String),
+    /// The version is below the key's minimum decryption version.
+    #[error("{0} is below the key's minimum decryption version")]
+    VersionBelowMinimum(String),
+    /// The approval does not exist (in the caller's tenant).
+    #[error("approval {0} not found")]
+    ApprovalNotFound(String),
+    /// The approval was already decided or expired.
+    #[error("approval {id} is {state}; it can no longer be decided")]
+    ApprovalClosed {
+        /// The approval.
+        id: String,
+        /// Its state.
+        state: ApprovalState,
+    },
+    /// The officer who asked may not approve.
+    #[error("{0} asked for this destruction; a different officer of the tenant must approve it")]
+    SelfApproval(String),
+    /// A destruction of this version already waits for approval.
+    #[error("a destruction of {0} already waits for approval")]
+    ApprovalPending(String),
     /// The change is not allowed for the primary version.
     #[error("{0} is the primary version; rotate the key first")]
     PrimaryVersion(String),
@@ -124,10 +148,60 @@ pub enum CustodyError {
 }
 
 /// Custody settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CustodyOptions {
     /// What start-up reconciliation does with HSM objects that have no row.
     pub orphans: OrphanPolicy,
+    /// The time source.
+    pub clock: Arc<dyn Clock>,
+    /// How long an approved destruction waits before the HSM object is destroyed.
+    pub destruction_grace_ms: Millis,
+    /// How long a destruction request waits for its second officer.
+    pub approval_ttl_ms: Millis,
+}
+
+/// A day in milliseconds.
+pub const DAY_MS: Millis = 86_400_000;
+/// Shortest destruction grace period a server accepts.
+pub const MIN_DESTRUCTION_GRACE_MS: Millis = DAY_MS;
+/// Shortest rotation period accepted.
+pub const MIN_ROTATION_PERIOD_MS: Millis = 3_600_000;
+/// A version is rotated away from once it has wrapped this many blobs, whatever its period.
+pub const ROTATE_AFTER_WRAPS: u64 = 1 << 31;
+
+impl Default for CustodyOptions {
+    fn default() -> Self {
+        Self {
+            orphans: OrphanPolicy::default(),
+            clock: Arc::new(SystemClock),
+            destruction_grace_ms: 7 * DAY_MS,
+            approval_ttl_ms: DAY_MS,
+        }
+    }
+}
+
+/// Changes an officer asks of a key; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct KeyUpdate {
+    /// New description.
+    pub description: Option<String>,
+    /// New labels (replacing all).
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+    /// New rotation period (`Some(None)` turns automatic rotation off).
+    pub rotation_period_ms: Option<Option<Millis>>,
+    /// New minimum decryption version.
+    pub min_decryption_version: Option<u32>,
+}
+
+/// What one run of the scheduled work did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DueReport {
+    /// Keys rotated (name and new primary version).
+    pub rotated: Vec<String>,
+    /// Versions destroyed.
+    pub destroyed: Vec<String>,
+    /// Approvals that expired.
+    pub expired_approvals: u64,
 }
 
 /// Metadata of a key, as shown to officers.
@@ -145,6 +219,12 @@ pub struct KeyInfo {
     pub updated_at: Millis,
     /// The version that wraps.
     pub primary_version: u32,
+    /// Automatic rotation period, if any.
+    pub rotation_period_ms: Option<Millis>,
+    /// When the next automatic rotation is due.
+    pub next_rotation_at: Option<Millis>,
+    /// Unwrap is refused for versions below this one.
+    pub min_decryption_version: u32,
     /// Every version, oldest first.
     pub versions: Vec<VersionInfo>,
 }
@@ -264,6 +344,7 @@ struct Inner {
     rng: SystemRandom,
     /// `tresor/{installation id}/`: every version object's label starts with it.
     label_prefix: String,
+    options: CustodyOptions,
 }
 
 impl Custody {
@@ -283,11 +364,17 @@ impl Custody {
                 admin: Arc::new(tokio::sync::Mutex::new(())),
                 rng: SystemRandom::new(),
                 label_prefix,
+                options: options.clone(),
             }),
         };
         custody.load().await?;
         let report = custody.reconcile(options.orphans).await?;
         Ok((custody, report))
+    }
+
+    /// The time custody works with.
+    pub fn now(&self) -> Millis {
+        self.inner.options.clock.now()
     }
 
     /// The HSM this service uses.
@@ -370,7 +457,7 @@ impl Custody {
             if c.entry(&name).is_ok() {
                 return Err(CustodyError::KeyExists(name.to_string()));
             }
-            let now = now_millis();
+            let now = c.now();
             let version = c.new_version_object(&name, 1, now).await?;
             let row = KeyRow {
                 tenant: name.tenant().as_str().to_owned(),
@@ -380,6 +467,9 @@ impl Custody {
                 primary_version: 1,
                 created_at: now,
                 updated_at: now,
+                rotation_period_ms: None,
+                next_rotation_at: None,
+                min_decryption_version: 1,
             };
             if let Err(e) = c.inner.store.create_key(&row, &version).await {
                 c.discard_object(&version.id).await;
@@ -427,12 +517,17 @@ impl Custody {
     /// they wrapped still unwrap.
     pub async fn rotate_key(&self, grant: &Grant, name: &KeyName) -> Result<KeyInfo, CustodyError> {
         authorize(grant, Role::Officer, name)?;
+        self.rotate(name).await
+    }
+
+    /// Rotation for an authorized officer or the scheduler.
+    async fn rotate(&self, name: &KeyName) -> Result<KeyInfo, CustodyError> {
         let name = name.clone();
         self.admin(move |c| async move {
             let entry = c.entry(&name)?;
             let number = u32::try_from(entry.versions.len() + 1)
                 .map_err(|_| CustodyError::InvalidArgument("too many versions".into()))?;
-            let now = now_millis();
+            let now = c.now();
             let version = c.new_version_object(&name, number, now).await?;
             if let Err(e) = c
                 .inner
@@ -451,36 +546,57 @@ impl Custody {
                 .push(Arc::new(VersionEntry::from_row(&name, &version)));
             next.primary = number;
             next.updated_at = now;
+            next.next_rotation_at = next.rotation_period_ms.map(|p| now + p);
             Ok(c.publish(next))
         })
         .await
     }
 
-    /// Replaces a key's description and/or labels (`None` keeps the current value).
+    /// Changes a key's description, labels, rotation period or minimum decryption version.
     pub async fn update_key(
         &self,
         grant: &Grant,
         name: &KeyName,
-        description: Option<String>,
-        labels: Option<std::collections::BTreeMap<String, String>>,
+        update: KeyUpdate,
     ) -> Result<KeyInfo, CustodyError> {
         authorize(grant, Role::Officer, name)?;
-        if let Some(d) = &description {
+        if let Some(d) = &update.description {
             check_description(d)?;
         }
-        if let Some(l) = &labels {
+        if let Some(l) = &update.labels {
             check_labels(l)?;
+        }
+        if let Some(Some(p)) = update.rotation_period_ms
+            && !(MIN_ROTATION_PERIOD_MS..=100 * 365 * DAY_MS).contains(&p)
+        {
+            return Err(CustodyError::InvalidArgument(
+                "rotation period must be 1 hour to 100 years".into(),
+            ));
         }
         let name = name.clone();
         self.admin(move |c| async move {
             let mut next = (*c.entry(&name)?).clone();
-            if let Some(d) = description {
+            let now = c.now();
+            if let Some(d) = update.description {
                 next.description = d;
             }
-            if let Some(l) = labels {
+            if let Some(l) = update.labels {
                 next.labels = l;
             }
-            next.updated_at = now_millis();
+            if let Some(period) = update.rotation_period_ms {
+                next.rotation_period_ms = period;
+                next.next_rotation_at = period.map(|p| now + p);
+            }
+            if let Some(min) = update.min_decryption_version {
+                if min == 0 || min > next.primary {
+                    return Err(CustodyError::InvalidArgument(format!(
+                        "minimum decryption version must be 1 to the primary version ({})",
+                        next.primary
+                    )));
+                }
+                next.min_decryption_version = min;
+            }
+            next.updated_at = now;
             let row = KeyRow {
                 tenant: name.tenant().as_str().to_owned(),
                 name: name.key().to_owned(),
@@ -489,6 +605,9 @@ impl Custody {
                 primary_version: next.primary,
                 created_at: next.created_at,
                 updated_at: next.updated_at,
+                rotation_period_ms: next.rotation_period_ms,
+                next_rotation_at: next.next_rotation_at,
+                min_decryption_version: next.min_decryption_version,
             };
             match c.inner.store.update_key(&row).await {
                 Ok(()) => Ok(c.publish(next)),
@@ -497,6 +616,40 @@ impl Custody {
             }
         })
         .await
+    }
+
+    /// Runs the work that is due: rotations (period elapsed, or 2^31 wraps on the primary
+    /// version), destructions past their grace period, approval expiry. A due rotation happens
+    /// once however long the server was down; the next is due a period after it.
+    pub async fn run_due(&self) -> Result<DueReport, CustodyError> {
+        let now = self.now();
+        let mut report = DueReport::default();
+        let due: Vec<KeyName> = read(&self.inner.cache)
+            .keys
+            .values()
+            .filter(|k| {
+                let period_due = k.next_rotation_at.is_some_and(|t| t <= now);
+                let worn_out = k
+                    .primary_version()
+                    .is_some_and(|v| v.wraps.reserved() >= ROTATE_AFTER_WRAPS);
+                period_due || worn_out
+            })
+            .map(|k| k.name.clone())
+            .collect();
+        for name in due {
+            match self.rotate(&name).await {
+                Ok(info) => {
+                    tracing::info!(key = %name, version = info.primary_version, "key rotated on schedule");
+                    report.rotated.push(name.version(info.primary_version));
+                }
+                // Another node rotated it first; its next due time moved on.
+                Err(CustodyError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        report.destroyed = self.destroy_due(now).await?;
+        report.expired_approvals = self.inner.store.expire_approvals(now).await?;
+        Ok(report)
     }
 
     /// `DISABLED` → `ENABLED`. Enabling an enabled version changes nothing.
@@ -601,7 +754,7 @@ impl Custody {
             if unless_primary && entry.primary == number {
                 return Err(CustodyError::PrimaryVersion(name.version(number)));
             }
-            let now = now_millis();
+            let now = c.now();
             match c
                 .inner
                 .store
@@ -641,7 +794,7 @@ impl Custody {
                 .collect();
             let mut destroyed = Vec::with_capacity(due.len());
             for (name, number, id) in due {
-                let at = now_millis();
+                let at = c.now();
                 match c.inner.store.transition(&id, &[VersionState::DestroyScheduled], VersionState::Destroyed, at, None, false).await {
                     Ok(()) => {}
                     // Cancelled or destroyed elsewhere since the cache was read.
@@ -837,6 +990,11 @@ impl Custody {
                 .find(|v| v.id == blob.version_id)
                 .cloned()
                 .ok_or(CustodyError::UnknownVersion)?;
+            if version.number < entry.min_decryption_version {
+                return Err(CustodyError::VersionBelowMinimum(
+                    version.full_name.to_string(),
+                ));
+            }
             (version, key.clone())
         };
         usable(&version)?;
@@ -879,7 +1037,7 @@ impl Custody {
                 if v.lost_at.is_some() || v.state == VersionState::Destroyed {
                     return Ok(());
                 }
-                let now = now_millis();
+                let now = c.now();
                 c.inner.store.set_lost(&id, Some(now)).await?;
                 tracing::error!(version = %v.full_name, "HSM object of key version is missing: version marked LOST; blobs it wrapped cannot be unwrapped until the object is restored");
                 c.publish(entry.with_version(v.number, |v| VersionEntry { lost_at: Some(now), ..v.clone() }));
@@ -982,7 +1140,7 @@ impl Inner {
 }
 
 /// Every caller-facing operation starts here: the grant must be for `role` and cover `key`.
-fn authorize(grant: &Grant, role: Role, key: &KeyName) -> Result<(), CustodyError> {
+pub(crate) fn authorize(grant: &Grant, role: Role, key: &KeyName) -> Result<(), CustodyError> {
     grant.require(role)?;
     grant.check_key(key)?;
     Ok(())
@@ -1052,6 +1210,9 @@ fn info(entry: &KeyEntry) -> KeyInfo {
         created_at: entry.created_at,
         updated_at: entry.updated_at,
         primary_version: entry.primary,
+        rotation_period_ms: entry.rotation_period_ms,
+        next_rotation_at: entry.next_rotation_at,
+        min_decryption_version: entry.min_decryption_version,
         versions: entry
             .versions
             .iter()

@@ -17,7 +17,7 @@ use super::{Custody, CustodyError, read};
 use crate::custody::cache::VersionEntry;
 use crate::envelope::VersionId;
 use crate::hsm::ObjectId;
-use crate::model::{VersionState, now_millis};
+use crate::model::VersionState;
 
 /// What reconciliation does with an HSM object that carries this installation's label but has
 /// no row.
@@ -116,7 +116,7 @@ impl Custody {
             {
                 continue;
             }
-            let now = now_millis();
+            let now = self.now();
             self.inner.store.set_lost(&v.id, Some(now)).await?;
             self.update_version(&v.id, |e| VersionEntry {
                 lost_at: Some(now),

@@ -97,6 +97,12 @@ pub struct KeyRow {
     pub created_at: Millis,
     /// Last metadata change.
     pub updated_at: Millis,
+    /// Automatic rotation period, if any.
+    pub rotation_period_ms: Option<i64>,
+    /// When the scheduler rotates next.
+    pub next_rotation_at: Option<Millis>,
+    /// Unwrap is refused for versions below this one.
+    pub min_decryption_version: u32,
 }
 
 /// A key version's metadata row.
@@ -176,7 +182,8 @@ impl Store {
     /// Every key row.
     pub async fn load_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT tenant, name, description, labels, primary_version, created_at, updated_at FROM keys",
+            "SELECT tenant, name, description, labels, primary_version, created_at, updated_at, \
+             rotation_period_ms, next_rotation_at, min_decryption_version FROM keys",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -190,6 +197,9 @@ impl Store {
                     primary_version: to_u32("keys", r.try_get("primary_version")?)?,
                     created_at: r.try_get("created_at")?,
                     updated_at: r.try_get("updated_at")?,
+                    rotation_period_ms: r.try_get("rotation_period_ms")?,
+                    next_rotation_at: r.try_get("next_rotation_at")?,
+                    min_decryption_version: to_u32("keys", r.try_get("min_decryption_version")?)?,
                 })
             })
             .collect()
@@ -244,7 +254,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
-            "UPDATE keys SET primary_version = $1, updated_at = $2 \
+            "UPDATE keys SET primary_version = $1, updated_at = $2, \
+             next_rotation_at = CASE WHEN rotation_period_ms IS NULL THEN NULL ELSE $2 + rotation_period_ms END \
              WHERE tenant = $3 AND name = $4 AND primary_version = $5",
         )
         .bind(i64::from(version.version))
@@ -267,12 +278,18 @@ impl Store {
 
     /// Replaces a key's description and labels.
     pub async fn update_key(&self, key: &KeyRow) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE keys SET description = $1, labels = $2, updated_at = $3 WHERE tenant = $4 AND name = $5")
-            .bind(&key.description)
-            .bind(labels_json(&key.labels)?)
-            .bind(key.updated_at)
-            .bind(&key.tenant)
-            .bind(&key.name)
+        let done = sqlx::query(
+            "UPDATE keys SET description = $1, labels = $2, updated_at = $3, rotation_period_ms = $4, \
+             next_rotation_at = $5, min_decryption_version = $6 WHERE tenant = $7 AND name = $8",
+        )
+        .bind(&key.description)
+        .bind(labels_json(&key.labels)?)
+        .bind(key.updated_at)
+        .bind(key.rotation_period_ms)
+        .bind(key.next_rotation_at)
+        .bind(i64::from(key.min_decryption_version))
+        .bind(&key.tenant)
+        .bind(&key.name)
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 1 {
@@ -532,4 +549,135 @@ async fn installation_id(pool: &SqlitePool) -> Result<String, StoreError> {
     Ok(sqlx::query_scalar("SELECT id FROM installation")
         .fetch_one(pool)
         .await?)
+}
+
+/// A four-eyes approval row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRow {
+    /// Random id.
+    pub id: String,
+    /// Tenant segment.
+    pub tenant: String,
+    /// Key segment.
+    pub key_name: String,
+    /// Version number.
+    pub version: u32,
+    /// What is asked for.
+    pub operation: String,
+    /// Who asked.
+    pub requested_by: String,
+    /// When.
+    pub requested_at: Millis,
+    /// Until when it can be decided.
+    pub expires_at: Millis,
+    /// `PENDING`, `APPROVED`, `REJECTED` or `EXPIRED`.
+    pub state: String,
+    /// Who decided.
+    pub decided_by: String,
+}
+
+fn approval_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApprovalRow, StoreError> {
+    Ok(ApprovalRow {
+        id: r.try_get("id")?,
+        tenant: r.try_get("tenant")?,
+        key_name: r.try_get("key_name")?,
+        version: to_u32("approvals", r.try_get("version")?)?,
+        operation: r.try_get("operation")?,
+        requested_by: r.try_get("requested_by")?,
+        requested_at: r.try_get("requested_at")?,
+        expires_at: r.try_get("expires_at")?,
+        state: r.try_get("state")?,
+        decided_by: r.try_get("decided_by")?,
+    })
+}
+
+const APPROVAL_COLUMNS: &str = "id, tenant, key_name, version, operation, requested_by, requested_at, expires_at, state, decided_by";
+
+impl Store {
+    /// Inserts a pending approval, unless one for the same version is already pending and
+    /// unexpired at `now` ([`StoreError::Conflict`]).
+    pub async fn insert_approval(&self, a: &ApprovalRow, now: Millis) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let pending: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM approvals WHERE tenant = $1 AND key_name = $2 AND version = $3 AND state = 'PENDING' AND expires_at >= $4",
+        )
+        .bind(&a.tenant)
+        .bind(&a.key_name)
+        .bind(i64::from(a.version))
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if pending.is_some() {
+            return Err(StoreError::Conflict);
+        }
+        sqlx::query(
+            "INSERT INTO approvals (id, tenant, key_name, version, operation, requested_by, requested_at, expires_at, state) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'PENDING')",
+        )
+        .bind(&a.id)
+        .bind(&a.tenant)
+        .bind(&a.key_name)
+        .bind(i64::from(a.version))
+        .bind(&a.operation)
+        .bind(&a.requested_by)
+        .bind(a.requested_at)
+        .bind(a.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// One approval.
+    pub async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRow>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(approval_row).transpose()
+    }
+
+    /// A tenant's approvals, newest first (at most 1,000).
+    pub async fn list_approvals(&self, tenant: &str) -> Result<Vec<ApprovalRow>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant = $1 ORDER BY requested_at DESC LIMIT 1000"
+        )))
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(approval_row).collect()
+    }
+
+    /// Moves a pending approval to `state` ([`StoreError::Conflict`] if it was not pending).
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        state: &str,
+        decided_by: &str,
+        at: Millis,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query("UPDATE approvals SET state = $1, decided_by = $2, decided_at = $3 WHERE id = $4 AND state = 'PENDING'")
+            .bind(state)
+            .bind(decided_by)
+            .bind(at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict)
+        }
+    }
+
+    /// Marks pending approvals past their expiry as expired; returns how many.
+    pub async fn expire_approvals(&self, now: Millis) -> Result<u64, StoreError> {
+        let done = sqlx::query("UPDATE approvals SET state = 'EXPIRED', decided_at = $1 WHERE state = 'PENDING' AND expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
 }

@@ -186,13 +186,16 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn new() -> Self {
+        Self::with(CustodyOptions::default()).await
+    }
+
+    pub async fn with(options: CustodyOptions) -> Self {
         let token = TestToken::new();
         let hsm = token.open();
         let store = Store::open(&token.db_url()).await.unwrap();
-        let (custody, report) =
-            Custody::open(hsm.clone(), store.clone(), CustodyOptions::default())
-                .await
-                .unwrap();
+        let (custody, report) = Custody::open(hsm.clone(), store.clone(), options)
+            .await
+            .unwrap();
         assert_eq!(report, ReconcileReport::default());
         Self {
             token,
