@@ -228,14 +228,18 @@ fn a_user_creates_rotates_wraps_and_unwraps_with_the_cli() {
             & 0o777,
         0o600
     );
+    let wrapped_b64 = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        std::fs::read(dir.join("dek.wrapped")).unwrap(),
+    );
     let rewrapped = json(&tresor(
         &service,
         &[
             "--output",
             "json",
             "rewrap",
-            "--in",
-            dir.join("dek.wrapped").to_str().unwrap(),
+            "--ciphertext-base64",
+            &wrapped_b64,
         ],
     ));
     assert_eq!(rewrapped["rewrapped"], false);

@@ -10,6 +10,7 @@
 //! database unreachable, overloaded, timed out: retry later); 8 an audit export does not
 //! verify; 64 bad configuration; 69 a dependency of `serve` is unreachable.
 
+mod bulk;
 pub mod dev;
 mod output;
 
@@ -86,8 +87,9 @@ enum Command {
     Unwrap(UnwrapArgs),
     /// Generate a data key in the HSM and return it wrapped (role service).
     Datakey(DatakeyArgs),
-    /// Re-wrap a blob under its key's primary version (role service).
-    Rewrap(UnwrapArgs),
+    /// Re-wrap blobs under their key's primary version (role service): one blob given as
+    /// --ciphertext-base64, or a whole file of them with --in/--out (resumable).
+    Rewrap(RewrapArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -355,6 +357,30 @@ struct UnwrapArgs {
     /// printing it as base64.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct RewrapArgs {
+    /// One blob, standard base64.
+    #[arg(long, conflicts_with_all = ["input", "out"])]
+    ciphertext_base64: Option<String>,
+    /// A file of blobs: one JSON object per line, `{"ciphertext": base64, "aad": base64?, ...}`.
+    #[arg(long = "in", requires = "out")]
+    input: Option<PathBuf>,
+    /// Where re-wrapped lines go (appended to on resume).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where failed lines go, with the reason (default: OUT.failed.jsonl).
+    #[arg(long)]
+    failures: Option<PathBuf>,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    parallel: u16,
+    /// Refuse blobs of any other key.
+    #[arg(long)]
+    key: Option<String>,
+    #[command(flatten)]
+    aad: AadArgs,
 }
 
 #[derive(Debug, Args)]
@@ -871,12 +897,48 @@ async fn unwrap(client: &Client, a: UnwrapArgs, out: &Output) -> Result<(), Fail
     Ok(())
 }
 
-async fn rewrap(client: &Client, a: UnwrapArgs, out: &Output) -> Result<(), Failure> {
-    let ciphertext = input(
-        a.input.as_deref(),
-        a.ciphertext_base64.as_deref(),
-        "ciphertext",
-    )?;
+async fn rewrap(client: &Client, a: RewrapArgs, out: &Output) -> Result<(), Failure> {
+    if let (Some(input), Some(output)) = (&a.input, &a.out) {
+        let failures = a
+            .failures
+            .clone()
+            .unwrap_or_else(|| bulk::default_failures(output));
+        let s = bulk::run(
+            client,
+            input,
+            output,
+            &failures,
+            usize::from(a.parallel),
+            a.key.clone(),
+        )
+        .await?;
+        out.summary(&format!(
+            "re-wrapped {}, already current {}, failed {}{}{}",
+            s.rewrapped,
+            s.current,
+            s.failed,
+            if s.failed > 0 {
+                format!(" (see {})", failures.display())
+            } else {
+                String::new()
+            },
+            if s.resumed > 0 {
+                format!("; resumed after {} lines done earlier", s.resumed)
+            } else {
+                String::new()
+            },
+        ));
+        return if s.failed > 0 {
+            Err(Failure::new(
+                5,
+                format!("{} lines could not be re-wrapped", s.failed),
+                format!("see {}", failures.display()),
+            ))
+        } else {
+            Ok(())
+        };
+    }
+    let ciphertext = input(None, a.ciphertext_base64.as_deref(), "ciphertext")?;
     let r = client
         .keys()
         .rewrap(proto::RewrapRequest {
@@ -887,13 +949,10 @@ async fn rewrap(client: &Client, a: UnwrapArgs, out: &Output) -> Result<(), Fail
         .await
         .map_err(|s| from_status(&s))?
         .into_inner();
-    if let Some(path) = &a.out {
-        write_output(path, &r.ciphertext, false)?;
-    }
     out.blob(
         "ciphertext",
         &r.ciphertext,
-        a.out.is_none(),
+        true,
         &r.key_version,
         Some(r.rewrapped),
     );
