@@ -25,7 +25,7 @@ use super::{Api, MAX_REQUEST_BYTES, proto};
 use crate::audit::{AuditError, AuditLog, AuditOptions};
 use crate::auth::{ClientAuthenticator, SharedPolicy};
 use crate::config::{Config, ConfigError};
-use crate::custody::{Custody, CustodyError, CustodyOptions};
+use crate::custody::{Clock, Custody, CustodyError, CustodyOptions, SystemClock};
 use crate::hsm::{Hsm, HsmError};
 use crate::pki;
 use crate::store::{Store, StoreError};
@@ -113,6 +113,15 @@ impl Server {
     /// Loads TLS material and the policy (configuration errors), then opens the HSM and the
     /// database and reconciles them. Binds nothing.
     pub async fn prepare(config: Config) -> Result<Self, StartError> {
+        Self::prepare_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Server::prepare`] with another time source (tests drive rotation periods, grace
+    /// periods and approval expiry with a [`crate::custody::ManualClock`]).
+    pub async fn prepare_with_clock(
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StartError> {
         let certs =
             pki::load_certs(&config.tls_cert).map_err(|e| config_error(&config, "tls.cert", e))?;
         let key =
@@ -141,7 +150,7 @@ impl Server {
             destruction_grace_ms: i64::try_from(config.destruction_grace.as_millis())
                 .unwrap_or(i64::MAX),
             approval_ttl_ms: i64::try_from(config.approval_ttl.as_millis()).unwrap_or(i64::MAX),
-            ..CustodyOptions::default()
+            clock,
         };
         let (custody, report) = Custody::open(hsm, store, options).await?;
         if report != Default::default() {

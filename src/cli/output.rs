@@ -37,6 +37,14 @@ fn time(t: Option<&prost_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
+fn period(seconds: i64) -> String {
+    match seconds {
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s => format!("{s}s"),
+    }
+}
+
 fn state(s: i32) -> &'static str {
     proto::KeyVersionState::try_from(s)
         .map(|s| s.as_str_name())
@@ -51,8 +59,10 @@ fn key_json(k: &proto::Key) -> Value {
         "create_time": time(k.create_time.as_ref()),
         "update_time": time(k.update_time.as_ref()),
         "primary_version": k.primary_version,
-        "versions": k.versions.iter().map(|v| json!({
-            "name": v.name,
+        "rotation_period_seconds": k.rotation_period.as_ref().map(|d| d.seconds),
+        "next_rotation_time": k.next_rotation_time.as_ref().map(|t| time(Some(t))),
+        "min_decryption_version": k.min_decryption_version,
+        "versions": k.versions.iter().map(|v| json!({"name": v.name,
             "version": v.version,
             "state": state(v.state),
             "primary": v.primary,
@@ -116,6 +126,19 @@ impl Output {
             say!("labels:          {}", labels.join(", "));
         }
         say!("primary version: {}", k.primary_version);
+        if let Some(p) = &k.rotation_period {
+            say!(
+                "rotation:        every {} (next {})",
+                period(p.seconds),
+                time(k.next_rotation_time.as_ref())
+            );
+        }
+        if k.min_decryption_version > 1 {
+            say!(
+                "unwraps:         versions {} and later",
+                k.min_decryption_version
+            );
+        }
         say!("created:         {}", time(k.create_time.as_ref()));
         say!();
         let rows: Vec<Vec<String>> = k

@@ -394,8 +394,21 @@ impl TestServer {
     }
 
     pub async fn start_on(deployment: Deployment) -> Self {
+        Self::start_with_clock(
+            deployment,
+            std::sync::Arc::new(tresor::custody::SystemClock),
+        )
+        .await
+    }
+
+    pub async fn start_with_clock(
+        deployment: Deployment,
+        clock: std::sync::Arc<dyn tresor::custody::Clock>,
+    ) -> Self {
         let config = tresor::config::Config::load(&deployment.config_path).unwrap();
-        let server = tresor::api::server::Server::prepare(config).await.unwrap();
+        let server = tresor::api::server::Server::prepare_with_clock(config, clock)
+            .await
+            .unwrap();
         let listener = server.bind().await.unwrap();
         let addr = listener.local_addr().unwrap();
         let policy = server.policy();
