@@ -202,7 +202,22 @@ async fn a_full_officer_day_through_the_cli() {
     ));
     assert_eq!(opened["plaintext"], b64.encode("result 0"));
 
-    // Anna asks to destroy version 1; she cannot approve it herself; Ben approves.
+    // Anna looks first (dry run changes nothing), then asks to destroy version 1; she cannot
+    // approve it herself; Ben approves.
+    let dry = ok(run(
+        &anna,
+        &["key", "destroy", KEY, "--version", "1", "--dry-run"],
+    ));
+    assert!(
+        dry.contains("dry run") && dry.contains("second officer"),
+        "{dry}"
+    );
+    assert!(
+        json(run(&ben, &["--output", "json", "approvals", "list"]))
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     let request = json(run(
         &anna,
         &[

@@ -162,6 +162,9 @@ enum KeyCommand {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Show what would be asked, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Cancel a scheduled destruction; the version becomes DISABLED.
     CancelDestroy {
@@ -728,9 +731,26 @@ async fn key_command(client: &Client, command: KeyCommand, out: &Output) -> Resu
             out.versions(&key);
             return Ok(());
         }
-        KeyCommand::Destroy { name, version, yes } => {
-            if !yes {
-                confirm(
+        KeyCommand::Destroy { name, version, yes, dry_run } => {
+            if dry_run {
+                let key = admin.get_key(proto::GetKeyRequest { key: name.clone() }).await.map_err(|s| from_status(&s))?.into_inner();
+                let v = key
+                    .versions
+                    .iter()
+                    .find(|v| v.version == version)
+                    .ok_or_else(|| Failure::new(3, format!("{name} has no version {version}"), "`tresor key versions NAME` lists them"))?;
+                let state = proto::KeyVersionState::try_from(v.state).map(|s| s.as_str_name()).unwrap_or("UNKNOWN");
+                let verdict = if v.primary {
+                    "refused: it is the primary version (rotate first)"
+                } else if matches!(state, "ENABLED" | "DISABLED") {
+                    "a destruction request would wait for a second officer's approval"
+                } else {
+                    "refused: only ENABLED or DISABLED versions can be destroyed"
+                };
+                out.summary(&format!("dry run: {} is {state}, wraps at most {}; {verdict}; nothing was changed", v.name, v.wraps_at_most));
+                return Ok(());
+            }
+            if !yes {confirm(
                     &format!("This asks for the destruction of {name}/versions/{version}: once a second officer approves and the grace period ends, its blobs can never be unwrapped again."),
                     &format!("{name}/versions/{version}"),
                 )?;
