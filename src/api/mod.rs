@@ -304,6 +304,23 @@ impl Api {
     }
 }
 
+impl Api {
+    /// The shape of every call about one key: parse the request's key name, run `op`, audit.
+    async fn keyed<T>(
+        &self,
+        call: Call,
+        raw_key: &str,
+        aad: &[u8],
+        op: impl AsyncFnOnce(&Call, &KeyName) -> Result<Done<T>, Status>,
+    ) -> Result<Response<T>, Status> {
+        let result = match key_name(&call, "key", raw_key) {
+            Ok(key) => op(&call, &key).await,
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, raw_key, aad).await
+    }
+}
+
 fn new_request_id() -> String {
     let mut raw = [0u8; 8];
     // A request id needs uniqueness, not secrecy; fall back to the clock if the RNG fails.
@@ -489,25 +506,22 @@ impl KeyService for Api {
     ) -> Result<Response<proto::WrapResponse>, Status> {
         let call = self.begin(&request, Role::Service, "Wrap").await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(key) => {
-                let out = self
-                    .custody
-                    .wrap(&call.grant, &key, Zeroizing::new(r.plaintext), &r.aad)
-                    .await;
-                custody(&call, out, |w| {
-                    done(
-                        proto::WrapResponse {
-                            ciphertext: w.ciphertext,
-                            key_version: w.key_version.clone(),
-                        },
-                        w.key_version,
-                    )
-                })
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &r.aad).await
+        self.keyed(call, &r.key, &r.aad, async |call, key| {
+            let out = self
+                .custody
+                .wrap(&call.grant, key, Zeroizing::new(r.plaintext), &r.aad)
+                .await;
+            custody(call, out, |w| {
+                done(
+                    proto::WrapResponse {
+                        ciphertext: w.ciphertext,
+                        key_version: w.key_version.clone(),
+                    },
+                    w.key_version,
+                )
+            })
+        })
+        .await
     }
 
     async fn unwrap(
@@ -549,37 +563,34 @@ impl KeyService for Api {
             .begin(&request, Role::Service, "GenerateDataKey")
             .await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(key) => {
-                let len = if r.length_bytes == 0 {
-                    32
-                } else {
-                    r.length_bytes as usize
-                };
-                let out = self
-                    .custody
-                    .generate_data_key(&call.grant, &key, &r.aad, len, !r.without_plaintext)
-                    .await;
-                custody(&call, out, |mut dk| {
-                    let plaintext = dk
-                        .plaintext
-                        .as_mut()
-                        .map(|p| std::mem::take(&mut **p))
-                        .unwrap_or_default();
-                    let v = dk.key_version.clone();
-                    done(
-                        proto::GenerateDataKeyResponse {
-                            plaintext,
-                            ciphertext: dk.ciphertext,
-                            key_version: dk.key_version,
-                        },
-                        v,
-                    )
-                })
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &r.aad).await
+        self.keyed(call, &r.key, &r.aad, async |call, key| {
+            let len = if r.length_bytes == 0 {
+                32
+            } else {
+                r.length_bytes as usize
+            };
+            let out = self
+                .custody
+                .generate_data_key(&call.grant, key, &r.aad, len, !r.without_plaintext)
+                .await;
+            custody(call, out, |mut dk| {
+                let plaintext = dk
+                    .plaintext
+                    .as_mut()
+                    .map(|p| std::mem::take(&mut **p))
+                    .unwrap_or_default();
+                let v = dk.key_version.clone();
+                done(
+                    proto::GenerateDataKeyResponse {
+                        plaintext,
+                        ciphertext: dk.ciphertext,
+                        key_version: dk.key_version,
+                    },
+                    v,
+                )
+            })
+        })
+        .await
     }
 
     async fn rewrap(
@@ -625,17 +636,14 @@ impl KeyAdminService for Api {
     ) -> Result<Response<proto::Key>, Status> {
         let call = self.begin(&request, Role::Officer, "CreateKey").await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(key) => {
-                let out = self
-                    .custody
-                    .create_key(&call.grant, &key, &r.description, labels(r.labels))
-                    .await;
-                custody(&call, out, |k| done(key_message(k.clone()), primary(&k)))
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &[]).await
+        self.keyed(call, &r.key, &[], async |call, key| {
+            let out = self
+                .custody
+                .create_key(&call.grant, key, &r.description, labels(r.labels))
+                .await;
+            custody(call, out, |k| done(key_message(k.clone()), primary(&k)))
+        })
+        .await
     }
 
     async fn get_key(
@@ -764,17 +772,14 @@ impl KeyAdminService for Api {
             .begin(&request, Role::Officer, "EnableKeyVersion")
             .await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(key) => {
-                let out = self
-                    .custody
-                    .enable_version(&call.grant, &key, r.version)
-                    .await;
-                custody(&call, out, |k| done(key_message(k), key.version(r.version)))
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &[]).await
+        self.keyed(call, &r.key, &[], async |call, key| {
+            let out = self
+                .custody
+                .enable_version(&call.grant, key, r.version)
+                .await;
+            custody(call, out, |k| done(key_message(k), key.version(r.version)))
+        })
+        .await
     }
 
     async fn disable_key_version(
@@ -785,17 +790,14 @@ impl KeyAdminService for Api {
             .begin(&request, Role::Officer, "DisableKeyVersion")
             .await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(key) => {
-                let out = self
-                    .custody
-                    .disable_version(&call.grant, &key, r.version)
-                    .await;
-                custody(&call, out, |k| done(key_message(k), key.version(r.version)))
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &[]).await
+        self.keyed(call, &r.key, &[], async |call, key| {
+            let out = self
+                .custody
+                .disable_version(&call.grant, key, r.version)
+                .await;
+            custody(call, out, |k| done(key_message(k), key.version(r.version)))
+        })
+        .await
     }
 
     async fn schedule_key_version_destruction(
@@ -806,19 +808,16 @@ impl KeyAdminService for Api {
             .begin(&request, Role::Officer, "ScheduleKeyVersionDestruction")
             .await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(key) => {
-                let out = self
-                    .custody
-                    .request_destruction(&call.grant, &key, r.version)
-                    .await;
-                custody(&call, out, |a| {
-                    done(approval_message(a), key.version(r.version))
-                })
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &[]).await
+        self.keyed(call, &r.key, &[], async |call, key| {
+            let out = self
+                .custody
+                .request_destruction(&call.grant, key, r.version)
+                .await;
+            custody(call, out, |a| {
+                done(approval_message(a), key.version(r.version))
+            })
+        })
+        .await
     }
 
     async fn cancel_key_version_destruction(
@@ -829,17 +828,14 @@ impl KeyAdminService for Api {
             .begin(&request, Role::Officer, "CancelKeyVersionDestruction")
             .await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(key) => {
-                let out = self
-                    .custody
-                    .cancel_destruction(&call.grant, &key, r.version)
-                    .await;
-                custody(&call, out, |k| done(key_message(k), key.version(r.version)))
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &[]).await
+        self.keyed(call, &r.key, &[], async |call, key| {
+            let out = self
+                .custody
+                .cancel_destruction(&call.grant, key, r.version)
+                .await;
+            custody(call, out, |k| done(key_message(k), key.version(r.version)))
+        })
+        .await
     }
 
     async fn list_approvals(
