@@ -260,9 +260,12 @@ impl Server {
             )
             .await
             .map_err(|e| StartError::Serve(e.to_string()));
-        accept_task.abort();
-        health_task.abort();
-        scheduler_task.abort();
+        // Wait for the aborted tasks to be dropped, so the HSM context and database they hold
+        // are released when `serve` returns (an in-process restart can then open them again).
+        for task in [accept_task, health_task, scheduler_task] {
+            task.abort();
+            let _ = task.await;
+        }
         tracing::info!("server stopped; in-flight requests finished");
         result
     }
