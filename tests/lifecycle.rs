@@ -351,3 +351,53 @@ async fn a_minimum_decryption_version_refuses_older_blobs_until_lowered() {
         b"v1"
     );
 }
+
+#[tokio::test]
+async fn an_approval_whose_scheduling_fails_goes_back_to_pending() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let f = Fixture::with(options(&clock)).await;
+    let key = name("tenants/a/keys/k");
+    let (anna, ben) = officers();
+    f.custody
+        .create_key(&anna, &key, "", Default::default())
+        .await
+        .unwrap();
+    f.custody.rotate_key(&anna, &key).await.unwrap();
+    let request = f.custody.request_destruction(&anna, &key, 1).await.unwrap();
+
+    f.store
+        .execute_raw_for_tests("CREATE TRIGGER no_updates BEFORE UPDATE ON key_versions BEGIN SELECT RAISE(ABORT, 'injected'); END;")
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.custody.approve(&ben, &request.id).await,
+        Err(CustodyError::Store(_))
+    ));
+    let listed = f.custody.list_approvals(&anna).await.unwrap();
+    assert_eq!(
+        listed[0].state,
+        ApprovalState::Pending,
+        "the record must not claim an approval that scheduled nothing"
+    );
+    assert_eq!(
+        f.custody.get_key(&anna, &key).unwrap().versions[0].state,
+        VersionState::Enabled
+    );
+
+    f.store
+        .execute_raw_for_tests("DROP TRIGGER no_updates")
+        .await
+        .unwrap();
+    assert_eq!(
+        f.custody.approve(&ben, &request.id).await.unwrap().state,
+        ApprovalState::Approved
+    );
+    // Once decided, a late rejection cannot flip it.
+    assert!(matches!(
+        f.custody.reject(&anna, &request.id).await,
+        Err(CustodyError::ApprovalClosed {
+            state: ApprovalState::Approved,
+            ..
+        })
+    ));
+}

@@ -212,14 +212,8 @@ impl Custody {
             return Err(CustodyError::SelfApproval(row.requested_by));
         }
         let key = KeyName::new(&row.tenant, &row.key_name)?;
-        let destroy_at = self.now() + self.inner.options.destruction_grace_ms;
-        self.transition(
-            &key,
-            row.version,
-            VersionState::DestroyScheduled,
-            Some(destroy_at),
-        )
-        .await?;
+        // Decide first, so a concurrent rejection either wins (and nothing is scheduled) or
+        // loses; never "REJECTED" on the approval while the version is scheduled anyway.
         match self
             .inner
             .store
@@ -231,8 +225,35 @@ impl Custody {
             )
             .await
         {
-            Ok(()) | Err(StoreError::Conflict) => {}
+            Ok(()) => {}
+            Err(StoreError::Conflict) => {
+                let state = self
+                    .inner
+                    .store
+                    .get_approval(id)
+                    .await?
+                    .and_then(|r| ApprovalState::parse(&r.state))
+                    .unwrap_or(ApprovalState::Rejected);
+                return Err(CustodyError::ApprovalClosed {
+                    id: id.to_owned(),
+                    state,
+                });
+            }
             Err(e) => return Err(e.into()),
+        }
+        let destroy_at = self.now() + self.inner.options.destruction_grace_ms;
+        if let Err(e) = self
+            .transition(
+                &key,
+                row.version,
+                VersionState::DestroyScheduled,
+                Some(destroy_at),
+            )
+            .await
+        {
+            // Nothing was scheduled: put the request back so the record tells the truth.
+            self.inner.store.reopen_approval(id).await?;
+            return Err(e);
         }
         tracing::warn!(key = %key, version = row.version, approved_by = %grant.identity(), requested_by = %row.requested_by, destroy_at, "key version destruction approved and scheduled");
         let row = self

@@ -672,6 +672,15 @@ impl Store {
         }
     }
 
+    /// Puts an approval that was just approved back to pending (its action failed).
+    pub async fn reopen_approval(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE approvals SET state = 'PENDING', decided_by = '', decided_at = NULL WHERE id = $1 AND state = 'APPROVED'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Marks pending approvals past their expiry as expired; returns how many.
     pub async fn expire_approvals(&self, now: Millis) -> Result<u64, StoreError> {
         let done = sqlx::query("UPDATE approvals SET state = 'EXPIRED', decided_at = $1 WHERE state = 'PENDING' AND expires_at < $1")
