@@ -10,6 +10,7 @@
 //! database unreachable, overloaded, timed out: retry later); 8 an audit export does not
 //! verify; 64 bad configuration; 69 a dependency of `serve` is unreachable.
 
+mod bench;
 mod bulk;
 pub mod dev;
 mod output;
@@ -85,6 +86,8 @@ enum Command {
     Wrap(WrapArgs),
     /// Unwrap a blob made by `wrap` or `datakey` (role service).
     Unwrap(UnwrapArgs),
+    /// Load-test a server as a service: throughput, latency percentiles, errors by status.
+    Bench(BenchArgs),
     /// Generate a data key in the HSM and return it wrapped (role service).
     Datakey(DatakeyArgs),
     /// Re-wrap blobs under their key's primary version (role service): one blob given as
@@ -387,6 +390,51 @@ struct RewrapArgs {
 }
 
 #[derive(Debug, Args)]
+struct BenchArgs {
+    /// The key to use (tenants/{tenant}/keys/{key}).
+    #[arg(long)]
+    key: String,
+    /// What to send.
+    #[arg(long, value_enum, default_value_t = bench::BenchOp::Wrap)]
+    op: bench::BenchOp,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    connections: u16,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    in_flight: u16,
+    /// How long to run: 30s, 2m.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: std::time::Duration,
+    /// Stop after this many requests instead.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Plaintext bytes per request.
+    #[arg(long, default_value_t = 32)]
+    payload: usize,
+    /// AAD bytes per request.
+    #[arg(long, default_value_t = 16)]
+    aad: usize,
+    /// Open loop at this many requests per second (latency then counts from each request's
+    /// scheduled start).
+    #[arg(long)]
+    rate: Option<f64>,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: write a number and a unit, e.g. 30s, 2m"))?;
+    match unit {
+        "s" | "" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        _ => Err(format!("{s:?}: units are ms, s, m")),
+    }
+}
+
+#[derive(Debug, Args)]
 struct DatakeyArgs {
     /// tenants/{tenant}/keys/{key}
     #[arg(long)]
@@ -552,6 +600,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Audit(AuditCommand::Verify { file, public_key }) => {
             verify_export(&file, &public_key, &out)
         }
+        Command::Bench(a) => {
+            let path = cli.profile.as_deref().ok_or_else(|| {
+                Failure::new(64, "no connection profile", "pass --profile FILE or set TRESOR_PROFILE (see README \"Connection profiles\")")
+            })?;
+            let profile = Profile::load(path)?;
+            let plan = bench::BenchPlan {
+                key: a.key,
+                op: a.op,
+                connections: usize::from(a.connections),
+                in_flight: usize::from(a.in_flight),
+                duration: a.duration,
+                requests: a.requests,
+                payload: a.payload,
+                aad: a.aad,
+                rate: a.rate,
+            };
+            let report = bench::run(&profile, &plan).await?;
+            out.bench(&report, &plan);
+            Ok(())
+        }
         command => {
             let client = connect(cli.profile.as_deref()).await?;
             match command {
@@ -562,7 +630,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Command::Unwrap(a) => unwrap(&client, a, &out).await,
                 Command::Datakey(a) => datakey(&client, a, &out).await,
                 Command::Rewrap(a) => rewrap(&client, a, &out).await,
-                Command::Serve { .. } | Command::Dev { .. } => Ok(()),
+                Command::Serve { .. } | Command::Dev { .. } | Command::Bench(_) => Ok(()),
             }
         }
     }

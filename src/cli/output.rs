@@ -423,3 +423,12 @@ impl Output {
         );
     }
 }
+
+impl Output {
+    pub(super) fn bench(&self, report: &super::bench::BenchReport, plan: &super::bench::BenchPlan) {
+        if self.format == Format::Json {
+            return Self::print_json(&report.to_json(plan));
+        }
+        say!("{}", report.to_text(plan));
+    }
+}

@@ -1,0 +1,319 @@
+//! `tresor bench`: a load generator for sizing a deployment, through the real client and mTLS.
+//!
+//! Owns load shapes and their measurement: `connections` HTTP/2 connections, each carrying
+//! `in_flight` concurrent requests; a duration or a request count; closed loop by default, or
+//! open loop at a target rate, where latency is measured from each request's *scheduled*
+//! start so that a slow server cannot hide its queueing (coordinated omission). Latencies go
+//! into HDR histograms (microseconds, 3 significant digits).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use super::Failure;
+use crate::api::proto;
+use crate::client::{Client, Profile};
+
+/// Operations the benchmark can send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchOp {
+    /// `Wrap` of a random payload.
+    Wrap,
+    /// `Unwrap` of blobs wrapped before the measurement.
+    Unwrap,
+    /// `GenerateDataKey` (32 bytes).
+    Datakey,
+    /// `Rewrap` of blobs wrapped before the measurement.
+    Rewrap,
+    /// Half `Wrap`, half `Unwrap`.
+    Mixed,
+}
+
+/// What to send, how much, how fast.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    /// The key to use.
+    pub key: String,
+    /// The operation.
+    pub op: BenchOp,
+    /// HTTP/2 connections.
+    pub connections: usize,
+    /// Requests in flight per connection.
+    pub in_flight: usize,
+    /// Stop after this long...
+    pub duration: Duration,
+    /// ...or after this many requests, if set.
+    pub requests: Option<u64>,
+    /// Plaintext size in bytes.
+    pub payload: usize,
+    /// AAD size in bytes.
+    pub aad: usize,
+    /// Open loop at this many requests per second, if set.
+    pub rate: Option<f64>,
+}
+
+/// The measurement.
+#[derive(Debug)]
+pub struct BenchReport {
+    /// Requests that succeeded.
+    pub ok: u64,
+    /// Failed requests by gRPC code name.
+    pub errors: BTreeMap<String, u64>,
+    /// Wall time of the measurement.
+    pub elapsed: Duration,
+    /// Latencies of successful requests, microseconds.
+    pub latency: Histogram<u64>,
+}
+
+fn histogram() -> Result<Histogram<u64>, Failure> {
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| Failure::new(1, format!("histogram: {e}"), "report this"))
+}
+
+/// Runs the plan against the server of `profile`.
+pub async fn run(profile: &Profile, plan: &BenchPlan) -> Result<BenchReport, Failure> {
+    let mut clients = Vec::with_capacity(plan.connections);
+    for _ in 0..plan.connections.max(1) {
+        clients.push(Client::connect(profile).await?);
+    }
+    let payload = vec![0x5a; plan.payload.max(1)];
+    let aad = vec![0xa5; plan.aad];
+
+    // Blobs to unwrap or rewrap, made before the clock starts.
+    let needs_blobs = matches!(plan.op, BenchOp::Unwrap | BenchOp::Rewrap | BenchOp::Mixed);
+    let mut blobs = Vec::new();
+    if needs_blobs {
+        for _ in 0..64 {
+            let r = clients[0]
+                .keys()
+                .wrap(proto::WrapRequest {
+                    key: plan.key.clone(),
+                    plaintext: payload.clone(),
+                    aad: aad.clone(),
+                })
+                .await
+                .map_err(|s| super::from_status(&s))?;
+            blobs.push(r.into_inner().ciphertext);
+        }
+    }
+    let blobs = Arc::new(blobs);
+    let workers = plan.connections.max(1) * plan.in_flight.max(1);
+    let issued = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + plan.duration;
+    // Open loop: worker w sends request k at start + (k * workers + w) / rate.
+    let interval = plan
+        .rate
+        .map(|r| Duration::from_secs_f64(workers as f64 / r.max(0.001)));
+
+    let progress = indicatif::ProgressBar::new_spinner();
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos} requests, {per_sec} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+
+    let mut tasks = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let client = clients[w % clients.len()].clone();
+        let (blobs, issued, done, progress) = (
+            Arc::clone(&blobs),
+            Arc::clone(&issued),
+            Arc::clone(&done),
+            progress.clone(),
+        );
+        let (key, payload, aad, op, limit) = (
+            plan.key.clone(),
+            payload.clone(),
+            aad.clone(),
+            plan.op,
+            plan.requests,
+        );
+        let offset = plan
+            .rate
+            .map(|r| Duration::from_secs_f64(w as f64 / r.max(0.001)));
+        tasks.push(tokio::spawn(async move {
+            let mut latency = histogram()?;
+            let mut ok = 0u64;
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut k = 0u32;
+            loop {
+                let scheduled = match (interval, offset) {
+                    (Some(i), Some(o)) => {
+                        let at = start + o + i * k;
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    _ => Instant::now(),
+                };
+                k += 1;
+                if scheduled >= deadline {
+                    break;
+                }
+                let n = issued.fetch_add(1, Ordering::Relaxed);
+                if limit.is_some_and(|l| n >= l) {
+                    break;
+                }
+                let blob = || blobs[(n as usize) % blobs.len().max(1)].clone();
+                let this = match op {
+                    BenchOp::Mixed if n % 2 == 0 => BenchOp::Wrap,
+                    BenchOp::Mixed => BenchOp::Unwrap,
+                    other => other,
+                };
+                let mut keys = client.keys();
+                let result = match this {
+                    BenchOp::Wrap | BenchOp::Mixed => keys
+                        .wrap(proto::WrapRequest {
+                            key: key.clone(),
+                            plaintext: payload.clone(),
+                            aad: aad.clone(),
+                        })
+                        .await
+                        .map(|_| ()),
+                    BenchOp::Unwrap => keys
+                        .unwrap(proto::UnwrapRequest {
+                            ciphertext: blob(),
+                            aad: aad.clone(),
+                            key: String::new(),
+                        })
+                        .await
+                        .map(|_| ()),
+                    BenchOp::Datakey => keys
+                        .generate_data_key(proto::GenerateDataKeyRequest {
+                            key: key.clone(),
+                            aad: aad.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                    BenchOp::Rewrap => keys
+                        .rewrap(proto::RewrapRequest {
+                            ciphertext: blob(),
+                            aad: aad.clone(),
+                            key: String::new(),
+                        })
+                        .await
+                        .map(|_| ()),
+                };
+                match result {
+                    Ok(()) => {
+                        ok += 1;
+                        let micros =
+                            u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        latency.saturating_record(micros.max(1));
+                    }
+                    Err(s) => {
+                        *errors
+                            .entry(super::code_name(s.code()).to_owned())
+                            .or_default() += 1
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                progress.inc(1);
+            }
+            Ok::<_, Failure>((ok, errors, latency))
+        }));
+    }
+    let mut report = BenchReport {
+        ok: 0,
+        errors: BTreeMap::new(),
+        elapsed: Duration::ZERO,
+        latency: histogram()?,
+    };
+    for t in tasks {
+        let (ok, errors, latency) = t
+            .await
+            .map_err(|e| Failure::new(1, format!("bench worker failed: {e}"), "report this"))??;
+        report.ok += ok;
+        for (code, n) in errors {
+            *report.errors.entry(code).or_default() += n;
+        }
+        report
+            .latency
+            .add(&latency)
+            .map_err(|e| Failure::new(1, format!("histogram: {e}"), "report this"))?;
+    }
+    report.elapsed = start.elapsed();
+    progress.finish_and_clear();
+    Ok(report)
+}
+
+impl BenchReport {
+    /// Successful requests per second.
+    pub fn throughput(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
+    }
+
+    fn micros(&self, q: f64) -> u64 {
+        if self.latency.is_empty() {
+            0
+        } else {
+            self.latency.value_at_quantile(q)
+        }
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self, plan: &BenchPlan) -> serde_json::Value {
+        json!({
+            "op": format!("{:?}", plan.op).to_lowercase(),
+            "connections": plan.connections,
+            "in_flight_per_connection": plan.in_flight,
+            "payload_bytes": plan.payload,
+            "aad_bytes": plan.aad,
+            "target_rate": plan.rate,
+            "elapsed_seconds": self.elapsed.as_secs_f64(),
+            "ok": self.ok,
+            "throughput_per_second": self.throughput(),
+            "latency_micros": {
+                "p50": self.micros(0.50),
+                "p90": self.micros(0.90),
+                "p99": self.micros(0.99),
+                "p99_9": self.micros(0.999),
+                "max": self.latency.max(),
+            },
+            "errors": self.errors,
+        })
+    }
+
+    /// The report for people.
+    pub fn to_text(&self, plan: &BenchPlan) -> String {
+        let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+        let mut s = format!(
+            "{:?}: {} requests in {:.1} s = {:.0}/s ({} connections x {} in flight, {} B payload, {} B AAD{})\n",
+            plan.op,
+            self.ok,
+            self.elapsed.as_secs_f64(),
+            self.throughput(),
+            plan.connections,
+            plan.in_flight,
+            plan.payload,
+            plan.aad,
+            plan.rate
+                .map(|r| format!(", open loop at {r}/s"))
+                .unwrap_or_default(),
+        );
+        s.push_str(&format!(
+            "latency: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}\n",
+            ms(self.micros(0.5)),
+            ms(self.micros(0.9)),
+            ms(self.micros(0.99)),
+            ms(self.micros(0.999)),
+            ms(self.latency.max())
+        ));
+        if self.errors.is_empty() {
+            s.push_str("errors: none");
+        } else {
+            let list: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect();
+            s.push_str(&format!("errors: {}", list.join(", ")));
+        }
+        s
+    }
+}

@@ -1,0 +1,102 @@
+//! `tresor bench` against a real server: closed loop, open loop, every operation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use tresor::api::proto;
+use tresor::pki::Validity;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tresor");
+const KEY: &str = "tenants/a/keys/bench";
+
+fn bench(profile: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .arg("--profile")
+        .arg(profile)
+        .args(["--output", "json", "bench", "--key", KEY])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_measures_throughput_latency_and_errors() {
+    let server = TestServer::start().await;
+    server
+        .client(OFFICER_A)
+        .await
+        .admin()
+        .create_key(proto::CreateKeyRequest {
+            key: KEY.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let service = server
+        .deployment
+        .profile(server.addr, Some(SERVICE_A), Validity::default());
+
+    for op in ["wrap", "unwrap", "datakey", "rewrap", "mixed"] {
+        let r = bench(
+            &service,
+            &[
+                "--op",
+                op,
+                "--requests",
+                "200",
+                "--connections",
+                "2",
+                "--in-flight",
+                "4",
+            ],
+        );
+        assert_eq!(r["ok"], 200, "{op}: {r}");
+        assert_eq!(r["errors"], serde_json::json!({}), "{op}: {r}");
+        let l = &r["latency_micros"];
+        let (p50, p99, max) = (
+            l["p50"].as_u64().unwrap(),
+            l["p99"].as_u64().unwrap(),
+            l["max"].as_u64().unwrap(),
+        );
+        assert!(p50 > 0 && p50 <= p99 && p99 <= max, "{op}: {r}");
+    }
+
+    // Open loop: about the target rate, however fast the server could go.
+    let r = bench(
+        &service,
+        &[
+            "--rate",
+            "100",
+            "--duration",
+            "2s",
+            "--connections",
+            "1",
+            "--in-flight",
+            "4",
+        ],
+    );
+    let rate = r["throughput_per_second"].as_f64().unwrap();
+    assert!((60.0..=110.0).contains(&rate), "{r}");
+
+    // An officer may not wrap: every request fails, counted by status.
+    let officer = server
+        .deployment
+        .profile(server.addr, Some(OFFICER_A), Validity::default());
+    let r = bench(
+        &officer,
+        &["--requests", "20", "--connections", "1", "--in-flight", "2"],
+    );
+    assert_eq!(r["ok"], 0);
+    assert_eq!(r["errors"]["permission denied"], 20, "{r}");
+    server.stop().await;
+}
