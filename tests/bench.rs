@@ -88,6 +88,52 @@ async fn bench_measures_throughput_latency_and_errors() {
     let rate = r["throughput_per_second"].as_f64().unwrap();
     assert!((60.0..=110.0).contains(&rate), "{r}");
 
+    // The ceiling: the same encryptions straight on the server's module and token, and the
+    // ratio from one invocation.
+    let config = server.deployment.config_path.to_str().unwrap().to_owned();
+    let out = Command::new(BIN)
+        .args([
+            "--output",
+            "json",
+            "bench",
+            "--raw-hsm",
+            "--config",
+            &config,
+            "--duration",
+            "1s",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        raw["raw_hsm"]["operations"].as_u64().unwrap() > 100,
+        "{raw}"
+    );
+    let r = bench(
+        &service,
+        &[
+            "--compare-raw",
+            "--config",
+            &config,
+            "--duration",
+            "1s",
+            "--connections",
+            "1",
+            "--in-flight",
+            "8",
+        ],
+    );
+    let ratio = r["service_over_raw"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio < 2.0, "{r}");
+    assert!(r["raw_hsm"]["throughput_per_second"].as_f64().unwrap() > 0.0);
+
     // An officer may not wrap: every request fails, counted by status.
     let officer = server
         .deployment

@@ -391,9 +391,22 @@ struct RewrapArgs {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
-    /// The key to use (tenants/{tenant}/keys/{key}).
+    /// The key to use (tenants/{tenant}/keys/{key}); not needed with --raw-hsm.
+    #[arg(long, required_unless_present = "raw_hsm")]
+    key: Option<String>,
+    /// Measure the ceiling instead: the same AES-GCM encryptions directly on the server's
+    /// PKCS#11 module and token (from --config), no gRPC, no audit.
+    #[arg(long, requires = "config", conflicts_with = "compare_raw")]
+    raw_hsm: bool,
+    /// Measure the service, then the raw HSM, and print service/raw.
+    #[arg(long, requires = "config")]
+    compare_raw: bool,
+    /// The server's configuration (for --raw-hsm and --compare-raw: module, token, PIN).
     #[arg(long)]
-    key: String,
+    config: Option<PathBuf>,
+    /// Threads of the raw loop (default: the server's hsm.sessions).
+    #[arg(long)]
+    threads: Option<usize>,
     /// What to send.
     #[arg(long, value_enum, default_value_t = bench::BenchOp::Wrap)]
     op: bench::BenchOp,
@@ -601,12 +614,40 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             verify_export(&file, &public_key, &out)
         }
         Command::Bench(a) => {
+            let (threads_arg, payload, aad_len) = (a.threads, a.payload, a.aad);
+            let raw = move |config: &Path, duration| {
+                let config = crate::config::Config::load(config).map_err(|e| {
+                    Failure::new(
+                        64,
+                        e.to_string(),
+                        "give the server's configuration with --config",
+                    )
+                })?;
+                let threads = threads_arg.unwrap_or(config.hsm.sessions);
+                crate::hsm::raw_gcm_encrypt(&config.hsm, threads, duration, payload, aad_len)
+                    .map(|r| (r, threads))
+                    .map_err(|e| {
+                        Failure::new(
+                            69,
+                            format!("raw HSM loop: {e}"),
+                            "check the module, token label and PIN in the configuration",
+                        )
+                    })
+            };
+            if a.raw_hsm {
+                let config = a.config.clone().unwrap_or_default();
+                let (r, threads) = tokio::task::spawn_blocking(move || raw(&config, a.duration))
+                    .await
+                    .map_err(|e| Failure::new(1, e.to_string(), "report this"))??;
+                out.raw(&r, threads, None);
+                return Ok(());
+            }
             let path = cli.profile.as_deref().ok_or_else(|| {
                 Failure::new(64, "no connection profile", "pass --profile FILE or set TRESOR_PROFILE (see README \"Connection profiles\")")
             })?;
             let profile = Profile::load(path)?;
             let plan = bench::BenchPlan {
-                key: a.key,
+                key: a.key.clone().unwrap_or_default(),
                 op: a.op,
                 connections: usize::from(a.connections),
                 in_flight: usize::from(a.in_flight),
@@ -617,7 +658,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 rate: a.rate,
             };
             let report = bench::run(&profile, &plan).await?;
-            out.bench(&report, &plan);
+            let raw_report = if a.compare_raw {
+                let config = a.config.clone().unwrap_or_default();
+                let duration = plan.duration;
+                Some(
+                    tokio::task::spawn_blocking(move || raw(&config, duration))
+                        .await
+                        .map_err(|e| Failure::new(1, e.to_string(), "report this"))??,
+                )
+            } else {
+                None
+            };
+            out.bench(&report, &plan, raw_report.as_ref().map(|(r, t)| (r, *t)));
             Ok(())
         }
         command => {

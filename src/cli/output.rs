@@ -425,10 +425,71 @@ impl Output {
 }
 
 impl Output {
-    pub(super) fn bench(&self, report: &super::bench::BenchReport, plan: &super::bench::BenchPlan) {
+    /// A service benchmark, with the raw HSM ceiling of the same run when measured.
+    pub(super) fn bench(
+        &self,
+        report: &super::bench::BenchReport,
+        plan: &super::bench::BenchPlan,
+        raw: Option<(&crate::hsm::RawReport, usize)>,
+    ) {
         if self.format == Format::Json {
-            return Self::print_json(&report.to_json(plan));
+            let mut v = report.to_json(plan);
+            if let Some((r, threads)) = raw {
+                let raw = raw_json(r, threads, Some(report.throughput()));
+                v["raw_hsm"] = raw["raw_hsm"].clone();
+                v["service_over_raw"] = raw["service_over_raw"].clone();
+            }
+            return Self::print_json(&v);
         }
         say!("{}", report.to_text(plan));
+        if let Some((r, threads)) = raw {
+            self.raw(r, threads, Some(report.throughput()));
+        }
+    }
+}
+
+/// Quantile lookup over the raw loop's latencies, and its throughput.
+fn raw_stats(r: &crate::hsm::RawReport) -> (impl Fn(f64) -> u64 + '_, f64) {
+    let rate = r.operations as f64 / r.elapsed.as_secs_f64().max(f64::EPSILON);
+    let q = move |p: f64| {
+        let l = &r.latencies_micros;
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    (q, rate)
+}
+
+fn raw_json(r: &crate::hsm::RawReport, threads: usize, service: Option<f64>) -> Value {
+    let (q, rate) = raw_stats(r);
+    json!({
+        "raw_hsm": {
+            "threads": threads,
+            "operations": r.operations,
+            "elapsed_seconds": r.elapsed.as_secs_f64(),
+            "throughput_per_second": rate,
+            "latency_micros": { "p50": q(0.5), "p99": q(0.99), "max": r.latencies_micros.last().copied().unwrap_or(0) },
+        },
+        "service_over_raw": service.map(|s| s / rate.max(f64::EPSILON)),
+    })
+}
+
+impl Output {
+    /// The raw HSM loop, and the service/raw ratio when there is a service figure.
+    pub(super) fn raw(&self, r: &crate::hsm::RawReport, threads: usize, service: Option<f64>) {
+        let (q, rate) = raw_stats(r);
+        if self.format == Format::Json {
+            return Self::print_json(&raw_json(r, threads, service));
+        }
+        say!(
+            "raw HSM: {} AES-GCM encryptions in {:.1} s = {rate:.0}/s on {threads} threads; latency p50 {:.3} ms, p99 {:.3} ms",
+            r.operations,
+            r.elapsed.as_secs_f64(),
+            q(0.5) as f64 / 1000.0,
+            q(0.99) as f64 / 1000.0
+        );
+        if let Some(s) = service {
+            say!("service / raw = {:.2}", s / rate.max(f64::EPSILON));
+        }
     }
 }

@@ -34,6 +34,7 @@
 
 mod ckr;
 mod pin;
+mod raw;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -56,6 +57,7 @@ use zeroize::Zeroizing;
 
 use ckr::{Call, Recovery, classify, login_succeeded};
 pub use pin::{Pin, PinError, PinSource};
+pub use raw::{RawReport, raw_gcm_encrypt};
 
 /// Default number of PKCS#11 sessions (and so of concurrent calls into the module).
 ///
