@@ -39,43 +39,7 @@ async fn export(auditor: &Client) -> Vec<ExportItem> {
         .into_inner();
     let mut items = Vec::new();
     while let Some(m) = stream.message().await.unwrap() {
-        items.push(match proto::AuditItemKind::try_from(m.kind).unwrap() {
-            proto::AuditItemKind::Record => ExportItem::Record(record::Record {
-                seq: m.sequence,
-                prev_hash: m.previous_hash.as_slice().try_into().unwrap(),
-                time_ms: m.time_ms,
-                tenant: m.tenant,
-                body: record::RecordBody {
-                    request_id: m.request_id,
-                    caller: m.caller,
-                    fingerprint: m.certificate_fingerprint,
-                    role: m.role,
-                    operation: m.operation,
-                    key: m.key,
-                    key_version: m.key_version,
-                    outcome: m.outcome,
-                    status_code: m.status_code,
-                    peer: m.peer,
-                    aad_hmac: m.aad_hmac,
-                },
-            }),
-            proto::AuditItemKind::Withheld => ExportItem::Withheld {
-                seq: m.sequence,
-                prev_hash: m.previous_hash.as_slice().try_into().unwrap(),
-                time_ms: m.time_ms,
-                tenant: m.tenant,
-                body_digest: m.body_digest.as_slice().try_into().unwrap(),
-            },
-            _ => {
-                let c = m.checkpoint.unwrap();
-                ExportItem::Checkpoint(record::Checkpoint {
-                    seq: c.sequence,
-                    hash: c.chain_hash.try_into().unwrap(),
-                    time_ms: c.time_ms,
-                    signature: c.signature,
-                })
-            }
-        });
+        items.push(tresor::client::audit_item(m).unwrap());
     }
     items
 }

@@ -320,40 +320,8 @@ async fn sixty_seconds_of_chaos_lose_nothing() {
     let mut file = Vec::new();
     {
         let mut w = tresor::audit::file::Writer::new(tresor::audit::file::Format::Jsonl, &mut file);
-        for m in &rows {
-            let kind = proto::AuditItemKind::try_from(m.kind).unwrap();
-            let item = match kind {
-                proto::AuditItemKind::Checkpoint => {
-                    let c = m.checkpoint.clone().unwrap();
-                    tresor::audit::record::ExportItem::Checkpoint(
-                        tresor::audit::record::Checkpoint {
-                            seq: c.sequence,
-                            hash: c.chain_hash.try_into().unwrap(),
-                            time_ms: c.time_ms,
-                            signature: c.signature,
-                        },
-                    )
-                }
-                _ => tresor::audit::record::ExportItem::Record(tresor::audit::record::Record {
-                    seq: m.sequence,
-                    prev_hash: m.previous_hash.clone().try_into().unwrap(),
-                    time_ms: m.time_ms,
-                    tenant: m.tenant.clone(),
-                    body: tresor::audit::record::RecordBody {
-                        request_id: m.request_id.clone(),
-                        caller: m.caller.clone(),
-                        fingerprint: m.certificate_fingerprint.clone(),
-                        role: m.role.clone(),
-                        operation: m.operation.clone(),
-                        key: m.key.clone(),
-                        key_version: m.key_version.clone(),
-                        outcome: m.outcome.clone(),
-                        status_code: m.status_code,
-                        peer: m.peer.clone(),
-                        aad_hmac: m.aad_hmac.clone(),
-                    },
-                }),
-            };
+        for m in rows {
+            let item = tresor::client::audit_item(m).unwrap();
             w.write(&tresor::audit::file::Row::from_item(&item))
                 .unwrap();
         }

@@ -509,6 +509,9 @@ impl From<ClientError> for Failure {
                 e.to_string(),
                 "the data was not made by `Client::seal`, or was altered",
             ),
+            ClientError::AuditItem(_) => {
+                Self::new(1, e.to_string(), "report this with the request id")
+            }
         }
     }
 }
@@ -1144,59 +1147,6 @@ fn parse_time(flag: &str, text: &str) -> Result<prost_types::Timestamp, Failure>
     })
 }
 
-/// The export item carried by one streamed message.
-fn item_of(r: proto::AuditRecord) -> Result<crate::audit::record::ExportItem, Failure> {
-    use crate::audit::record::{Checkpoint, ExportItem, Record, RecordBody};
-    let bad = |what: &str| {
-        Failure::new(
-            1,
-            format!("the server sent a malformed audit item ({what})"),
-            "report this with the request id",
-        )
-    };
-    let hash = |b: &[u8], what: &str| <[u8; 32]>::try_from(b).map_err(|_| bad(what));
-    Ok(match proto::AuditItemKind::try_from(r.kind) {
-        Ok(proto::AuditItemKind::Record) => ExportItem::Record(Record {
-            seq: r.sequence,
-            prev_hash: hash(&r.previous_hash, "previous hash")?,
-            time_ms: r.time_ms,
-            tenant: r.tenant,
-            body: RecordBody {
-                request_id: r.request_id,
-                caller: r.caller,
-                fingerprint: r.certificate_fingerprint,
-                role: r.role,
-                operation: r.operation,
-                key: r.key,
-                key_version: r.key_version,
-                outcome: r.outcome,
-                status_code: r.status_code,
-                peer: r.peer,
-                aad_hmac: r.aad_hmac,
-            },
-        }),
-        Ok(proto::AuditItemKind::Withheld) => ExportItem::Withheld {
-            seq: r.sequence,
-            prev_hash: hash(&r.previous_hash, "previous hash")?,
-            time_ms: r.time_ms,
-            tenant: r.tenant,
-            body_digest: hash(&r.body_digest, "body digest")?,
-        },
-        Ok(proto::AuditItemKind::Checkpoint) => {
-            let c = r
-                .checkpoint
-                .ok_or_else(|| bad("checkpoint without its signature"))?;
-            ExportItem::Checkpoint(Checkpoint {
-                seq: c.sequence,
-                hash: hash(&c.chain_hash, "chain hash")?,
-                time_ms: c.time_ms,
-                signature: c.signature,
-            })
-        }
-        _ => return Err(bad("unknown kind")),
-    })
-}
-
 async fn audit_command(
     client: &Client,
     command: AuditCommand,
@@ -1249,7 +1199,9 @@ async fn audit_command(
             );
             let (mut shown, mut withheld, mut checkpoints) = (0u64, 0u64, 0u64);
             while let Some(message) = stream.message().await.map_err(|s| from_status(&s))? {
-                let item = item_of(message)?;
+                let item = crate::client::audit_item(message).map_err(|e| {
+                    Failure::new(1, e.to_string(), "report this with the request id")
+                })?;
                 match &item {
                     ExportItem::Record(_) => shown += 1,
                     ExportItem::Withheld { .. } => withheld += 1,

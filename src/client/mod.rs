@@ -46,6 +46,9 @@ pub enum ClientError {
     /// A sealed envelope is malformed or does not authenticate.
     #[error("sealed data: {0}")]
     Envelope(&'static str),
+    /// The server sent an audit item that is not well-formed.
+    #[error("malformed audit item from the server: {0}")]
+    AuditItem(&'static str),
 }
 
 /// Where a server is and who to be: a TOML file such as
@@ -306,6 +309,54 @@ impl Sealed {
             body: body.to_vec(),
         })
     }
+}
+
+/// The export item carried by one message of `ExportAuditLog`.
+pub fn audit_item(r: proto::AuditRecord) -> Result<crate::audit::record::ExportItem, ClientError> {
+    use crate::audit::record::{Checkpoint, ExportItem, Record, RecordBody};
+    let hash = |b: &[u8], what: &'static str| {
+        <[u8; 32]>::try_from(b).map_err(|_| ClientError::AuditItem(what))
+    };
+    Ok(match proto::AuditItemKind::try_from(r.kind) {
+        Ok(proto::AuditItemKind::Record) => ExportItem::Record(Record {
+            seq: r.sequence,
+            prev_hash: hash(&r.previous_hash, "previous hash is not 32 bytes")?,
+            time_ms: r.time_ms,
+            tenant: r.tenant,
+            body: RecordBody {
+                request_id: r.request_id,
+                caller: r.caller,
+                fingerprint: r.certificate_fingerprint,
+                role: r.role,
+                operation: r.operation,
+                key: r.key,
+                key_version: r.key_version,
+                outcome: r.outcome,
+                status_code: r.status_code,
+                peer: r.peer,
+                aad_hmac: r.aad_hmac,
+            },
+        }),
+        Ok(proto::AuditItemKind::Withheld) => ExportItem::Withheld {
+            seq: r.sequence,
+            prev_hash: hash(&r.previous_hash, "previous hash is not 32 bytes")?,
+            time_ms: r.time_ms,
+            tenant: r.tenant,
+            body_digest: hash(&r.body_digest, "body digest is not 32 bytes")?,
+        },
+        Ok(proto::AuditItemKind::Checkpoint) => {
+            let c = r
+                .checkpoint
+                .ok_or(ClientError::AuditItem("checkpoint without its signature"))?;
+            ExportItem::Checkpoint(Checkpoint {
+                seq: c.sequence,
+                hash: hash(&c.chain_hash, "chain hash is not 32 bytes")?,
+                time_ms: c.time_ms,
+                signature: c.signature,
+            })
+        }
+        _ => return Err(ClientError::AuditItem("unknown kind")),
+    })
 }
 
 /// The whole chain of an error's causes, for connection failures whose top level says little.
