@@ -121,7 +121,8 @@ pub struct Grant {
     identity: String,
     tenant: Tenant,
     role: Role,
-    keys: Option<Vec<KeyPattern>>,
+    /// Shared with the policy entry: a grant is made per request and must not copy them.
+    keys: Option<Arc<[KeyPattern]>>,
 }
 
 impl Grant {
@@ -248,7 +249,7 @@ struct PolicyFileEntry {
 struct PolicyEntry {
     tenant: Tenant,
     roles: Vec<Role>,
-    keys: Option<Vec<KeyPattern>>,
+    keys: Option<Arc<[KeyPattern]>>,
 }
 
 /// Identities and what each may do. Anything not listed is denied.
@@ -283,7 +284,7 @@ impl Policy {
                     patterns
                         .iter()
                         .map(|p| KeyPattern::parse(p))
-                        .collect::<Result<Vec<_>, _>>()
+                        .collect::<Result<Arc<[_]>, _>>()
                         .map_err(|x| err(format!("{at}.keys: {x}")))?,
                 ),
             };
