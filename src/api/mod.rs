@@ -319,6 +319,21 @@ impl Api {
         };
         self.finish(call, result, raw_key, aad).await
     }
+
+    /// [`Api::keyed`] for calls whose key is optional: the blob names it, the request may pin it.
+    async fn optionally_keyed<T>(
+        &self,
+        call: Call,
+        raw_key: &str,
+        aad: &[u8],
+        op: impl AsyncFnOnce(&Call, Option<&KeyName>) -> Result<Done<T>, Status>,
+    ) -> Result<Response<T>, Status> {
+        let result = match optional_key_name(&call, "key", raw_key) {
+            Ok(key) => op(&call, key.as_ref()).await,
+            Err(s) => Err(s),
+        };
+        self.finish(call, result, raw_key, aad).await
+    }
 }
 
 fn new_request_id() -> String {
@@ -530,29 +545,25 @@ impl KeyService for Api {
     ) -> Result<Response<proto::UnwrapResponse>, Status> {
         let call = self.begin(&request, Role::Service, "Unwrap").await?;
         let r = request.into_inner();
-        let result = match optional_key_name(&call, "key", &r.key) {
-            Ok(expected) => {
-                let out = self
-                    .custody
-                    .unwrap(&call.grant, &r.ciphertext, &r.aad, expected.as_ref())
-                    .await;
-                // The response must own the bytes; what tonic does with them after encoding is
-                // out of our hands (SECURITY.md). If the audit record fails, this value is
-                // dropped unsent.
-                custody(&call, out, |mut u| {
-                    let plaintext = std::mem::take(&mut *u.plaintext);
-                    done(
-                        proto::UnwrapResponse {
-                            plaintext,
-                            key_version: u.key_version.clone(),
-                        },
-                        u.key_version,
-                    )
-                })
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &r.aad).await
+        self.optionally_keyed(call, &r.key, &r.aad, async |call, expected| {
+            let out = self
+                .custody
+                .unwrap(&call.grant, &r.ciphertext, &r.aad, expected)
+                .await;
+            // The response must own the bytes; what tonic does with them after encoding is out
+            // of our hands (SECURITY.md). If the audit record fails, this value is dropped unsent.
+            custody(call, out, |mut u| {
+                let plaintext = std::mem::take(&mut *u.plaintext);
+                done(
+                    proto::UnwrapResponse {
+                        plaintext,
+                        key_version: u.key_version.clone(),
+                    },
+                    u.key_version,
+                )
+            })
+        })
+        .await
     }
 
     async fn generate_data_key(
@@ -599,27 +610,24 @@ impl KeyService for Api {
     ) -> Result<Response<proto::RewrapResponse>, Status> {
         let call = self.begin(&request, Role::Service, "Rewrap").await?;
         let r = request.into_inner();
-        let result = match optional_key_name(&call, "key", &r.key) {
-            Ok(expected) => {
-                let out = self
-                    .custody
-                    .rewrap(&call.grant, &r.ciphertext, &r.aad, expected.as_ref())
-                    .await;
-                custody(&call, out, |w| {
-                    let v = w.key_version.clone();
-                    done(
-                        proto::RewrapResponse {
-                            ciphertext: w.ciphertext,
-                            key_version: w.key_version,
-                            rewrapped: w.rewrapped,
-                        },
-                        v,
-                    )
-                })
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &r.aad).await
+        self.optionally_keyed(call, &r.key, &r.aad, async |call, expected| {
+            let out = self
+                .custody
+                .rewrap(&call.grant, &r.ciphertext, &r.aad, expected)
+                .await;
+            custody(call, out, |w| {
+                let v = w.key_version.clone();
+                done(
+                    proto::RewrapResponse {
+                        ciphertext: w.ciphertext,
+                        key_version: w.key_version,
+                        rewrapped: w.rewrapped,
+                    },
+                    v,
+                )
+            })
+        })
+        .await
     }
 }
 

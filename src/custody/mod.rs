@@ -937,9 +937,10 @@ impl Custody {
         aad: &[u8],
         expected_key: Option<&KeyName>,
     ) -> Result<Rewrapped, CustodyError> {
-        let (plaintext, version, key) =
+        let (plaintext, version, opened) =
             self.open_blob(grant, ciphertext, aad, expected_key).await?;
-        let primary = self.entry(&key)?.primary;
+        // Re-read: the primary may have moved while the HSM decrypted.
+        let primary = self.entry(&opened.name)?.primary;
         if version.number == primary {
             return Ok(Rewrapped {
                 ciphertext: ciphertext.to_vec(),
@@ -947,7 +948,7 @@ impl Custody {
                 rewrapped: false,
             });
         }
-        let wrapped = self.wrap_authorized(&key, plaintext, aad).await?;
+        let wrapped = self.wrap_authorized(&opened.name, plaintext, aad).await?;
         Ok(Rewrapped {
             ciphertext: wrapped.ciphertext,
             key_version: wrapped.key_version,
@@ -955,21 +956,22 @@ impl Custody {
         })
     }
 
-    /// Parses, resolves, authorizes and decrypts a blob.
+    /// Parses, resolves, authorizes and decrypts a blob; returns the plaintext, its version and
+    /// the snapshot of its key that was checked.
     async fn open_blob(
         &self,
         grant: &Grant,
         ciphertext: &[u8],
         aad: &[u8],
         expected_key: Option<&KeyName>,
-    ) -> Result<(Zeroizing<Vec<u8>>, Arc<VersionEntry>, KeyName), CustodyError> {
+    ) -> Result<(Zeroizing<Vec<u8>>, Arc<VersionEntry>, Arc<KeyEntry>), CustodyError> {
         grant.require(Role::Service)?;
         if let Some(expected) = expected_key {
             grant.check_key(expected)?;
         }
         check_aad(aad)?;
         let blob = envelope::parse(ciphertext).map_err(CustodyError::MalformedCiphertext)?;
-        let (version, key) = {
+        let (version, entry) = {
             let cache = read(&self.inner.cache);
             let key = cache
                 .versions
@@ -995,7 +997,7 @@ impl Custody {
                     version.full_name.to_string(),
                 ));
             }
-            (version, key.clone())
+            (version, Arc::clone(entry))
         };
         usable(&version)?;
         let full_aad = envelope::gcm_aad(&version.id, &version.full_name, aad);
@@ -1010,7 +1012,7 @@ impl Custody {
             )
             .await
             .map_err(|e| self.hsm_failure(&version, e))?;
-        Ok((plaintext, version, key))
+        Ok((plaintext, version, entry))
     }
 
     /// Maps an HSM failure on a version's key; a missing object marks the version lost.

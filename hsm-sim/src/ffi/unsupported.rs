@@ -7,326 +7,54 @@
 
 use cryptoki_sys::*;
 
-pub(super) extern "C" fn C_InitToken(
-    _: CK_SLOT_ID,
-    _: *mut CK_UTF8CHAR,
-    _: CK_ULONG,
-    _: *mut CK_UTF8CHAR,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
+/// One `extern "C"` entry per signature, each answering `CKR_FUNCTION_NOT_SUPPORTED`.
+macro_rules! unsupported {
+    ($($name:ident($($arg:ty),* $(,)?);)*) => {
+        $(
+            pub(super) extern "C" fn $name($(_: $arg),*) -> CK_RV {
+                CKR_FUNCTION_NOT_SUPPORTED
+            }
+        )*
+    };
 }
 
-pub(super) extern "C" fn C_InitPIN(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_UTF8CHAR,
-    _: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_SetPIN(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_UTF8CHAR,
-    _: CK_ULONG,
-    _: *mut CK_UTF8CHAR,
-    _: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_GetOperationState(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_SetOperationState(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: CK_OBJECT_HANDLE,
-    _: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_CreateObject(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_ATTRIBUTE,
-    _: CK_ULONG,
-    _: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_CopyObject(
-    _: CK_SESSION_HANDLE,
-    _: CK_OBJECT_HANDLE,
-    _: *mut CK_ATTRIBUTE,
-    _: CK_ULONG,
-    _: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_GetObjectSize(
-    _: CK_SESSION_HANDLE,
-    _: CK_OBJECT_HANDLE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_SetAttributeValue(
-    _: CK_SESSION_HANDLE,
-    _: CK_OBJECT_HANDLE,
-    _: *mut CK_ATTRIBUTE,
-    _: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_EncryptUpdate(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_EncryptFinal(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DecryptUpdate(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DecryptFinal(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DigestInit(_: CK_SESSION_HANDLE, _: *mut CK_MECHANISM) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_Digest(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DigestUpdate(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DigestKey(_: CK_SESSION_HANDLE, _: CK_OBJECT_HANDLE) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DigestFinal(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_SignUpdate(_: CK_SESSION_HANDLE, _: *mut CK_BYTE, _: CK_ULONG) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_SignFinal(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_SignRecoverInit(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_MECHANISM,
-    _: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_SignRecover(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_VerifyInit(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_MECHANISM,
-    _: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_Verify(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_VerifyUpdate(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_VerifyFinal(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_VerifyRecoverInit(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_MECHANISM,
-    _: CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_VerifyRecover(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DigestEncryptUpdate(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DecryptDigestUpdate(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_SignEncryptUpdate(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DecryptVerifyUpdate(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_WrapKey(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_MECHANISM,
-    _: CK_OBJECT_HANDLE,
-    _: CK_OBJECT_HANDLE,
-    _: *mut CK_BYTE,
-    _: *mut CK_ULONG,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_UnwrapKey(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_MECHANISM,
-    _: CK_OBJECT_HANDLE,
-    _: *mut CK_BYTE,
-    _: CK_ULONG,
-    _: *mut CK_ATTRIBUTE,
-    _: CK_ULONG,
-    _: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_DeriveKey(
-    _: CK_SESSION_HANDLE,
-    _: *mut CK_MECHANISM,
-    _: CK_OBJECT_HANDLE,
-    _: *mut CK_ATTRIBUTE,
-    _: CK_ULONG,
-    _: *mut CK_OBJECT_HANDLE,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_GetFunctionStatus(_: CK_SESSION_HANDLE) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_CancelFunction(_: CK_SESSION_HANDLE) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
-}
-
-pub(super) extern "C" fn C_WaitForSlotEvent(
-    _: CK_FLAGS,
-    _: *mut CK_SLOT_ID,
-    _: *mut ::std::os::raw::c_void,
-) -> CK_RV {
-    CKR_FUNCTION_NOT_SUPPORTED
+unsupported! {
+    C_InitToken(CK_SLOT_ID, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR);
+    C_InitPIN(CK_SESSION_HANDLE, *mut CK_UTF8CHAR, CK_ULONG);
+    C_SetPIN(CK_SESSION_HANDLE, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR, CK_ULONG);
+    C_GetOperationState(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_SetOperationState(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE);
+    C_CreateObject(CK_SESSION_HANDLE, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE);
+    C_CopyObject(CK_SESSION_HANDLE, CK_OBJECT_HANDLE, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE);
+    C_GetObjectSize(CK_SESSION_HANDLE, CK_OBJECT_HANDLE, *mut CK_ULONG);
+    C_SetAttributeValue(CK_SESSION_HANDLE, CK_OBJECT_HANDLE, *mut CK_ATTRIBUTE, CK_ULONG);
+    C_EncryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_EncryptFinal(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptFinal(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_DigestInit(CK_SESSION_HANDLE, *mut CK_MECHANISM);
+    C_Digest(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DigestUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG);
+    C_DigestKey(CK_SESSION_HANDLE, CK_OBJECT_HANDLE);
+    C_DigestFinal(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_SignUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG);
+    C_SignFinal(CK_SESSION_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_SignRecoverInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_SignRecover(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_VerifyInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_Verify(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, CK_ULONG);
+    C_VerifyUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG);
+    C_VerifyFinal(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG);
+    C_VerifyRecoverInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_VerifyRecover(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DigestEncryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptDigestUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_SignEncryptUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_DecryptVerifyUpdate(CK_SESSION_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_WrapKey(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE, *mut CK_BYTE, *mut CK_ULONG);
+    C_UnwrapKey(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, *mut CK_BYTE, CK_ULONG, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE);
+    C_DeriveKey(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE, *mut CK_ATTRIBUTE, CK_ULONG, *mut CK_OBJECT_HANDLE);
+    C_GetFunctionStatus(CK_SESSION_HANDLE);
+    C_CancelFunction(CK_SESSION_HANDLE);
+    C_WaitForSlotEvent(CK_FLAGS, *mut CK_SLOT_ID, *mut ::std::os::raw::c_void);
 }
