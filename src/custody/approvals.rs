@@ -214,33 +214,7 @@ impl Custody {
         let key = KeyName::new(&row.tenant, &row.key_name)?;
         // Decide first, so a concurrent rejection either wins (and nothing is scheduled) or
         // loses; never "REJECTED" on the approval while the version is scheduled anyway.
-        match self
-            .inner
-            .store
-            .decide_approval(
-                id,
-                ApprovalState::Approved.as_str(),
-                grant.identity(),
-                self.now(),
-            )
-            .await
-        {
-            Ok(()) => {}
-            Err(StoreError::Conflict) => {
-                let state = self
-                    .inner
-                    .store
-                    .get_approval(id)
-                    .await?
-                    .and_then(|r| ApprovalState::parse(&r.state))
-                    .unwrap_or(ApprovalState::Rejected);
-                return Err(CustodyError::ApprovalClosed {
-                    id: id.to_owned(),
-                    state,
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
+        self.decide(grant, id, ApprovalState::Approved).await?;
         let destroy_at = self.now() + self.inner.options.destruction_grace_ms;
         if let Err(e) = self
             .transition(
@@ -268,26 +242,7 @@ impl Custody {
     /// Rejects (or, by the officer who asked, withdraws) a request.
     pub async fn reject(&self, grant: &Grant, id: &str) -> Result<ApprovalInfo, CustodyError> {
         self.open_approval(grant, id).await?;
-        match self
-            .inner
-            .store
-            .decide_approval(
-                id,
-                ApprovalState::Rejected.as_str(),
-                grant.identity(),
-                self.now(),
-            )
-            .await
-        {
-            Ok(()) => {}
-            Err(StoreError::Conflict) => {
-                return Err(CustodyError::ApprovalClosed {
-                    id: id.to_owned(),
-                    state: ApprovalState::Approved,
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
+        self.decide(grant, id, ApprovalState::Rejected).await?;
         let row = self
             .inner
             .store
@@ -295,5 +250,37 @@ impl Custody {
             .await?
             .ok_or_else(|| CustodyError::ApprovalNotFound(id.to_owned()))?;
         self.approval_info(row)
+    }
+
+    /// Records the decision unless another one got there first; then the error names the state
+    /// that won.
+    async fn decide(
+        &self,
+        grant: &Grant,
+        id: &str,
+        decision: ApprovalState,
+    ) -> Result<(), CustodyError> {
+        match self
+            .inner
+            .store
+            .decide_approval(id, decision.as_str(), grant.identity(), self.now())
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict) => {
+                let state = self
+                    .inner
+                    .store
+                    .get_approval(id)
+                    .await?
+                    .and_then(|r| ApprovalState::parse(&r.state))
+                    .unwrap_or(ApprovalState::Rejected);
+                Err(CustodyError::ApprovalClosed {
+                    id: id.to_owned(),
+                    state,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
