@@ -898,6 +898,38 @@ fn initialise(pkcs11: &Pkcs11) -> Result<(), CkError> {
     }
 }
 
+/// The one slot whose token has this label (and serial, when given); none or several is an
+/// error, so Tresor never guesses which token holds the keys.
+fn find_token(
+    pkcs11: &Pkcs11,
+    module: &std::path::Path,
+    label: &str,
+    serial: Option<&str>,
+) -> Result<Slot, HsmError> {
+    let mut matching = Vec::new();
+    for slot in pkcs11
+        .get_slots_with_initialized_token()
+        .map_err(unavailable)?
+    {
+        let info = pkcs11.get_token_info(slot).map_err(unavailable)?;
+        if info.label() == label && serial.is_none_or(|s| info.serial_number() == s) {
+            matching.push(slot);
+        }
+    }
+    match matching.as_slice() {
+        [slot] => Ok(*slot),
+        [] => Err(HsmError::TokenNotFound {
+            label: label.to_owned(),
+            serial: serial.map(str::to_owned),
+            module: module.to_path_buf(),
+        }),
+        many => Err(HsmError::AmbiguousToken {
+            label: label.to_owned(),
+            count: many.len(),
+        }),
+    }
+}
+
 fn pin_refused(err: &CkError) -> HsmError {
     match err {
         CkError::Pkcs11(rv, _) => HsmError::PinRefused(*rv),
@@ -925,37 +957,12 @@ impl Inner {
     /// Finds the token and logs in on a session kept for the life of this generation.
     fn bring_up(&self) -> Result<Live, HsmError> {
         *lock(&self.last_bring_up) = Some(Instant::now());
-        let slots = self
-            .pkcs11
-            .get_slots_with_initialized_token()
-            .map_err(unavailable)?;
-        let mut matching = Vec::new();
-        for slot in slots {
-            let info = self.pkcs11.get_token_info(slot).map_err(unavailable)?;
-            let serial_ok = self
-                .token_serial
-                .as_deref()
-                .is_none_or(|s| info.serial_number() == s);
-            if info.label() == self.token_label && serial_ok {
-                matching.push(slot);
-            }
-        }
-        let slot = match matching.as_slice() {
-            [slot] => *slot,
-            [] => {
-                return Err(HsmError::TokenNotFound {
-                    label: self.token_label.clone(),
-                    serial: self.token_serial.clone(),
-                    module: self.module.clone(),
-                });
-            }
-            many => {
-                return Err(HsmError::AmbiguousToken {
-                    label: self.token_label.clone(),
-                    count: many.len(),
-                });
-            }
-        };
+        let slot = find_token(
+            &self.pkcs11,
+            &self.module,
+            &self.token_label,
+            self.token_serial.as_deref(),
+        )?;
         let session = self
             .pkcs11
             .open_rw_session_no_drop(slot)

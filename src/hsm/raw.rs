@@ -15,7 +15,7 @@ use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::UserType;
 
-use super::{CONTEXT_OPEN, HsmConfig, HsmError, initialise, unavailable};
+use super::{CONTEXT_OPEN, HsmConfig, HsmError, find_token, initialise, unavailable};
 
 /// What the raw loop did.
 #[derive(Debug, Clone)]
@@ -57,20 +57,12 @@ fn run(
         reason: e.to_string(),
     })?;
     initialise(&pkcs11).map_err(unavailable)?;
-    let slot = pkcs11
-        .get_slots_with_initialized_token()
-        .map_err(unavailable)?
-        .into_iter()
-        .find(|s| {
-            pkcs11
-                .get_token_info(*s)
-                .is_ok_and(|i| i.label() == config.token_label)
-        })
-        .ok_or_else(|| HsmError::TokenNotFound {
-            label: config.token_label.clone(),
-            serial: None,
-            module: config.module.clone(),
-        })?;
+    let slot = find_token(
+        &pkcs11,
+        &config.module,
+        &config.token_label,
+        config.token_serial.as_deref(),
+    )?;
     let login = pkcs11.open_rw_session(slot).map_err(unavailable)?;
     match login.login(UserType::User, Some(pin.auth())) {
         Ok(())
