@@ -23,3 +23,4 @@ pub mod hsm;
 pub mod model;
 pub mod pki;
 pub mod store;
+mod sync;

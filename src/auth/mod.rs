@@ -25,6 +25,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureS
 use serde::Deserialize;
 
 use crate::model::{KeyName, Tenant, validate_segment};
+use crate::sync::{lock, read, write};
 
 /// What a caller may act as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -369,14 +370,14 @@ impl SharedPolicy {
 
     /// The policy for one decision.
     pub fn current(&self) -> Arc<Policy> {
-        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&read(&self.current))
     }
 
     /// Re-reads the file. A broken file keeps the policy in force and returns why.
     pub fn reload(&self) -> Result<usize, PolicyError> {
         let policy = Policy::load(&self.path)?;
         let n = policy.len();
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        *write(&self.current) = Arc::new(policy);
         Ok(n)
     }
 }
@@ -435,7 +436,7 @@ impl ClientAuthenticator {
         let key = chain_key(end_entity, intermediates);
         let now_secs = now.as_secs();
         {
-            let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            let cache = lock(&self.verified);
             if let Some((identity, until)) = cache.get(&key)
                 && now_secs < *until
             {
@@ -457,7 +458,7 @@ impl ClientAuthenticator {
             .min()
             .flatten();
         let until = expires.map_or(now_secs, |e| e.min(now_secs + VERIFIED_TTL_SECS));
-        let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock(&self.verified);
         if cache.len() >= VERIFIED_MAX_ENTRIES {
             cache.clear();
         }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use crate::envelope::VersionId;
 use crate::model::{KeyName, Millis, VersionState};
 use crate::store::{KeyRow, Store, StoreError, VersionRow};
+use crate::sync::lock;
 
 /// Wraps reserved in the database per refill: one write per this many wraps.
 pub(crate) const WRAP_RESERVATION_BLOCK: u64 = 4096;
@@ -180,9 +181,4 @@ impl WrapBudget {
             c.1 = reserved;
         }
     }
-}
-
-// A poisoned lock only means a panic elsewhere; the counters stay consistent.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

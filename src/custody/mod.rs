@@ -32,6 +32,7 @@ use crate::envelope::{self, EnvelopeError, IV_LEN, MAX_AAD_LEN, MAX_PLAINTEXT_LE
 use crate::hsm::{Hsm, HsmError, ObjectId};
 use crate::model::{KeyName, Millis, NameError, VersionState};
 use crate::store::{KeyRow, Store, StoreError, VersionRow};
+use crate::sync::{read, write};
 pub use approvals::{ApprovalInfo, ApprovalState};
 use cache::{Cache, KeyEntry, Take, VersionEntry};
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -1232,13 +1233,4 @@ fn info(entry: &KeyEntry) -> KeyInfo {
             })
             .collect(),
     }
-}
-
-// A poisoned lock only means a panic elsewhere; every cache write is a single insert, so the
-// map is never half-updated.
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
 }

@@ -13,11 +13,12 @@
 
 use std::collections::HashMap;
 
-use super::{Custody, CustodyError, read};
+use super::{Custody, CustodyError};
 use crate::custody::cache::VersionEntry;
 use crate::envelope::VersionId;
 use crate::hsm::ObjectId;
 use crate::model::VersionState;
+use crate::sync::read;
 
 /// What reconciliation does with an HSM object that carries this installation's label but has
 /// no row.

@@ -41,6 +41,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::sync::{lock, read, write};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -381,18 +383,6 @@ impl OpCtx<'_> {
     fn object_lock(&self) -> MutexGuard<'_, ()> {
         lock(&self.inner.object_lock)
     }
-}
-
-// A poisoned lock only means another thread panicked while holding it; the data it guards
-// (a cache, a pool, a unit) stays valid, so carry on rather than cascade the panic.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|e| e.into_inner())
-}
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn logged_in(session: &Session) -> bool {
