@@ -51,37 +51,15 @@ pub struct VersionId(pub [u8; VERSION_ID_LEN]);
 impl VersionId {
     /// Lower-case hex, the form stored in the database and shown to operators.
     pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(VERSION_ID_LEN * 2);
-        for b in self.0 {
-            s.push(char::from(HEX[usize::from(b >> 4)]));
-            s.push(char::from(HEX[usize::from(b & 0x0f)]));
-        }
-        s
+        crate::model::to_hex(&self.0)
     }
 
-    /// Parses exactly 32 hex digits.
+    /// Parses exactly 32 lower-case hex digits: only the canonical form names a version.
     pub fn from_hex(s: &str) -> Option<Self> {
-        let bytes = s.as_bytes();
-        if bytes.len() != VERSION_ID_LEN * 2 {
+        if s.bytes().any(|c| c.is_ascii_uppercase()) {
             return None;
         }
-        let mut id = [0u8; VERSION_ID_LEN];
-        for (i, pair) in bytes.chunks_exact(2).enumerate() {
-            let hi = hex_value(pair[0])?;
-            let lo = hex_value(pair[1])?;
-            id[i] = (hi << 4) | lo;
-        }
-        Some(Self(id))
-    }
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
+        crate::model::from_hex_array(s).map(Self)
     }
 }
 

@@ -237,15 +237,27 @@ pub fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Parses lower- or upper-case hex.
+/// Parses lower- or upper-case hex; anything but hex digits (a sign, a space) is refused.
 pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+    let digits = s.as_bytes();
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+    digits
+        .chunks_exact(2)
+        .map(|pair| Some((hex_digit(pair[0])? << 4) | hex_digit(pair[1])?))
         .collect()
+}
+
+/// Parses hex of exactly `N` bytes.
+pub fn from_hex_array<const N: usize>(s: &str) -> Option<[u8; N]> {
+    from_hex(s).and_then(|v| <[u8; N]>::try_from(v).ok())
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    char::from(c)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
 }
 
 #[cfg(test)]
@@ -254,6 +266,9 @@ mod hex_tests {
     fn hex_round_trips() {
         assert_eq!(super::to_hex(&[0, 0xab, 0xff]), "00abff");
         assert_eq!(super::from_hex("00abFF"), Some(vec![0, 0xab, 0xff]));
+        assert_eq!(super::from_hex("+a"), None);
+        assert_eq!(super::from_hex_array::<2>("00ab"), Some([0, 0xab]));
+        assert_eq!(super::from_hex_array::<2>("00abff"), None);
         assert_eq!(super::from_hex("0"), None);
         assert_eq!(super::from_hex("zz"), None);
     }

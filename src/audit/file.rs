@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::record::{Checkpoint, ExportItem, Record, RecordBody};
-use crate::model::{from_hex, to_hex};
+use crate::model::{from_hex, from_hex_array, to_hex};
 
 /// File format of an export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,9 +81,7 @@ fn rfc3339(ms: i64) -> String {
 }
 
 fn hash32(s: &str, what: &str, seq: u64) -> Result<[u8; 32], String> {
-    from_hex(s)
-        .and_then(|v| <[u8; 32]>::try_from(v).ok())
-        .ok_or_else(|| format!("row {seq}: {what} is not 32 bytes of hex"))
+    from_hex_array(s).ok_or_else(|| format!("row {seq}: {what} is not 32 bytes of hex"))
 }
 
 impl Row {

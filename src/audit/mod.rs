@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::hsm::{Hsm, HsmError, ObjectId};
-use crate::model::{from_hex, now_millis, to_hex};
+use crate::model::{from_hex_array, now_millis, to_hex};
 use crate::store::{Store, StoreError};
 use record::{Checkpoint, ExportItem, GENESIS, Record, RecordBody, checkpoint_message};
 
@@ -107,9 +107,7 @@ const SIGNING: &str = "signing";
 const HMAC: &str = "hmac";
 
 fn object_id(hex: &str) -> Option<ObjectId> {
-    from_hex(hex)
-        .and_then(|v| <[u8; 16]>::try_from(v).ok())
-        .map(ObjectId)
+    from_hex_array(hex).map(ObjectId)
 }
 
 fn random_id() -> Result<ObjectId, AuditError> {

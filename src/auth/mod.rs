@@ -496,11 +496,7 @@ fn not_after(cert: &CertificateDer<'_>) -> Option<u64> {
 
 /// SHA-256 of a certificate, hex.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
-    ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::model::to_hex(ring::digest::digest(&ring::digest::SHA256, cert.as_ref()).as_ref())
 }
 
 /// The URI SAN of a certificate, else its subject CN.

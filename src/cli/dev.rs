@@ -62,7 +62,7 @@ fn random_pin() -> Result<String, Failure> {
     let mut raw = [0u8; 12];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
         .map_err(|_| Failure::new(70, "no system randomness", "report this"))?;
-    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::model::to_hex(&raw))
 }
 
 /// Creates what is missing under `dir` and returns the server configuration file.

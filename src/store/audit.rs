@@ -7,7 +7,7 @@ use sqlx::Row;
 
 use super::{Store, StoreError};
 use crate::audit::record::{Checkpoint, Record, RecordBody};
-use crate::model::{from_hex, to_hex};
+use crate::model::{from_hex, from_hex_array, to_hex};
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt {
@@ -17,9 +17,7 @@ fn corrupt(what: &str) -> StoreError {
 }
 
 fn hash32(s: &str) -> Result<[u8; 32], StoreError> {
-    from_hex(s)
-        .and_then(|v| <[u8; 32]>::try_from(v).ok())
-        .ok_or_else(|| corrupt("hash is not 32 bytes of hex"))
+    from_hex_array(s).ok_or_else(|| corrupt("hash is not 32 bytes of hex"))
 }
 
 fn record_row(r: &sqlx::sqlite::SqliteRow) -> Result<(Record, [u8; 32]), StoreError> {

@@ -538,7 +538,7 @@ async fn installation_id(pool: &SqlitePool) -> Result<String, StoreError> {
             what: "no system randomness".into(),
         }
     })?;
-    let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let id = crate::model::to_hex(&raw);
     // Two processes opening a fresh database at once: the table holds one row, the loser's
     // insert is ignored and both read back the winner's id.
     sqlx::query("INSERT INTO installation (singleton, id, created_at) VALUES (1, $1, $2) ON CONFLICT (singleton) DO NOTHING")
