@@ -17,7 +17,7 @@ mod output;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -217,13 +217,17 @@ fn parse_period(s: &str) -> Result<i64, String> {
     let n: i64 = n
         .parse()
         .map_err(|_| format!("{s:?}: write a number and a unit, e.g. 90d, 12h, 3600s"))?;
-    let seconds = match unit {
-        "d" => n * 86_400,
-        "h" => n * 3_600,
-        "m" => n * 60,
-        "s" | "" => n,
+    let unit_seconds = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" | "" => 1,
         _ => return Err(format!("{s:?}: units are d, h, m, s")),
     };
+    // The server enforces the longest period; here only overflow must not panic or wrap.
+    let seconds = n
+        .checked_mul(unit_seconds)
+        .ok_or_else(|| format!("{s:?}: too long; the longest rotation period is 100 years"))?;
     if seconds < 3_600 {
         return Err(format!("{s:?}: the shortest rotation period is 1h"));
     }
@@ -441,7 +445,10 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|_| format!("{s:?}: write a number and a unit, e.g. 30s, 2m"))?;
     match unit {
         "s" | "" => Ok(std::time::Duration::from_secs(n)),
-        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        "m" => n
+            .checked_mul(60)
+            .map(std::time::Duration::from_secs)
+            .ok_or_else(|| format!("{s:?}: too long")),
         "ms" => Ok(std::time::Duration::from_millis(n)),
         _ => Err(format!("{s:?}: units are ms, s, m")),
     }
@@ -962,7 +969,8 @@ fn aad(args: &AadArgs) -> Result<Vec<u8>, Failure> {
     }
 }
 
-/// Writes a result file; `secret` files are created with mode 0600.
+/// Writes a result file; `secret` files are mode 0600, also when the file already existed
+/// (`mode` applies only to files the call creates).
 fn write_output(path: &Path, data: &[u8], secret: bool) -> Result<(), Failure> {
     let mode = if secret { 0o600 } else { 0o644 };
     std::fs::OpenOptions::new()
@@ -971,7 +979,12 @@ fn write_output(path: &Path, data: &[u8], secret: bool) -> Result<(), Failure> {
         .truncate(true)
         .mode(mode)
         .open(path)
-        .and_then(|mut f| f.write_all(data))
+        .and_then(|mut f| {
+            if secret {
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+            f.write_all(data)
+        })
         .map_err(|e| {
             Failure::new(
                 1,
@@ -1369,4 +1382,37 @@ async fn approvals_command(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_and_durations_refuse_overflow_instead_of_wrapping() {
+        assert_eq!(parse_period("90d"), Ok(90 * 86_400));
+        assert!(parse_period("30m").unwrap_err().contains("shortest"));
+        assert!(
+            parse_period("999999999999999999d")
+                .unwrap_err()
+                .contains("too long")
+        );
+        assert_eq!(
+            parse_duration("2m"),
+            Ok(std::time::Duration::from_secs(120))
+        );
+        assert!(parse_duration("999999999999999999m").is_err());
+    }
+
+    #[test]
+    fn secret_output_is_private_even_over_an_existing_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plain.bin");
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_output(&path, b"secret", true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+    }
 }

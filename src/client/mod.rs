@@ -288,16 +288,16 @@ impl Sealed {
 
     /// Parses an envelope.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ClientError> {
-        let bad = ClientError::Envelope("not a Tresor envelope (TSE1)");
+        let bad = || ClientError::Envelope("not a Tresor envelope (TSE1)");
         let rest = bytes
             .strip_prefix(SEALED_MAGIC.as_slice())
-            .ok_or(ClientError::Envelope("not a Tresor envelope (TSE1)"))?;
+            .ok_or_else(bad)?;
         let (len, rest) = rest
             .split_first_chunk::<2>()
             .ok_or(ClientError::Envelope("truncated envelope"))?;
         let len = usize::from(u16::from_be_bytes(*len));
         if rest.len() < len + 12 + 16 {
-            return Err(bad);
+            return Err(bad());
         }
         let (wrapped_key, rest) = rest.split_at(len);
         let (nonce, body) = rest.split_at(12);
