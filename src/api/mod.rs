@@ -49,6 +49,8 @@ pub const MAX_REQUEST_BYTES: usize = 2 * 64 * 1024 + 4096;
 /// Default and largest page of `ListKeys`.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
+/// What a failed call's record holds where its AAD's HMAC could not be computed.
+const AAD_HMAC_UNAVAILABLE: &str = "unavailable";
 
 /// The services, sharing one custody core, authenticator and policy.
 #[derive(Clone)]
@@ -257,14 +259,10 @@ impl Api {
         key: &str,
         aad: &[u8],
     ) -> Result<Response<T>, Status> {
-        let (code, key_version) = match &result {
-            Ok(d) => (Code::Ok, d.key_version.clone()),
-            Err(s) => (s.code(), String::new()),
-        };
         let aad_hmac = match self.audit.hmac_aad(aad).await {
             Ok(h) => h,
             // A success must carry its AAD's HMAC; fail closed.
-            Err(e) if code == Code::Ok => {
+            Err(e) if result.is_ok() => {
                 tracing::error!(request_id = %call.request_id, error = %e, "AAD HMAC failed; answering UNAVAILABLE");
                 return Err(status::status(
                     Code::Unavailable,
@@ -272,7 +270,22 @@ impl Api {
                     &call.request_id,
                 ));
             }
-            Err(_) => "unavailable".to_owned(),
+            Err(_) => AAD_HMAC_UNAVAILABLE.to_owned(),
+        };
+        self.record(call, result, key, aad_hmac).await
+    }
+
+    /// [`Api::finish`] with the AAD's HMAC already computed.
+    async fn record<T>(
+        &self,
+        call: Call,
+        result: Result<Done<T>, Status>,
+        key: &str,
+        aad_hmac: String,
+    ) -> Result<Response<T>, Status> {
+        let (code, key_version) = match &result {
+            Ok(d) => (Code::Ok, d.key_version.clone()),
+            Err(s) => (s.code(), String::new()),
         };
         let key = if key_version.is_empty() {
             key.to_owned()
@@ -1023,17 +1036,24 @@ impl AuditService for Api {
             .begin(&request, Role::Auditor, "ComputeAadHmac")
             .await?;
         let aad = request.into_inner().aad;
-        let result = match self.audit.hmac_aad(&aad).await {
-            Ok(aad_hmac) => Ok(done(proto::ComputeAadHmacResponse { aad_hmac }, "")),
+        // One HSM call serves both the answer and the call's own audit record.
+        match self.audit.hmac_aad(&aad).await {
+            Ok(aad_hmac) => {
+                let answer = proto::ComputeAadHmacResponse {
+                    aad_hmac: aad_hmac.clone(),
+                };
+                self.record(call, Ok(done(answer, "")), "", aad_hmac).await
+            }
             Err(e) => {
                 tracing::error!(request_id = %call.request_id, error = %e, "AAD HMAC failed");
-                Err(status::status(
+                let refusal = status::status(
                     Code::Unavailable,
                     "the HSM is unavailable; retry later",
                     &call.request_id,
-                ))
+                );
+                self.record(call, Err(refusal), "", AAD_HMAC_UNAVAILABLE.to_owned())
+                    .await
             }
-        };
-        self.finish(call, result, "", &aad).await
+        }
     }
 }
