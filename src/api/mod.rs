@@ -644,9 +644,10 @@ impl KeyService for Api {
     }
 }
 
-/// The key-version name a key's change is recorded under: its primary version.
-fn primary(k: &KeyInfo) -> String {
-    k.name.version(k.primary_version)
+/// A key as answered, recorded under its primary version.
+fn key_done(k: KeyInfo) -> Done<proto::Key> {
+    let primary = k.name.version(k.primary_version);
+    done(key_message(k), primary)
 }
 
 #[tonic::async_trait]
@@ -662,7 +663,7 @@ impl KeyAdminService for Api {
                 .custody
                 .create_key(&call.grant, key, &r.description, labels(r.labels))
                 .await;
-            custody(call, out, |k| done(key_message(k.clone()), primary(&k)))
+            custody(call, out, key_done)
         })
         .await
     }
@@ -673,13 +674,10 @@ impl KeyAdminService for Api {
     ) -> Result<Response<proto::Key>, Status> {
         let call = self.begin(&request, Role::Officer, "GetKey").await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(key) => custody(&call, self.custody.get_key(&call.grant, &key), |k| {
-                done(key_message(k.clone()), primary(&k))
-            }),
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &[]).await
+        self.keyed(call, &r.key, &[], async |call, key| {
+            custody(call, self.custody.get_key(&call.grant, key), key_done)
+        })
+        .await
     }
 
     async fn list_keys(
@@ -736,15 +734,14 @@ impl KeyAdminService for Api {
     ) -> Result<Response<proto::Key>, Status> {
         let call = self.begin(&request, Role::Officer, "RotateKey").await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(key) => custody(
-                &call,
-                self.custody.rotate_key(&call.grant, &key).await,
-                |k| done(key_message(k.clone()), primary(&k)),
-            ),
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &[]).await
+        self.keyed(call, &r.key, &[], async |call, key| {
+            custody(
+                call,
+                self.custody.rotate_key(&call.grant, key).await,
+                key_done,
+            )
+        })
+        .await
     }
 
     async fn update_key(
@@ -753,36 +750,32 @@ impl KeyAdminService for Api {
     ) -> Result<Response<proto::Key>, Status> {
         let call = self.begin(&request, Role::Officer, "UpdateKey").await?;
         let r = request.into_inner();
-        let result = match key_name(&call, "key", &r.key) {
-            Ok(_)
-                if r.rotation_period
-                    .as_ref()
-                    .is_some_and(|d| d.seconds <= 0 || d.nanos != 0) =>
+        self.keyed(call, &r.key, &[], async |call, key| {
+            if r.rotation_period
+                .as_ref()
+                .is_some_and(|d| d.seconds <= 0 || d.nanos != 0)
             {
-                Err(invalid(
-                    &call,
+                return Err(invalid(
+                    call,
                     "rotation_period: a whole number of seconds, at least one hour",
-                ))
+                ));
             }
-            Ok(key) => {
-                let update = KeyUpdate {
-                    description: r.description,
-                    labels: r.update_labels.then(|| labels(r.labels)),
-                    rotation_period_ms: if r.clear_rotation_period {
-                        Some(None)
-                    } else {
-                        r.rotation_period
-                            .map(|d| Some(d.seconds.saturating_mul(1000)))
-                    },
-                    min_decryption_version: (r.min_decryption_version > 0)
-                        .then_some(r.min_decryption_version),
-                };
-                let out = self.custody.update_key(&call.grant, &key, update).await;
-                custody(&call, out, |k| done(key_message(k.clone()), primary(&k)))
-            }
-            Err(s) => Err(s),
-        };
-        self.finish(call, result, &r.key, &[]).await
+            let update = KeyUpdate {
+                description: r.description,
+                labels: r.update_labels.then(|| labels(r.labels)),
+                rotation_period_ms: if r.clear_rotation_period {
+                    Some(None)
+                } else {
+                    r.rotation_period
+                        .map(|d| Some(d.seconds.saturating_mul(1000)))
+                },
+                min_decryption_version: (r.min_decryption_version > 0)
+                    .then_some(r.min_decryption_version),
+            };
+            let out = self.custody.update_key(&call.grant, key, update).await;
+            custody(call, out, key_done)
+        })
+        .await
     }
 
     async fn enable_key_version(
