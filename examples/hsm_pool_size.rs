@@ -47,6 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             pin: PinSource::File(pin_file.into()),
             sessions,
             call_timeout: tresor::hsm::DEFAULT_CALL_TIMEOUT,
+            dispatch: tresor::hsm::Dispatch::Threads,
         };
         let hsm = Hsm::open(&config)?;
         let key = ObjectId([(sessions % 251) as u8; 16]);

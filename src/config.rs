@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::custody::OrphanPolicy;
-use crate::hsm::{DEFAULT_CALL_TIMEOUT, DEFAULT_SESSIONS, HsmConfig, PinSource};
+use crate::hsm::{DEFAULT_CALL_TIMEOUT, DEFAULT_SESSIONS, Dispatch, HsmConfig, PinSource};
 
 /// Default cap on requests being served at once; beyond it callers get `RESOURCE_EXHAUSTED`.
 pub const DEFAULT_MAX_CONCURRENT_REQUESTS: usize = 1024;
@@ -67,6 +67,7 @@ struct HsmSection {
     pin_env: Option<String>,
     sessions: Option<usize>,
     call_timeout_ms: Option<u64>,
+    dispatch: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +246,15 @@ impl Config {
         if !(1..=1024).contains(&sessions) {
             return Err(err("hsm.sessions", "must be 1 to 1024".into()));
         }
+        let dispatch = match raw.hsm.dispatch.as_deref() {
+            None => Dispatch::default(),
+            Some(s) => Dispatch::parse(s).ok_or_else(|| {
+                err(
+                    "hsm.dispatch",
+                    format!("{s:?}: use \"auto\", \"inline\" or \"threads\""),
+                )
+            })?,
+        };
 
         let database_url = match raw.database.url.strip_prefix("sqlite://") {
             Some(p) if !p.is_empty() => format!("sqlite://{}", resolve(Path::new(p)).display()),
@@ -307,6 +317,7 @@ impl Config {
                 pin,
                 sessions,
                 call_timeout,
+                dispatch,
             },
             database_url,
             policy_file,
@@ -357,6 +368,13 @@ mod tests {
         let c = Config::parse(&text, &path).unwrap();
         assert_eq!(c.listen.port(), 8443);
         assert_eq!(c.hsm.sessions, DEFAULT_SESSIONS);
+        assert_eq!(c.hsm.dispatch, Dispatch::Auto);
+        let threads = Config::parse(
+            &text.replace("[hsm]", "[hsm]\ndispatch = \"threads\""),
+            &path,
+        )
+        .unwrap();
+        assert_eq!(threads.hsm.dispatch, Dispatch::Threads);
         assert_eq!(c.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);
         assert_eq!(c.tls_cert, dir.path().join("server.pem"));
         assert_eq!(
@@ -404,6 +422,7 @@ mod tests {
                 "custody.orphans",
             ),
             ("[hsm]", "[hsm]\nsessions = 0", "hsm.sessions"),
+            ("[hsm]", "[hsm]\ndispatch = \"fast\"", "hsm.dispatch"),
         ] {
             let changed = text.replace(from, to);
             let e = Config::parse(&changed, &path).unwrap_err();

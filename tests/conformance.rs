@@ -8,12 +8,12 @@ mod common;
 use common::{Backend, PIN, TestToken};
 use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use tresor::custody::{Custody, CustodyOptions};
-use tresor::hsm::{Hsm, HsmConfig, HsmError, ObjectId, Pin, PinSource};
+use tresor::hsm::{Dispatch, Hsm, HsmConfig, HsmError, ObjectId, Pin, PinSource};
 use tresor::store::Store;
 use zeroize::Zeroizing;
 
-async fn gcm_round_trip_and_a_failed_tag_is_a_bad_ciphertext(backend: Backend) {
-    let token = TestToken::with(backend);
+async fn gcm_round_trip_and_a_failed_tag_is_a_bad_ciphertext(backend: Backend, dispatch: Dispatch) {
+    let token = TestToken::with(backend).dispatching(dispatch);
     let hsm = token.open();
     let id = ObjectId([1; 16]);
     hsm.generate_version_key(id, "test/gcm".into())
@@ -70,8 +70,8 @@ async fn gcm_round_trip_and_a_failed_tag_is_a_bad_ciphertext(backend: Backend) {
     assert!(!hsm.secret_key_exists(id).await.unwrap());
 }
 
-async fn random_bytes_come_from_the_token(backend: Backend) {
-    let token = TestToken::with(backend);
+async fn random_bytes_come_from_the_token(backend: Backend, dispatch: Dispatch) {
+    let token = TestToken::with(backend).dispatching(dispatch);
     let hsm = token.open();
     let a = hsm.random(32).await.unwrap();
     let b = hsm.random(32).await.unwrap();
@@ -79,8 +79,11 @@ async fn random_bytes_come_from_the_token(backend: Backend) {
     assert_ne!(a, b);
 }
 
-async fn ecdsa_p256_signatures_verify_with_the_exported_public_key(backend: Backend) {
-    let token = TestToken::with(backend);
+async fn ecdsa_p256_signatures_verify_with_the_exported_public_key(
+    backend: Backend,
+    dispatch: Dispatch,
+) {
+    let token = TestToken::with(backend).dispatching(dispatch);
     let hsm = token.open();
     let id = ObjectId([7; 16]);
     let public = hsm
@@ -109,10 +112,13 @@ async fn ecdsa_p256_signatures_verify_with_the_exported_public_key(backend: Back
     ));
 }
 
-async fn concurrent_key_generation_leaves_exactly_the_keys_asked_for(backend: Backend) {
+async fn concurrent_key_generation_leaves_exactly_the_keys_asked_for(
+    backend: Backend,
+    dispatch: Dispatch,
+) {
     // SoftHSM before 2.7.0 corrupts the token when threads of one process create token
     // objects at once; the back-end serialises creation, so this must come out exact.
-    let token = TestToken::with(backend);
+    let token = TestToken::with(backend).dispatching(dispatch);
     let config = HsmConfig {
         sessions: 4,
         ..token.config.clone()
@@ -159,8 +165,11 @@ async fn concurrent_key_generation_leaves_exactly_the_keys_asked_for(backend: Ba
     assert_eq!(labels, expected);
 }
 
-async fn one_context_per_process_and_clear_errors_for_bad_configuration(backend: Backend) {
-    let token = TestToken::with(backend);
+async fn one_context_per_process_and_clear_errors_for_bad_configuration(
+    backend: Backend,
+    dispatch: Dispatch,
+) {
+    let token = TestToken::with(backend).dispatching(dispatch);
     let hsm = token.open();
     assert!(matches!(
         Hsm::open(&token.config),
@@ -212,8 +221,8 @@ async fn one_context_per_process_and_clear_errors_for_bad_configuration(backend:
     token.open().random(1).await.unwrap();
 }
 
-async fn the_pin_never_appears_in_debug_output(backend: Backend) {
-    let token = TestToken::with(backend);
+async fn the_pin_never_appears_in_debug_output(backend: Backend, dispatch: Dispatch) {
+    let token = TestToken::with(backend).dispatching(dispatch);
     let pin_source = token.config.pin.clone();
     let pin = pin_source.read().unwrap();
     let hsm = token.open();
@@ -237,8 +246,8 @@ async fn the_pin_never_appears_in_debug_output(backend: Backend) {
     assert!(shown[1].contains("<redacted>"));
 }
 
-async fn token_objects_survive_reopening_the_module(backend: Backend) {
-    let token = TestToken::with(backend);
+async fn token_objects_survive_reopening_the_module(backend: Backend, dispatch: Dispatch) {
+    let token = TestToken::with(backend).dispatching(dispatch);
     let hsm = token.open();
     let id = ObjectId([5; 16]);
     hsm.generate_version_key(id, "test/persist".into())
@@ -265,22 +274,21 @@ async fn token_objects_survive_reopening_the_module(backend: Backend) {
     assert_eq!(hsm.list_secret_keys().await.unwrap().len(), 1);
 }
 
-/// Mounts every test once per module.
+/// Mounts every test once per module and per dispatch (hot calls on the async worker, and on
+/// blocking threads), so both paths show the same behaviour.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
-        mod softhsm {
+        conformance!(@mount softhsm_inline, SoftHsm, Inline; $($name),*);
+        conformance!(@mount softhsm_threads, SoftHsm, Threads; $($name),*);
+        conformance!(@mount hsm_sim_inline, HsmSim, Inline; $($name),*);
+        conformance!(@mount hsm_sim_threads, HsmSim, Threads; $($name),*);
+    };
+    (@mount $module:ident, $backend:ident, $dispatch:ident; $($name:ident),*) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    super::$name(super::Backend::SoftHsm).await
-                }
-            )*
-        }
-        mod hsm_sim {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Backend::HsmSim).await
+                    super::$name(super::Backend::$backend, super::Dispatch::$dispatch).await
                 }
             )*
         }

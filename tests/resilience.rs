@@ -11,6 +11,8 @@ use common::*;
 use tonic::Code;
 use tresor::api::proto;
 use tresor::client::Client;
+use tresor::hsm::ObjectId;
+use zeroize::Zeroizing;
 
 const KEY: &str = "tenants/a/keys/ehr";
 
@@ -196,4 +198,46 @@ async fn a_slow_hsm_gets_back_pressure_not_a_pile_up() {
     );
     faults(&server, hsm_sim::Faults::default());
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_hsm_moves_hot_calls_off_the_async_workers_and_back() {
+    // hsm.dispatch = "auto": calls that take microseconds run on the async worker; once most
+    // take milliseconds (a network HSM), they go to blocking threads, where a pool of sessions
+    // hides the latency instead of stalling a worker per call.
+    let token = TestToken::with(Backend::HsmSim);
+    let hsm = token.open();
+    let id = ObjectId([7; 16]);
+    hsm.generate_version_key(id, "test/dispatch".into())
+        .await
+        .unwrap();
+    let encrypt = || {
+        hsm.encrypt_gcm(
+            id,
+            [1; 12],
+            b"aad".to_vec(),
+            Zeroizing::new(b"dek".to_vec()),
+        )
+    };
+    for _ in 0..20 {
+        encrypt().await.unwrap();
+    }
+    assert!(hsm.hot_calls_inline());
+
+    token.faults(&hsm_sim::Faults {
+        latency_ms: 2,
+        ..Default::default()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..15 {
+        encrypt().await.unwrap();
+    }
+    assert!(!hsm.hot_calls_inline(), "2 ms per call is not fast");
+
+    token.faults(&hsm_sim::Faults::default());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..80 {
+        encrypt().await.unwrap();
+    }
+    assert!(hsm.hot_calls_inline(), "fast again");
 }

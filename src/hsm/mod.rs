@@ -14,9 +14,12 @@
 //! - **Token choice.** Slot ids change between runs, so the token is found by its label (and
 //!   serial, if configured) among slots with an initialised token. A token initialised by
 //!   another process after `C_Initialize` is invisible until the module is re-initialised.
-//! - **Blocking calls.** PKCS#11 calls block. Each runs on tokio's blocking pool while holding
-//!   one permit of a semaphore sized to the session pool, so at most `sessions` calls are in
-//!   the module at once and callers beyond that wait (back-pressure, not unbounded threads).
+//! - **Blocking calls.** PKCS#11 calls block. Each holds one permit of a semaphore sized to
+//!   the session pool, so at most `sessions` calls are in the module at once and callers
+//!   beyond that wait (back-pressure, not unbounded threads). Key management runs on tokio's
+//!   blocking pool; the hot calls (encrypt, decrypt, HMAC, random) run on the async worker
+//!   while the module answers in microseconds and on the blocking pool while it does not
+//!   ([`dispatch`], `hsm.dispatch`).
 //! - **Recovery.** [`ckr::classify`] decides what a failure means: a lost session is closed
 //!   and replaced; a device, library or login failure re-initialises the module (after
 //!   waiting for every in-flight call, by taking all permits); a stale object handle is looked
@@ -33,6 +36,7 @@
 //!   configuration; its default ([`DEFAULT_SESSIONS`]) was chosen by measurement.
 
 mod ckr;
+mod dispatch;
 mod pin;
 mod raw;
 
@@ -58,6 +62,7 @@ use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use ckr::{Call, Recovery, classify, login_succeeded};
+pub use dispatch::{Dispatch, FAST_CALL};
 pub use pin::{Pin, PinError, PinSource};
 pub use raw::{RawReport, raw_gcm_encrypt};
 
@@ -103,6 +108,8 @@ pub struct HsmConfig {
     /// [`HsmError::Unavailable`]; the PKCS#11 call itself cannot be interrupted and keeps its
     /// session until the module returns, so a hung HSM never gets more than `sessions` threads.
     pub call_timeout: Duration,
+    /// Where hot calls run (see [`Dispatch`]).
+    pub dispatch: Dispatch,
 }
 
 /// The `CKA_ID` of a token object Tresor created.
@@ -227,6 +234,7 @@ impl fmt::Debug for Hsm {
             .field("token_label", &self.inner.token_label)
             .field("token_serial", &self.inner.token_serial)
             .field("sessions", &self.inner.pool_size)
+            .field("dispatch", &self.inner.pace)
             .finish_non_exhaustive()
     }
 }
@@ -272,6 +280,11 @@ struct Inner {
     /// overloaded HSM would make every request miss its deadline (nothing completes).
     audit_permits: Arc<Semaphore>,
     audit_lane: u32,
+    /// One permit per lane for calls run on the async worker, so at most one worker per lane
+    /// is ever inside the module (SoftHSM serialises internally; more only contend).
+    inline_main: Semaphore,
+    inline_audit: Semaphore,
+    pace: dispatch::Pace,
     call_timeout: Duration,
     /// Serialises token-object creation and destruction (SoftHSM issue 573).
     object_lock: Mutex<()>,
@@ -326,6 +339,13 @@ enum Lane {
     Main,
     /// The audit log's AAD HMACs.
     Audit,
+}
+
+/// Whether a call is on the request path (crypto with existing keys) and may run inline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hot {
+    Yes,
+    No,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -445,6 +465,9 @@ impl Hsm {
             pool_size,
             audit_permits: Arc::new(Semaphore::new((pool_size as usize / 2).max(1))),
             audit_lane: (pool_size / 2).max(1),
+            inline_main: Semaphore::new(1),
+            inline_audit: Semaphore::new(1),
+            pace: dispatch::Pace::new(config.dispatch),
             call_timeout: config.call_timeout,
             object_lock: Mutex::new(()),
             handles: RwLock::new(HashMap::new()),
@@ -452,10 +475,15 @@ impl Hsm {
         // On failure `inner` drops here, which finalises the module and frees the slot.
         let live = inner.bring_up()?;
         *write(&inner.live) = Some(Arc::new(live));
-        tracing::info!(module = %config.module.display(), token = %config.token_label, sessions = pool_size, "HSM token opened");
+        tracing::info!(module = %config.module.display(), token = %config.token_label, sessions = pool_size, dispatch = ?config.dispatch, "HSM token opened");
         Ok(Self {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Whether hot calls currently run on the async worker ([`Dispatch`]).
+    pub fn hot_calls_inline(&self) -> bool {
+        self.inner.pace.inline()
     }
 
     /// Creates a version key: a token AES-256 key, sensitive, never extractable, not
@@ -498,7 +526,7 @@ impl Hsm {
         aad: Vec<u8>,
         plaintext: Zeroizing<Vec<u8>>,
     ) -> Result<Vec<u8>, HsmError> {
-        self.run(Call::Other, Retry::Once, move |cx| {
+        self.run_in(Lane::Main, Hot::Yes, Call::Other, Retry::Once, move |cx| {
             let handle = cx.object(key, Kind::Secret)?;
             let mut iv = iv;
             let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
@@ -518,22 +546,28 @@ impl Hsm {
         aad: Vec<u8>,
         sealed: Vec<u8>,
     ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-        self.run(Call::GcmDecrypt, Retry::Once, move |cx| {
-            let handle = cx.object(key, Kind::Secret)?;
-            let mut iv = iv;
-            let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
-            let plaintext = cx
-                .session
-                .decrypt(&Mechanism::AesGcm(params), handle, &sealed)?;
-            Ok(Zeroizing::new(plaintext))
-        })
+        self.run_in(
+            Lane::Main,
+            Hot::Yes,
+            Call::GcmDecrypt,
+            Retry::Once,
+            move |cx| {
+                let handle = cx.object(key, Kind::Secret)?;
+                let mut iv = iv;
+                let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
+                let plaintext = cx
+                    .session
+                    .decrypt(&Mechanism::AesGcm(params), handle, &sealed)?;
+                Ok(Zeroizing::new(plaintext))
+            },
+        )
         .await
     }
 
     /// `len` random bytes from the token's generator.
     pub async fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         let len = u32::try_from(len).map_err(|_| unavailable("random length too large"))?;
-        self.run(Call::Other, Retry::Once, move |cx| {
+        self.run_in(Lane::Main, Hot::Yes, Call::Other, Retry::Once, move |cx| {
             Ok(Zeroizing::new(cx.session.generate_random_vec(len)?))
         })
         .await
@@ -743,7 +777,7 @@ impl Hsm {
 
     /// HMAC-SHA256 of `data` under the HMAC key with this `CKA_ID`.
     pub async fn hmac_sha256(&self, id: ObjectId, data: Vec<u8>) -> Result<Vec<u8>, HsmError> {
-        self.run_in(Lane::Audit, Call::Other, Retry::Once, move |cx| {
+        self.run_in(Lane::Audit, Hot::Yes, Call::Other, Retry::Once, move |cx| {
             let handle = cx.object(id, Kind::Secret)?;
             Ok(cx.session.sign(&Mechanism::Sha256Hmac, handle, &data)?)
         })
@@ -776,17 +810,25 @@ impl Hsm {
         .await
     }
 
-    /// Runs `op` on a pooled session off the async runtime, recovering as [`ckr::classify`]
-    /// says and retrying once when `retry` allows.
+    /// Runs a key-management `op` on a pooled session off the async runtime, recovering as
+    /// [`ckr::classify`] says and retrying once when `retry` allows.
     async fn run<T, F>(&self, call: Call, retry: Retry, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
     {
-        self.run_in(Lane::Main, call, retry, op).await
+        self.run_in(Lane::Main, Hot::No, call, retry, op).await
     }
 
-    async fn run_in<T, F>(&self, lane: Lane, call: Call, retry: Retry, op: F) -> Result<T, HsmError>
+    /// Like [`Hsm::run`]; a hot `op` runs where [`dispatch`] says.
+    async fn run_in<T, F>(
+        &self,
+        lane: Lane,
+        hot: Hot,
+        call: Call,
+        retry: Retry,
+        op: F,
+    ) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
@@ -802,20 +844,32 @@ impl Hsm {
             if self.inner.pin_refused.load(Ordering::Relaxed) {
                 return Err(HsmError::PinRefused(RvError::PinIncorrect));
             }
-            let permit = tokio::time::timeout_at(deadline, Arc::clone(permits).acquire_owned())
-                .await
-                .map_err(|_| unavailable("no HSM session became free before the call's deadline"))?
-                .map_err(|_| unavailable("session pool closed"))?;
-            let inner = Arc::clone(&self.inner);
-            let attempt_op = Arc::clone(&op);
-            let worker = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                inner.with_session(call, &*attempt_op)
-            });
-            let outcome = tokio::time::timeout_at(deadline, worker)
-                .await
-                .map_err(|_| unavailable("the HSM did not answer before the call's deadline"))?
-                .map_err(|e| unavailable(format_args!("PKCS#11 worker failed: {e}")))?;
+            let outcome = if hot == Hot::Yes && self.inner.pace.inline() {
+                let slot = match lane {
+                    Lane::Main => &self.inner.inline_main,
+                    Lane::Audit => &self.inner.inline_audit,
+                };
+                // The slot before the session permit: a re-initialisation takes every session
+                // permit and never a slot, so neither waits for the other in a cycle.
+                let _slot = tokio::time::timeout_at(deadline, slot.acquire())
+                    .await
+                    .map_err(|_| unavailable("the HSM did not answer before the call's deadline"))?
+                    .map_err(|_| unavailable("session pool closed"))?;
+                let _permit = acquire(permits, deadline).await?;
+                self.inner.with_session(call, hot, &*op)
+            } else {
+                let permit = acquire(permits, deadline).await?;
+                let inner = Arc::clone(&self.inner);
+                let attempt_op = Arc::clone(&op);
+                let worker = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    inner.with_session(call, hot, &*attempt_op)
+                });
+                tokio::time::timeout_at(deadline, worker)
+                    .await
+                    .map_err(|_| unavailable("the HSM did not answer before the call's deadline"))?
+                    .map_err(|e| unavailable(format_args!("PKCS#11 worker failed: {e}")))?
+            };
 
             let may_retry = recoveries < MAX_RECOVERIES && retry == Retry::Once;
             recoveries += 1;
@@ -879,6 +933,16 @@ impl Hsm {
         .await
         .map_err(|e| unavailable(format_args!("PKCS#11 worker failed: {e}")))?
     }
+}
+
+async fn acquire(
+    permits: &Arc<Semaphore>,
+    deadline: tokio::time::Instant,
+) -> Result<tokio::sync::OwnedSemaphorePermit, HsmError> {
+    tokio::time::timeout_at(deadline, Arc::clone(permits).acquire_owned())
+        .await
+        .map_err(|_| unavailable("no HSM session became free before the call's deadline"))?
+        .map_err(|_| unavailable("session pool closed"))
 }
 
 fn initialise(pkcs11: &Pkcs11) -> Result<(), CkError> {
@@ -1024,6 +1088,7 @@ impl Inner {
     fn with_session<T>(
         &self,
         call: Call,
+        hot: Hot,
         op: &(dyn Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync),
     ) -> Result<T, Failure> {
         let Some(live) = read(&self.live).clone() else {
@@ -1043,11 +1108,15 @@ impl Inner {
                 });
             }
         };
+        let started = Instant::now();
         let result = op(&OpCtx {
             session: &session,
             inner: self,
             live: &live,
         });
+        if hot == Hot::Yes {
+            self.pace.record(started.elapsed());
+        }
         let err = match result {
             Ok(value) => {
                 self.give_back(session, live.generation);
@@ -1142,6 +1211,7 @@ mod tests {
             pin: PinSource::Env("TRESOR_PIN".into()),
             sessions: 2,
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            dispatch: Dispatch::Auto,
         };
         let shown = format!("{config:?}");
         assert!(shown.contains("TRESOR_PIN"), "{shown}");

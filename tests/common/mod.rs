@@ -101,6 +101,7 @@ impl TestToken {
             pin: PinSource::File(pin_file),
             sessions: DEFAULT_SESSIONS,
             call_timeout: tresor::hsm::DEFAULT_CALL_TIMEOUT,
+            dispatch: tresor::hsm::Dispatch::Auto,
         };
         Self {
             dir,
@@ -142,6 +143,7 @@ impl TestToken {
             pin: PinSource::File(pin_file),
             sessions: DEFAULT_SESSIONS,
             call_timeout: tresor::hsm::DEFAULT_CALL_TIMEOUT,
+            dispatch: tresor::hsm::Dispatch::Auto,
         };
         Self {
             dir,
@@ -161,6 +163,12 @@ impl TestToken {
 
     pub fn open(&self) -> Hsm {
         Hsm::open(&self.config).expect("open test token")
+    }
+
+    /// The same token with hot HSM calls dispatched as `dispatch` says.
+    pub fn dispatching(mut self, dispatch: tresor::hsm::Dispatch) -> Self {
+        self.config.dispatch = dispatch;
+        self
     }
 
     pub fn db_url(&self) -> String {
