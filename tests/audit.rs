@@ -187,6 +187,38 @@ async fn a_mixed_workload_yields_one_verifiable_record_per_call_in_order() {
     server.stop().await;
 }
 
+async fn aad_hmac(server: &TestServer, aad: &[u8]) -> String {
+    server
+        .client(AUDITOR_A)
+        .await
+        .audit()
+        .compute_aad_hmac(proto::ComputeAadHmacRequest { aad: aad.to_vec() })
+        .await
+        .unwrap()
+        .into_inner()
+        .aad_hmac
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aad_hmacs_are_keyed_by_the_hsm_and_stable_across_restarts() {
+    let server = TestServer::start().await;
+    let first = aad_hmac(&server, b"patient-4711").await;
+    assert_eq!(first.len(), 64);
+    assert_ne!(first, aad_hmac(&server, b"patient-4712").await);
+    // Not an unkeyed digest anyone could compute from a guessed AAD.
+    let digest = ring::digest::digest(&ring::digest::SHA256, b"patient-4711");
+    assert_ne!(first, tresor::model::to_hex(digest.as_ref()));
+    // The same HSM key after a restart gives the same value, so old records stay searchable.
+    let deployment = server.stop_keeping().await;
+    let again = TestServer::start_on(deployment).await;
+    assert_eq!(aad_hmac(&again, b"patient-4711").await, first);
+    again.stop().await;
+    // Another installation (another HSM key) gives another value.
+    let other = TestServer::start().await;
+    assert_ne!(aad_hmac(&other, b"patient-4711").await, first);
+    other.stop().await;
+}
+
 fn cli(profile: &Path, args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .arg("--profile")

@@ -49,8 +49,6 @@ pub const MAX_REQUEST_BYTES: usize = 2 * 64 * 1024 + 4096;
 /// Default and largest page of `ListKeys`.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
-/// What a failed call's record holds where its AAD's HMAC could not be computed.
-const AAD_HMAC_UNAVAILABLE: &str = "unavailable";
 
 /// The services, sharing one custody core, authenticator and policy.
 #[derive(Clone)]
@@ -259,19 +257,7 @@ impl Api {
         key: &str,
         aad: &[u8],
     ) -> Result<Response<T>, Status> {
-        let aad_hmac = match self.audit.hmac_aad(aad).await {
-            Ok(h) => h,
-            // A success must carry its AAD's HMAC; fail closed.
-            Err(e) if result.is_ok() => {
-                tracing::error!(request_id = %call.request_id, error = %e, "AAD HMAC failed; answering UNAVAILABLE");
-                return Err(status::status(
-                    Code::Unavailable,
-                    "the audit log is unavailable; retry later",
-                    &call.request_id,
-                ));
-            }
-            Err(_) => AAD_HMAC_UNAVAILABLE.to_owned(),
-        };
+        let aad_hmac = self.audit.hmac_aad(aad);
         self.record(call, result, key, aad_hmac).await
     }
 
@@ -1028,25 +1014,10 @@ impl AuditService for Api {
         let call = self
             .begin(&request, Role::Auditor, "ComputeAadHmac")
             .await?;
-        let aad = request.into_inner().aad;
-        // One HSM call serves both the answer and the call's own audit record.
-        match self.audit.hmac_aad(&aad).await {
-            Ok(aad_hmac) => {
-                let answer = proto::ComputeAadHmacResponse {
-                    aad_hmac: aad_hmac.clone(),
-                };
-                self.record(call, Ok(done(answer, "")), "", aad_hmac).await
-            }
-            Err(e) => {
-                tracing::error!(request_id = %call.request_id, error = %e, "AAD HMAC failed");
-                let refusal = status::status(
-                    Code::Unavailable,
-                    "the HSM is unavailable; retry later",
-                    &call.request_id,
-                );
-                self.record(call, Err(refusal), "", AAD_HMAC_UNAVAILABLE.to_owned())
-                    .await
-            }
-        }
+        let aad_hmac = self.audit.hmac_aad(&request.into_inner().aad);
+        let answer = proto::ComputeAadHmacResponse {
+            aad_hmac: aad_hmac.clone(),
+        };
+        self.record(call, Ok(done(answer, "")), "", aad_hmac).await
     }
 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use zeroize::Zeroizing;
 
 use crate::hsm::{Hsm, HsmError, ObjectId};
 use crate::model::{from_hex_array, now_millis, to_hex};
@@ -89,8 +90,8 @@ pub struct AuditLog {
 struct Inner {
     commands: mpsc::Sender<Command>,
     store: Store,
-    hsm: Hsm,
-    hmac_key: ObjectId,
+    /// The AAD HMAC key, derived in the HSM at start-up (see [`AAD_KEY_LABEL`]).
+    aad_key: ring::hmac::Key,
     public_point: Vec<u8>,
     /// A build for measuring the cost of auditing; never in production builds.
     #[cfg(feature = "bench-unaudited")]
@@ -105,6 +106,14 @@ impl std::fmt::Debug for AuditLog {
 
 const SIGNING: &str = "signing";
 const HMAC: &str = "hmac";
+
+/// What the HSM's audit HMAC key signs to give the AAD HMAC key: `aad_hmac` of a record is
+/// HMAC-SHA256(HMAC-SHA256(K_audit, AAD_KEY_LABEL), aad). The derived key lives in memory so
+/// that a request costs one HSM call (its crypto), not two; SoftHSM spends most of a call on
+/// `C_SignInit`, and the second call halved what a Wrap could do (SECURITY.md, BENCHMARKS.md).
+/// Every node and every restart derives the same key, so one `tresor audit hmac` value finds a
+/// given AAD in the whole log.
+pub const AAD_KEY_LABEL: &[u8] = b"tresor audit AAD HMAC key v1";
 
 fn object_id(hex: &str) -> Option<ObjectId> {
     from_hex_array(hex).map(ObjectId)
@@ -171,6 +180,10 @@ impl AuditLog {
                 id
             }
         };
+        let aad_key = {
+            let derived = Zeroizing::new(hsm.hmac_sha256(hmac_key, AAD_KEY_LABEL.to_vec()).await?);
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived)
+        };
         let head = store.audit_head().await?;
         let checkpointed = store
             .audit_latest_checkpoint()
@@ -194,8 +207,7 @@ impl AuditLog {
             inner: Arc::new(Inner {
                 commands,
                 store,
-                hsm,
-                hmac_key,
+                aad_key,
                 public_point,
                 #[cfg(feature = "bench-unaudited")]
                 noop: false,
@@ -211,8 +223,7 @@ impl AuditLog {
             inner: Arc::new(Inner {
                 commands: self.inner.commands.clone(),
                 store: self.inner.store.clone(),
-                hsm: self.inner.hsm.clone(),
-                hmac_key: self.inner.hmac_key,
+                aad_key: self.inner.aad_key.clone(),
                 public_point: self.inner.public_point.clone(),
                 noop: true,
             }),
@@ -240,22 +251,16 @@ impl AuditLog {
             .map_err(AuditError::Unavailable)
     }
 
-    /// HMAC-SHA256 of `aad` under the HSM's audit HMAC key, hex; empty for empty AAD.
-    pub async fn hmac_aad(&self, aad: &[u8]) -> Result<String, AuditError> {
+    /// The AAD's HMAC for its audit record (see [`AAD_KEY_LABEL`]), hex; empty for empty AAD.
+    pub fn hmac_aad(&self, aad: &[u8]) -> String {
         if aad.is_empty() {
-            return Ok(String::new());
+            return String::new();
         }
         #[cfg(feature = "bench-unaudited")]
         if self.inner.noop {
-            return Ok(String::new());
+            return String::new();
         }
-        Ok(to_hex(
-            &self
-                .inner
-                .hsm
-                .hmac_sha256(self.inner.hmac_key, aad.to_vec())
-                .await?,
-        ))
+        to_hex(ring::hmac::sign(&self.inner.aad_key, aad).as_ref())
     }
 
     /// The checkpoint public key, SubjectPublicKeyInfo PEM.

@@ -13,7 +13,7 @@
 //! sessions on blocking threads hides the latency.
 //!
 //! So in [`Dispatch::Auto`] (the default), the hot calls (encrypt, decrypt, HMAC, random) run
-//! on the async worker while the module answers fast, with at most one such call per lane at a
+//! on the async worker while the module answers fast, with at most one such call at a
 //! time, so a runtime with two or more workers always keeps one free for TLS, health checks and
 //! deadlines; they move to the blocking pool once most recent calls took longer than
 //! [`FAST_CALL`], and come back once most are fast again. Key management (generation,
@@ -28,7 +28,7 @@ pub enum Dispatch {
     /// On the async worker while calls are fast, on blocking threads while they are slow.
     #[default]
     Auto,
-    /// Always on the async worker, one call per lane at a time. For in-process or PCIe modules
+    /// Always on the async worker, one call at a time. For in-process or PCIe modules
     /// only: a call that hangs stalls a worker thread for as long as it hangs.
     Inline,
     /// Always on tokio's blocking pool, up to `hsm.sessions` at once: network HSMs.

@@ -275,15 +275,10 @@ struct Inner {
     /// One permit per pooled session: bounds the calls in flight; `reinitialise` takes all.
     permits: Arc<Semaphore>,
     pool_size: u32,
-    /// A few extra sessions for the audit log's AAD HMACs. A request that already did its
-    /// crypto must not wait behind newer requests for its HMAC: with one FIFO pool, an
-    /// overloaded HSM would make every request miss its deadline (nothing completes).
-    audit_permits: Arc<Semaphore>,
-    audit_lane: u32,
-    /// One permit per lane for calls run on the async worker, so at most one worker per lane
-    /// is ever inside the module (SoftHSM serialises internally; more only contend).
-    inline_main: Semaphore,
-    inline_audit: Semaphore,
+    /// One permit for calls run on the async worker, so at most one worker is ever inside the
+    /// module that way (SoftHSM serialises internally; more only contend) and the others stay
+    /// free for TLS, health checks and deadlines.
+    inline_slot: Semaphore,
     pace: dispatch::Pace,
     call_timeout: Duration,
     /// Serialises token-object creation and destruction (SoftHSM issue 573).
@@ -330,15 +325,6 @@ enum Failure {
         recovery: Recovery,
         generation: u64,
     },
-}
-
-/// Which session permits a call uses.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Lane {
-    /// Every custody operation.
-    Main,
-    /// The audit log's AAD HMACs.
-    Audit,
 }
 
 /// Whether a call is on the request path (crypto with existing keys) and may run inline.
@@ -463,10 +449,7 @@ impl Hsm {
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(pool_size as usize)),
             pool_size,
-            audit_permits: Arc::new(Semaphore::new((pool_size as usize / 2).max(1))),
-            audit_lane: (pool_size / 2).max(1),
-            inline_main: Semaphore::new(1),
-            inline_audit: Semaphore::new(1),
+            inline_slot: Semaphore::new(1),
             pace: dispatch::Pace::new(config.dispatch),
             call_timeout: config.call_timeout,
             object_lock: Mutex::new(()),
@@ -526,7 +509,7 @@ impl Hsm {
         aad: Vec<u8>,
         plaintext: Zeroizing<Vec<u8>>,
     ) -> Result<Vec<u8>, HsmError> {
-        self.run_in(Lane::Main, Hot::Yes, Call::Other, Retry::Once, move |cx| {
+        self.run_hot(Call::Other, Retry::Once, move |cx| {
             let handle = cx.object(key, Kind::Secret)?;
             let mut iv = iv;
             let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
@@ -546,28 +529,22 @@ impl Hsm {
         aad: Vec<u8>,
         sealed: Vec<u8>,
     ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-        self.run_in(
-            Lane::Main,
-            Hot::Yes,
-            Call::GcmDecrypt,
-            Retry::Once,
-            move |cx| {
-                let handle = cx.object(key, Kind::Secret)?;
-                let mut iv = iv;
-                let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
-                let plaintext = cx
-                    .session
-                    .decrypt(&Mechanism::AesGcm(params), handle, &sealed)?;
-                Ok(Zeroizing::new(plaintext))
-            },
-        )
+        self.run_hot(Call::GcmDecrypt, Retry::Once, move |cx| {
+            let handle = cx.object(key, Kind::Secret)?;
+            let mut iv = iv;
+            let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
+            let plaintext = cx
+                .session
+                .decrypt(&Mechanism::AesGcm(params), handle, &sealed)?;
+            Ok(Zeroizing::new(plaintext))
+        })
         .await
     }
 
     /// `len` random bytes from the token's generator.
     pub async fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         let len = u32::try_from(len).map_err(|_| unavailable("random length too large"))?;
-        self.run_in(Lane::Main, Hot::Yes, Call::Other, Retry::Once, move |cx| {
+        self.run_hot(Call::Other, Retry::Once, move |cx| {
             Ok(Zeroizing::new(cx.session.generate_random_vec(len)?))
         })
         .await
@@ -777,7 +754,7 @@ impl Hsm {
 
     /// HMAC-SHA256 of `data` under the HMAC key with this `CKA_ID`.
     pub async fn hmac_sha256(&self, id: ObjectId, data: Vec<u8>) -> Result<Vec<u8>, HsmError> {
-        self.run_in(Lane::Audit, Hot::Yes, Call::Other, Retry::Once, move |cx| {
+        self.run(Call::Other, Retry::Once, move |cx| {
             let handle = cx.object(id, Kind::Secret)?;
             Ok(cx.session.sign(&Mechanism::Sha256Hmac, handle, &data)?)
         })
@@ -817,26 +794,24 @@ impl Hsm {
         T: Send + 'static,
         F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
     {
-        self.run_in(Lane::Main, Hot::No, call, retry, op).await
+        self.run_in(Hot::No, call, retry, op).await
     }
 
-    /// Like [`Hsm::run`]; a hot `op` runs where [`dispatch`] says.
-    async fn run_in<T, F>(
-        &self,
-        lane: Lane,
-        hot: Hot,
-        call: Call,
-        retry: Retry,
-        op: F,
-    ) -> Result<T, HsmError>
+    /// Like [`Hsm::run`] for a call on the request path, which runs where [`dispatch`] says.
+    async fn run_hot<T, F>(&self, call: Call, retry: Retry, op: F) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
     {
-        let permits = match lane {
-            Lane::Main => &self.inner.permits,
-            Lane::Audit => &self.inner.audit_permits,
-        };
+        self.run_in(Hot::Yes, call, retry, op).await
+    }
+
+    async fn run_in<T, F>(&self, hot: Hot, call: Call, retry: Retry, op: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
+    {
+        let permits = &self.inner.permits;
         let op = Arc::new(op);
         let deadline = tokio::time::Instant::now() + self.inner.call_timeout;
         let mut recoveries = 0;
@@ -845,13 +820,9 @@ impl Hsm {
                 return Err(HsmError::PinRefused(RvError::PinIncorrect));
             }
             let outcome = if hot == Hot::Yes && self.inner.pace.inline() {
-                let slot = match lane {
-                    Lane::Main => &self.inner.inline_main,
-                    Lane::Audit => &self.inner.inline_audit,
-                };
                 // The slot before the session permit: a re-initialisation takes every session
-                // permit and never a slot, so neither waits for the other in a cycle.
-                let _slot = tokio::time::timeout_at(deadline, slot.acquire())
+                // permit and never the slot, so neither waits for the other in a cycle.
+                let _slot = tokio::time::timeout_at(deadline, self.inner.inline_slot.acquire())
                     .await
                     .map_err(|_| unavailable("the HSM did not answer before the call's deadline"))?
                     .map_err(|_| unavailable("session pool closed"))?;
@@ -908,15 +879,7 @@ impl Hsm {
         observed: Option<u64>,
         deadline: tokio::time::Instant,
     ) -> Result<(), HsmError> {
-        let all = async {
-            let main = Arc::clone(&self.inner.permits)
-                .acquire_many_owned(self.inner.pool_size)
-                .await?;
-            let audit = Arc::clone(&self.inner.audit_permits)
-                .acquire_many_owned(self.inner.audit_lane)
-                .await?;
-            Ok::<_, tokio::sync::AcquireError>((main, audit))
-        };
+        let all = Arc::clone(&self.inner.permits).acquire_many_owned(self.inner.pool_size);
         let all = tokio::time::timeout_at(deadline, all)
             .await
             .map_err(|_| {

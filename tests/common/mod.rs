@@ -450,6 +450,19 @@ impl TestServer {
         tresor::client::Client::connect(&profile).await.unwrap()
     }
 
+    /// Stops the server and hands back its deployment (token, database, certificates), so a
+    /// test can start it again.
+    #[allow(dead_code)]
+    pub async fn stop_keeping(mut self) -> Deployment {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        self.deployment
+    }
+
     /// Stops the server and waits for it to finish.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
