@@ -200,3 +200,66 @@ async fn wrap_reservations_only_grow() {
         Err(StoreError::Conflict)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_batches_go_in_whole_and_the_wal_is_checkpointed_in_the_background() {
+    use tresor::audit::record::{GENESIS, Record, RecordBody};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let store = Store::open(db.to_str().unwrap()).await.unwrap();
+    let before = std::fs::metadata(&db).unwrap().len();
+
+    let mut prev = GENESIS;
+    let mut seq = 0u64;
+    for _ in 0..20 {
+        let batch: Vec<(Record, [u8; 32])> = (0..500)
+            .map(|i| {
+                seq += 1;
+                let r = Record {
+                    seq,
+                    prev_hash: prev,
+                    time_ms: 1,
+                    tenant: "t".into(),
+                    body: RecordBody {
+                        operation: "Wrap".into(),
+                        request_id: format!("request {i}"),
+                        ..Default::default()
+                    },
+                };
+                prev = r.hash();
+                (r, prev)
+            })
+            .collect();
+        store.append_audit(&batch).await.unwrap();
+    }
+    assert_eq!(store.audit_head().await.unwrap(), Some((seq, prev)));
+    // A batch is one statement: a duplicate sequence number anywhere refuses all of it.
+    let mut clash = Record {
+        seq: seq + 1,
+        prev_hash: prev,
+        time_ms: 1,
+        tenant: "t".into(),
+        body: RecordBody::default(),
+    };
+    let fresh = (clash.clone(), clash.hash());
+    clash.seq = seq;
+    assert!(
+        store
+            .append_audit(&[fresh, (clash.clone(), clash.hash())])
+            .await
+            .is_err()
+    );
+    assert_eq!(store.audit_head().await.unwrap(), Some((seq, prev)));
+
+    // Commits never checkpoint (wal_autocheckpoint = 0), so the records reach the main file
+    // only through the background task.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::metadata(&db).unwrap().len() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL was never checkpointed into {}",
+            db.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -2,8 +2,10 @@
 //!
 //! Owns load shapes and their measurement: `connections` HTTP/2 connections, each carrying
 //! `in_flight` concurrent requests; a duration or a request count; closed loop by default, or
-//! open loop at a target rate, where latency is measured from each request's *scheduled*
-//! start so that a slow server cannot hide its queueing (coordinated omission). Latencies go
+//! open loop at a target rate, where a request that is late because earlier answers were
+//! slow has its latency measured from its *scheduled* start, so that a slow server cannot hide
+//! its queueing (coordinated omission); a request sent on time is measured from when it was
+//! sent, so the timer's own lateness (tokio's has millisecond resolution) is not counted. Latencies go
 //! into HDR histograms (microseconds, 3 significant digits).
 
 use std::collections::BTreeMap;
@@ -142,16 +144,32 @@ pub async fn run(profile: &Profile, plan: &BenchPlan) -> Result<BenchReport, Fai
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
             let mut k = 0u32;
             loop {
-                let scheduled = match (interval, offset) {
+                let (scheduled, sent) = match (interval, offset) {
                     (Some(i), Some(o)) => {
                         let at = start + o + i * k;
-                        tokio::time::sleep_until(at.into()).await;
-                        at
+                        if at >= deadline {
+                            break;
+                        }
+                        if Instant::now() < at {
+                            // Ahead of schedule: the server is keeping up. Tokio's timer wakes
+                            // up to a millisecond late; that lateness is the load generator's,
+                            // so latency counts from the actual send.
+                            tokio::time::sleep_until(at.into()).await;
+                            let sent = Instant::now();
+                            (sent, sent)
+                        } else {
+                            // Behind schedule because earlier answers were slow: latency
+                            // counts from the scheduled start (no coordinated omission).
+                            (at, Instant::now())
+                        }
                     }
-                    _ => Instant::now(),
+                    _ => {
+                        let now = Instant::now();
+                        (now, now)
+                    }
                 };
                 k += 1;
-                if scheduled >= deadline {
+                if sent >= deadline {
                     break;
                 }
                 let n = issued.fetch_add(1, Ordering::Relaxed);
