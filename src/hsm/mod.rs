@@ -819,16 +819,23 @@ impl Hsm {
             if self.inner.pin_refused.load(Ordering::Relaxed) {
                 return Err(HsmError::PinRefused(RvError::PinIncorrect));
             }
-            let outcome = if hot == Hot::Yes && self.inner.pace.inline() {
-                // The slot before the session permit: a re-initialisation takes every session
-                // permit and never the slot, so neither waits for the other in a cycle.
-                let _slot = tokio::time::timeout_at(deadline, self.inner.inline_slot.acquire())
-                    .await
-                    .map_err(|_| unavailable("the HSM did not answer before the call's deadline"))?
-                    .map_err(|_| unavailable("session pool closed"))?;
-                let _permit = acquire(permits, deadline).await?;
-                self.inner.with_session(call, hot, &*op)
-            } else {
+            let outcome = 'dispatched: {
+                if hot == Hot::Yes && self.inner.pace.inline() {
+                    // The slot before the session permit: a re-initialisation takes every
+                    // session permit and never the slot, so neither waits for the other.
+                    let _slot = tokio::time::timeout_at(deadline, self.inner.inline_slot.acquire())
+                        .await
+                        .map_err(|_| {
+                            unavailable("the HSM did not answer before the call's deadline")
+                        })?
+                        .map_err(|_| unavailable("session pool closed"))?;
+                    // Asked again: calls queued for the slot while the module turned slow
+                    // must not each take their turn on the worker.
+                    if self.inner.pace.inline() {
+                        let _permit = acquire(permits, deadline).await?;
+                        break 'dispatched self.inner.with_session(call, hot, &*op);
+                    }
+                }
                 let permit = acquire(permits, deadline).await?;
                 let inner = Arc::clone(&self.inner);
                 let attempt_op = Arc::clone(&op);
