@@ -112,7 +112,9 @@ impl Store {
                 .push_bind(&r.body.aad_hmac)
                 .push_bind(to_hex(hash));
         });
-        insert.build().execute(&self.pool).await?;
+        // Not kept in sqlx's statement cache: each batch size is a different statement, and a
+        // cache of a hundred of them per connection made the server's memory grow under load.
+        insert.build().persistent(false).execute(&self.pool).await?;
         Ok(())
     }
 

@@ -7,10 +7,10 @@
 //!
 //! SQLite runs in WAL mode with `synchronous = FULL`: a committed version row must survive a
 //! power cut, because blobs wrapped under it are unreadable without it. The file is created
-//! with mode 0600 (SQLite gives its `-wal` and `-shm` files the same mode). The WAL is copied
-//! into the database by a background task every [`WAL_CHECKPOINT_INTERVAL`] rather than by
-//! whichever commit crosses SQLite's threshold: that commit (usually an audit batch, which
-//! every waiting request depends on) would otherwise stall for the whole copy.
+//! with mode 0600 (SQLite gives its `-wal` and `-shm` files the same mode). The WAL is
+//! checkpointed by SQLite itself (every 1,000 pages, by the committing connection): a checkpoint
+//! from a separate task never caught up with a continuously writing audit log, so the WAL, and
+//! the server's memory with its index, grew without bound (`audit_batches_...` in tests/store.rs).
 
 mod audit;
 
@@ -137,44 +137,11 @@ pub struct VersionRow {
     pub wraps_reserved: u64,
 }
 
-/// How often the background task checkpoints the WAL.
-pub const WAL_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-
 /// The metadata store.
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
     installation_id: String,
-    _checkpoints: std::sync::Arc<Checkpoints>,
-}
-
-/// The WAL checkpoint task; stops when the last clone of the store is dropped.
-#[derive(Debug)]
-struct Checkpoints(tokio::task::JoinHandle<()>);
-
-impl Drop for Checkpoints {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl Checkpoints {
-    fn start(pool: SqlitePool) -> Self {
-        Self(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(WAL_CHECKPOINT_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                // PASSIVE: copies what it can without waiting for readers or writers.
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&pool)
-                    .await
-                {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
-                }
-            }
-        }))
-    }
 }
 
 impl Store {
@@ -196,7 +163,6 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .pragma("wal_autocheckpoint", "0")
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -209,7 +175,6 @@ impl Store {
         MIGRATOR.run(&pool).await?;
         let installation_id = installation_id(&pool).await?;
         Ok(Self {
-            _checkpoints: std::sync::Arc::new(Checkpoints::start(pool.clone())),
             pool,
             installation_id,
         })
