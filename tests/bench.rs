@@ -29,8 +29,8 @@ fn bench(profile: &std::path::Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_measures_throughput_latency_and_errors() {
+/// A server on SoftHSM with the bench key, and the service's profile.
+async fn serving_bench_key() -> (TestServer, std::path::PathBuf) {
     let server = TestServer::start().await;
     server
         .client(OFFICER_A)
@@ -45,6 +45,12 @@ async fn bench_measures_throughput_latency_and_errors() {
     let service = server
         .deployment
         .profile(server.addr, Some(SERVICE_A), Validity::default());
+    (server, service)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_measures_throughput_latency_and_errors() {
+    let (server, service) = serving_bench_key().await;
 
     for op in ["wrap", "unwrap", "datakey", "rewrap", "mixed"] {
         let r = bench(
@@ -155,20 +161,7 @@ async fn bench_measures_throughput_latency_and_errors() {
 /// is a collapse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_bench_does_not_collapse_against_the_raw_hsm_loop() {
-    let server = TestServer::start().await;
-    server
-        .client(OFFICER_A)
-        .await
-        .admin()
-        .create_key(proto::CreateKeyRequest {
-            key: KEY.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let service = server
-        .deployment
-        .profile(server.addr, Some(SERVICE_A), Validity::default());
+    let (server, service) = serving_bench_key().await;
     let config = server.deployment.config_path.to_str().unwrap().to_owned();
     let r = bench(
         &service,
