@@ -44,6 +44,7 @@ struct File {
 #[serde(deny_unknown_fields)]
 struct ServerSection {
     listen: String,
+    metrics_listen: Option<String>,
     max_concurrent_requests: Option<usize>,
     request_timeout_secs: Option<u64>,
     health_check_interval_secs: Option<u64>,
@@ -98,6 +99,8 @@ pub struct Config {
     pub source: PathBuf,
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Address of the plain-HTTP Prometheus endpoint (`GET /metrics`), if any.
+    pub metrics_listen: Option<SocketAddr>,
     /// Cap on requests served at once.
     pub max_concurrent_requests: usize,
     /// Longest a request may run.
@@ -176,6 +179,15 @@ impl Config {
                 ),
             )
         })?;
+        let metrics_listen = match raw.server.metrics_listen.as_deref() {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    "server.metrics_listen",
+                    format!("{a:?} is not an address:port such as 127.0.0.1:9464"),
+                )
+            })?),
+        };
         let max_concurrent_requests = raw
             .server
             .max_concurrent_requests
@@ -304,6 +316,7 @@ impl Config {
             scheduler_interval: Duration::from_secs(tick),
             source: path.to_owned(),
             listen,
+            metrics_listen,
             max_concurrent_requests,
             request_timeout: Duration::from_secs(request_timeout),
             health_check_interval: Duration::from_secs(health),
@@ -423,6 +436,11 @@ mod tests {
             ),
             ("[hsm]", "[hsm]\nsessions = 0", "hsm.sessions"),
             ("[hsm]", "[hsm]\ndispatch = \"fast\"", "hsm.dispatch"),
+            (
+                "listen = \"127.0.0.1:8443\"",
+                "listen = \"127.0.0.1:8443\"\nmetrics_listen = \"9464\"",
+                "server.metrics_listen",
+            ),
         ] {
             let changed = text.replace(from, to);
             let e = Config::parse(&changed, &path).unwrap_err();

@@ -20,6 +20,7 @@ pub mod config;
 pub mod custody;
 pub mod envelope;
 pub mod hsm;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod store;

@@ -840,3 +840,95 @@ async fn overload_is_refused_at_once_not_queued() {
     );
     server.stop().await;
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: tresor\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+/// The value of the sample `name` (with its labels, exactly as exposed), if present.
+fn sample(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_hsm_calls_and_audit_commits_and_reveal_no_names() {
+    let server = TestServer::start_with("metrics_listen = \"127.0.0.1:0\"").await;
+    let metrics = server.metrics.expect("metrics listener bound");
+    let before = http_get(metrics, "/metrics").await;
+    let count = |text: &str, name: &str| sample(text, name).unwrap_or(0.0);
+    let wraps_ok = "tresor_requests_seconds_count{operation=\"Wrap\",code=\"OK\"}";
+    let wraps_denied =
+        "tresor_requests_seconds_count{operation=\"Wrap\",code=\"PERMISSION_DENIED\"}";
+
+    server
+        .client(OFFICER_A)
+        .await
+        .admin()
+        .create_key(proto::CreateKeyRequest {
+            key: KEY.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let service = server.client(SERVICE_A).await;
+    for _ in 0..3 {
+        service
+            .keys()
+            .wrap(proto::WrapRequest {
+                key: KEY.into(),
+                plaintext: b"dek".to_vec(),
+                aad: b"patient-4711".to_vec(),
+            })
+            .await
+            .unwrap();
+    }
+    let denied = server
+        .client(OFFICER_A)
+        .await
+        .keys()
+        .wrap(proto::WrapRequest {
+            key: KEY.into(),
+            plaintext: b"dek".to_vec(),
+            aad: vec![],
+        })
+        .await;
+    assert_eq!(denied.unwrap_err().code(), Code::PermissionDenied);
+
+    let answer = http_get(metrics, "/metrics").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let after = answer.split("\r\n\r\n").nth(1).unwrap();
+    // Several servers may share this process's registry: compare increments.
+    assert!(
+        count(after, wraps_ok) >= count(&before, wraps_ok) + 3.0,
+        "{after}"
+    );
+    assert!(
+        count(after, wraps_denied) >= count(&before, wraps_denied) + 1.0,
+        "{after}"
+    );
+    for name in [
+        "tresor_hsm_call_seconds_count",
+        "tresor_audit_batch_records_count",
+        "tresor_audit_commit_seconds_count",
+    ] {
+        assert!(count(after, name) > count(&before, name), "{name}: {after}");
+    }
+    assert!(sample(after, "tresor_hsm_sessions").is_some(), "{after}");
+    assert!(after.contains("# TYPE tresor_requests_seconds histogram"));
+    // Load, not content: no key names, callers, AADs.
+    for secret in [KEY, SERVICE_A, OFFICER_A, "patient-4711"] {
+        assert!(!after.contains(secret), "{secret} in {after}");
+    }
+    assert!(http_get(metrics, "/").await.starts_with("HTTP/1.1 404"));
+    server.stop().await;
+}

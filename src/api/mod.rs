@@ -78,6 +78,8 @@ struct Call {
     role: Role,
     peer: String,
     fingerprint: String,
+    /// When the call was admitted, for the latency metric.
+    started: std::time::Instant,
     _admitted: OwnedSemaphorePermit,
 }
 
@@ -158,9 +160,16 @@ impl Api {
 
     /// Appends a refusal's audit record, then returns the refusal (or `UNAVAILABLE` if the record
     /// could not be made durable).
-    async fn refuse(&self, refusal: Status, tenant: &str, body: RecordBody) -> Status {
+    async fn refuse(
+        &self,
+        refusal: Status,
+        tenant: &str,
+        body: RecordBody,
+        operation: &'static str,
+        started: std::time::Instant,
+    ) -> Status {
         let request_id = body.request_id.clone();
-        match self.audit.append(tenant, body).await {
+        let answer = match self.audit.append(tenant, body).await {
             Ok(_) => refusal,
             Err(e) => {
                 tracing::error!(request_id = %request_id, error = %e, "audit record failed; answering UNAVAILABLE");
@@ -170,7 +179,13 @@ impl Api {
                     &request_id,
                 )
             }
-        }
+        };
+        crate::metrics::global().request(
+            operation,
+            status::code_label(answer.code()),
+            started.elapsed(),
+        );
+        answer
     }
 
     /// Admits, authenticates and authorizes a call for `role`; a refusal is audited here.
@@ -180,6 +195,7 @@ impl Api {
         role: Role,
         operation: &'static str,
     ) -> Result<Call, Status> {
+        let started = std::time::Instant::now();
         let request_id = new_request_id();
         let peer = request
             .remote_addr()
@@ -200,7 +216,7 @@ impl Api {
             );
             body.outcome = outcome(s.code()).into();
             body.status_code = s.code() as i32;
-            return Err(self.refuse(s, "", body).await);
+            return Err(self.refuse(s, "", body, operation, started).await);
         };
         let certs = request.peer_certs();
         let identity = match self
@@ -217,7 +233,7 @@ impl Api {
                 body.outcome = outcome(s.code()).into();
                 body.status_code = s.code() as i32;
                 drop(admitted);
-                return Err(self.refuse(s, "", body).await);
+                return Err(self.refuse(s, "", body, operation, started).await);
             }
         };
         body.caller = identity.name.clone();
@@ -234,7 +250,7 @@ impl Api {
                 let s = status::denied(&e, &request_id);
                 body.outcome = outcome(s.code()).into();
                 body.status_code = s.code() as i32;
-                return Err(self.refuse(s, &tenant, body).await);
+                return Err(self.refuse(s, &tenant, body, operation, started).await);
             }
         };
         Ok(Call {
@@ -244,6 +260,7 @@ impl Api {
             role,
             peer,
             fingerprint: identity.fingerprint,
+            started,
             _admitted: admitted,
         })
     }
@@ -291,15 +308,24 @@ impl Api {
             peer: call.peer.clone(),
             aad_hmac,
         };
-        if let Err(e) = self.audit.append(call.grant.tenant().as_str(), body).await {
-            tracing::error!(request_id = %call.request_id, error = %e, "audit record failed; the result is withheld");
-            return Err(status::status(
-                Code::Unavailable,
-                "the audit log is unavailable; retry later",
-                &call.request_id,
-            ));
-        }
-        result.map(|d| call.ok(d.response))
+        let answer = match self.audit.append(call.grant.tenant().as_str(), body).await {
+            Ok(_) => result.map(|d| call.ok(d.response)),
+            Err(e) => {
+                tracing::error!(request_id = %call.request_id, error = %e, "audit record failed; the result is withheld");
+                Err(status::status(
+                    Code::Unavailable,
+                    "the audit log is unavailable; retry later",
+                    &call.request_id,
+                ))
+            }
+        };
+        let code = answer.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+        crate::metrics::global().request(
+            call.operation,
+            status::code_label(code),
+            call.started.elapsed(),
+        );
+        answer
     }
 }
 

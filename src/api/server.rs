@@ -91,6 +91,8 @@ pub struct Server {
     custody: Custody,
     policy: Arc<SharedPolicy>,
     tls: Arc<ServerConfig>,
+    /// The metrics listener, bound by [`Server::bind`] and served by [`Server::serve`].
+    metrics: std::sync::Mutex<Option<TcpListener>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -178,6 +180,7 @@ impl Server {
             custody,
             policy,
             tls: Arc::new(tls),
+            metrics: std::sync::Mutex::new(None),
         })
     }
 
@@ -194,14 +197,25 @@ impl Server {
         Arc::clone(&self.policy)
     }
 
-    /// Binds the configured address.
+    /// Binds the configured address, and the metrics address if one is configured.
     pub async fn bind(&self) -> Result<TcpListener, StartError> {
-        TcpListener::bind(self.config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: self.config.listen,
-                source,
-            })
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let grpc = bind(self.config.listen).await?;
+        if let Some(addr) = self.config.metrics_listen {
+            *crate::sync::lock(&self.metrics) = Some(bind(addr).await?);
+        }
+        Ok(grpc)
+    }
+
+    /// Where the metrics endpoint listens, once bound.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        crate::sync::lock(&self.metrics)
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Serves on `listener` until `shutdown` completes, then stops accepting, lets in-flight
@@ -218,6 +232,9 @@ impl Server {
             .build_v1()
             .map_err(|e| StartError::Serve(e.to_string()))?;
 
+        let metrics_task = crate::sync::lock(&self.metrics)
+            .take()
+            .map(|listener| tokio::spawn(crate::metrics::serve(listener)));
         let scheduler_task = tokio::spawn(run_scheduler(
             self.custody.clone(),
             self.config.scheduler_interval,
@@ -262,7 +279,10 @@ impl Server {
             .map_err(|e| StartError::Serve(e.to_string()));
         // Wait for the aborted tasks to be dropped, so the HSM context and database they hold
         // are released when `serve` returns (an in-process restart can then open them again).
-        for task in [accept_task, health_task, scheduler_task] {
+        for task in [accept_task, health_task, scheduler_task]
+            .into_iter()
+            .chain(metrics_task)
+        {
             task.abort();
             let _ = task.await;
         }
@@ -328,15 +348,18 @@ async fn accept_loop(
 /// work missed while the server was down happens at the first run after start — once.
 async fn run_scheduler(custody: Custody, every: Duration) {
     loop {
-        match custody.run_due().await {
+        let outcome = match custody.run_due().await {
             Ok(r) if r != Default::default() => {
-                tracing::info!(rotated = ?r.rotated, destroyed = ?r.destroyed, expired_approvals = r.expired_approvals, "scheduled work done")
+                tracing::info!(rotated = ?r.rotated, destroyed = ?r.destroyed, expired_approvals = r.expired_approvals, "scheduled work done");
+                "work_done"
             }
-            Ok(_) => {}
+            Ok(_) => "nothing_due",
             Err(e) => {
-                tracing::error!(error = %e, "scheduled work failed; retrying at the next run")
+                tracing::error!(error = %e, "scheduled work failed; retrying at the next run");
+                "failed"
             }
-        }
+        };
+        crate::metrics::global().scheduler_run(outcome);
         tokio::time::sleep(every).await;
     }
 }

@@ -464,7 +464,12 @@ impl Writer {
             rows.push((r, hash));
             waiting.push((seq, p.done));
         }
-        match self.store.append_audit(&rows).await {
+        let started = std::time::Instant::now();
+        let committed = self.store.append_audit(&rows).await;
+        let metrics = crate::metrics::global();
+        metrics.audit_commit.observe_duration(started.elapsed());
+        metrics.audit_batch.observe(rows.len() as f64);
+        match committed {
             Ok(()) => {
                 self.head_seq = seq;
                 self.head_hash = prev;

@@ -745,6 +745,10 @@ async fn serve(config_path: &Path) -> Result<(), Failure> {
         .map_err(|e| Failure::new(70, e.to_string(), "report this"))?;
     tracing::info!(%addr, "serving");
     println!("tresor: serving on {addr}");
+    if let Some(metrics) = server.metrics_addr() {
+        tracing::info!(%metrics, "metrics endpoint");
+        println!("tresor: metrics on http://{metrics}/metrics");
+    }
     let _ = std::io::stdout().flush();
 
     let policy = server.policy();

@@ -26,6 +26,20 @@ pub(crate) enum Recovery {
     Fail,
 }
 
+impl Recovery {
+    /// The failure class, for the `tresor_hsm_errors_total` metric.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::DropSession => "session_lost",
+            Self::Reinitialise => "device_or_login_lost",
+            Self::ForgetHandle => "stale_object_handle",
+            Self::BadCiphertext => "bad_ciphertext",
+            Self::PinRefused => "pin_refused",
+            Self::Fail => "other",
+        }
+    }
+}
+
 /// Whether the failed call was an AES-GCM decryption, where some modules report a failed tag
 /// check with a generic code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

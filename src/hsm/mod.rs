@@ -459,9 +459,16 @@ impl Hsm {
         let live = inner.bring_up()?;
         *write(&inner.live) = Some(Arc::new(live));
         tracing::info!(module = %config.module.display(), token = %config.token_label, sessions = pool_size, dispatch = ?config.dispatch, "HSM token opened");
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+        let inner = Arc::new(inner);
+        let gauge = Arc::downgrade(&inner);
+        crate::metrics::global().hsm_sessions_from(move || {
+            gauge.upgrade().map_or((0, 0), |i| {
+                let pool = u64::from(i.pool_size);
+                let free = u64::try_from(i.permits.available_permits()).unwrap_or(pool);
+                (pool.saturating_sub(free), pool)
+            })
+        });
+        Ok(Self { inner })
     }
 
     /// Whether hot calls currently run on the async worker ([`Dispatch`]).
@@ -1084,9 +1091,11 @@ impl Inner {
             inner: self,
             live: &live,
         });
+        let took = started.elapsed();
         if hot == Hot::Yes {
-            self.pace.record(started.elapsed());
+            self.pace.record(took);
         }
+        crate::metrics::global().hsm_calls.observe_duration(took);
         let err = match result {
             Ok(value) => {
                 self.give_back(session, live.generation);
@@ -1099,6 +1108,7 @@ impl Inner {
             Err(OpError::Pkcs11(err)) => err,
         };
         let mut recovery = classify(&err, call);
+        crate::metrics::global().hsm_error(recovery.label());
         match recovery {
             Recovery::DropSession => {
                 if let Err(e) = session.close() {

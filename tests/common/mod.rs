@@ -388,6 +388,9 @@ pub struct TestServer {
     pub deployment: Deployment,
     pub addr: std::net::SocketAddr,
     pub policy: std::sync::Arc<tresor::auth::SharedPolicy>,
+    /// The metrics endpoint, when `server.metrics_listen` is configured.
+    #[allow(dead_code)]
+    pub metrics: Option<std::net::SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), tresor::api::server::StartError>>>,
 }
@@ -419,6 +422,7 @@ impl TestServer {
             .unwrap();
         let listener = server.bind().await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics = server.metrics_addr();
         let policy = server.policy();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(server.serve(listener, async move {
@@ -428,6 +432,7 @@ impl TestServer {
             deployment,
             addr,
             policy,
+            metrics,
             shutdown: Some(tx),
             task: Some(task),
         }
