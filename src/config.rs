@@ -45,6 +45,8 @@ struct File {
 struct ServerSection {
     listen: String,
     metrics_listen: Option<String>,
+    node_id: Option<String>,
+    log_format: Option<String>,
     max_concurrent_requests: Option<usize>,
     request_timeout_secs: Option<u64>,
     health_check_interval_secs: Option<u64>,
@@ -101,6 +103,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the plain-HTTP Prometheus endpoint (`GET /metrics`), if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// This node's name in every log line: `server.node_id`, else the host name.
+    pub node_id: String,
+    /// Text for people or JSON lines for log collectors.
+    pub log_format: LogFormat,
     /// Cap on requests served at once.
     pub max_concurrent_requests: usize,
     /// Longest a request may run.
@@ -187,6 +193,26 @@ impl Config {
                     format!("{a:?} is not an address:port such as 127.0.0.1:9464"),
                 )
             })?),
+        };
+        let node_id = match raw.server.node_id {
+            Some(id) if valid_node_id(&id) => id,
+            Some(id) => {
+                return Err(err(
+                    "server.node_id",
+                    format!("{id:?}: use 1-64 letters, digits, '.', '_' or '-'"),
+                ));
+            }
+            None => host_name(),
+        };
+        let log_format = match raw.server.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(err(
+                    "server.log_format",
+                    format!("{other:?}: use \"text\" or \"json\""),
+                ));
+            }
         };
         let max_concurrent_requests = raw
             .server
@@ -317,6 +343,8 @@ impl Config {
             source: path.to_owned(),
             listen,
             metrics_listen,
+            node_id,
+            log_format,
             max_concurrent_requests,
             request_timeout: Duration::from_secs(request_timeout),
             health_check_interval: Duration::from_secs(health),
@@ -337,6 +365,31 @@ impl Config {
             orphans,
         })
     }
+}
+
+/// How the server writes its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Aligned text for people.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The kernel's host name when it is a valid node id, else "tresor".
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| valid_node_id(h))
+        .unwrap_or_else(|| "tresor".to_owned())
 }
 
 #[cfg(test)]
@@ -382,6 +435,18 @@ mod tests {
         assert_eq!(c.listen.port(), 8443);
         assert_eq!(c.hsm.sessions, DEFAULT_SESSIONS);
         assert_eq!(c.hsm.dispatch, Dispatch::Auto);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(valid_node_id(&c.node_id), "{}", c.node_id);
+        let named = Config::parse(
+            &text.replace(
+                "[tls]",
+                "node_id = \"tresor-fra-1\"\nlog_format = \"json\"\n[tls]",
+            ),
+            &path,
+        )
+        .unwrap();
+        assert_eq!(named.node_id, "tresor-fra-1");
+        assert_eq!(named.log_format, LogFormat::Json);
         let threads = Config::parse(
             &text.replace("[hsm]", "[hsm]\ndispatch = \"threads\""),
             &path,
@@ -436,6 +501,8 @@ mod tests {
             ),
             ("[hsm]", "[hsm]\nsessions = 0", "hsm.sessions"),
             ("[hsm]", "[hsm]\ndispatch = \"fast\"", "hsm.dispatch"),
+            ("[tls]", "node_id = \"a b\"\n[tls]", "server.node_id"),
+            ("[tls]", "log_format = \"xml\"\n[tls]", "server.log_format"),
             (
                 "listen = \"127.0.0.1:8443\"",
                 "listen = \"127.0.0.1:8443\"\nmetrics_listen = \"9464\"",

@@ -400,3 +400,33 @@ fn bad_configuration_exits_64_and_names_the_key() {
     );
     assert!(stderr.contains("no-such-token"), "{stderr}");
 }
+
+#[test]
+fn json_logs_carry_the_node_id_on_every_line() {
+    let d = Deployment::new("node_id = \"tresor-fra-1\"\nlog_format = \"json\"");
+    let log = d.dir().join("server.log");
+    let server = ServerProcess::start(&d.config_path, &log);
+    let officer = d.profile(server.addr, Some(OFFICER_A), Validity::default());
+    ok(&tresor(&officer, &["key", "list"]));
+    server.signal("-TERM");
+    assert!(server.wait().success());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 2, "{text}");
+    for line in &lines {
+        assert_eq!(line["node"], "tresor-fra-1", "{line}");
+        assert!(
+            line["level"].is_string() && line["fields"].is_object(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"] == "serving"),
+        "{text}"
+    );
+}

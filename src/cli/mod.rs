@@ -13,6 +13,7 @@
 mod bench;
 mod bulk;
 pub mod dev;
+mod logging;
 mod output;
 
 use std::collections::HashMap;
@@ -719,7 +720,7 @@ async fn serve(config_path: &Path) -> Result<(), Failure> {
             "fix the configuration (README \"Configuration reference\")",
         )
     })?;
-    init_logging();
+    logging::init(config.log_format, &config.node_id);
     let start_failed = |e: crate::api::server::StartError| {
         let hint = match e.exit_code() {
             64 => "fix the configuration (README \"Configuration reference\")",
@@ -791,15 +792,6 @@ impl Signals {
             interrupt: signal(SignalKind::interrupt())?,
         })
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 async fn key_command(client: &Client, command: KeyCommand, out: &Output) -> Result<(), Failure> {
