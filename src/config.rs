@@ -519,4 +519,31 @@ mod tests {
         assert!(e.problem.contains("pin"), "{e}");
         assert!(!e.to_string().contains("1234"), "the PIN was echoed: {e}");
     }
+
+    #[test]
+    fn the_reference_configuration_in_deploy_parses_and_states_the_defaults() {
+        let (dir, minimal) = setup();
+        std::fs::write(dir.path().join("clients-ca.pem"), "x").unwrap();
+        let path = dir.path().join("tresor.toml");
+        let reference = include_str!("../deploy/tresor.toml")
+            .replace("/etc/tresor/pin", "pin")
+            .replace("/usr/lib/softhsm/libsofthsm2.so", "module.so")
+            .replace("sqlite:///var/lib/tresor/", "sqlite://");
+        let r = Config::parse(&reference, &path).unwrap();
+        let d = Config::parse(&minimal, &path).unwrap();
+        assert_eq!(r.node_id, "tresor-fra-1");
+        assert_eq!(r.log_format, LogFormat::Json);
+        assert_eq!(r.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        // Where the reference shows a default, it is the default.
+        assert_eq!(r.max_concurrent_requests, d.max_concurrent_requests);
+        assert_eq!(r.request_timeout, d.request_timeout);
+        assert_eq!(r.health_check_interval, d.health_check_interval);
+        assert_eq!(r.hsm.sessions, d.hsm.sessions);
+        assert_eq!(r.hsm.call_timeout, d.hsm.call_timeout);
+        assert_eq!(r.hsm.dispatch, d.hsm.dispatch);
+        assert_eq!(r.orphans, d.orphans);
+        assert_eq!(r.destruction_grace, d.destruction_grace);
+        assert_eq!(r.approval_ttl, d.approval_ttl);
+        assert_eq!(r.scheduler_interval, d.scheduler_interval);
+    }
 }
