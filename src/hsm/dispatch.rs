@@ -12,7 +12,7 @@
 //! the async worker would stall that worker for the whole round trip, and only a pool of
 //! sessions on blocking threads hides the latency.
 //!
-//! So in [`Dispatch::Auto`] (the default), the hot calls (encrypt, decrypt, HMAC, random) run
+//! So in [`Dispatch::Auto`] (the default), the hot calls (encrypt, decrypt, random) run
 //! on the async worker while the module answers fast, with at most one such call at a
 //! time, so a runtime with two or more workers always keeps one free for TLS, health checks and
 //! deadlines; they move to the blocking pool once most recent calls took longer than

@@ -17,7 +17,7 @@
 //! - **Blocking calls.** PKCS#11 calls block. Each holds one permit of a semaphore sized to
 //!   the session pool, so at most `sessions` calls are in the module at once and callers
 //!   beyond that wait (back-pressure, not unbounded threads). Key management runs on tokio's
-//!   blocking pool; the hot calls (encrypt, decrypt, HMAC, random) run on the async worker
+//!   blocking pool; the hot calls (encrypt, decrypt, random) run on the async worker
 //!   while the module answers in microseconds and on the blocking pool while it does not
 //!   ([`dispatch`], `hsm.dispatch`).
 //! - **Recovery.** [`ckr::classify`] decides what a failure means: a lost session is closed
@@ -70,8 +70,9 @@ pub use raw::{RawReport, raw_gcm_encrypt};
 ///
 /// Measured with `examples/hsm_pool_size.rs` on SoftHSM 2.6.1, 2 cores, 32-byte plaintexts:
 /// 2, 4 and 8 sessions gave 2.0–2.3x, 2.9–3.2x and 2.9–3.3x the encryptions/s of one session.
-/// Through this layer the cost of handing each call to a blocking thread dominates, so the
-/// module's internal serialisation does not show yet; 4 is the knee.
+/// That was with every call on blocking threads, where the hand-off dominated; 4 is the knee.
+/// With a fast module under `hsm.dispatch = "auto"`, hot calls run one at a time on the async
+/// worker instead, and the pool bounds key management and the slow-module (threads) path.
 pub const DEFAULT_SESSIONS: usize = 4;
 
 /// Default deadline of one HSM call, including the wait for a session.
