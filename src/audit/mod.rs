@@ -2,8 +2,8 @@
 //!
 //! Owns appending records durably and in order, signing checkpoints with the HSM's audit key,
 //! computing AAD HMACs under a key derived from the HSM's audit HMAC key ([`AAD_KEY_LABEL`]),
-//! and assembling verifiable exports. It
-//! talks to the HSM and the store only through their interfaces and knows nothing of gRPC.
+//! and assembling verifiable exports. It talks to the HSM and the store only through their
+//! interfaces and knows nothing of gRPC.
 //! [`record`] is the pure part (encodings, hashes, the offline verifier), which the store
 //! persists and `tresor audit verify` uses without a server.
 //!
