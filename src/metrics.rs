@@ -194,37 +194,52 @@ impl Metrics {
     }
 }
 
+/// Most scrapes answered at once; further connections are closed unanswered, so a flood of
+/// connections to this port cannot take file descriptors or memory from the gRPC service.
+const MAX_SCRAPES: usize = 8;
+
+/// How long a scraper may take to send its request.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Serves `GET /metrics` (and nothing else) on `listener` until the process ends. Plain HTTP:
 /// bind it to loopback or a management network (README).
 pub async fn serve(listener: tokio::net::TcpListener) {
+    let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = std::sync::Arc::clone(&scrapes).try_acquire_owned() else {
+            drop(stream);
             continue;
         };
         tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut request = [0u8; 1024];
-            let mut read = 0;
-            // Only the request line matters; headers beyond 1 KiB are not read.
-            let answer = loop {
-                match tokio::time::timeout(
-                    Duration::from_secs(5),
-                    stream.read(&mut request[read..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => return,
-                    Ok(Ok(n)) => read += n,
-                }
-                let seen = &request[..read];
-                if seen.windows(4).any(|w| w == b"\r\n\r\n") || read == request.len() {
-                    break response_to(seen);
-                }
-            };
-            let _ = stream.write_all(answer.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _permit = permit;
+            let _ = tokio::time::timeout(REQUEST_DEADLINE, answer(stream)).await;
         });
     }
+}
+
+async fn answer(mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Only the request line matters; what does not fit in 1 KiB is not read.
+    let mut request = [0u8; 1024];
+    let mut read = 0;
+    loop {
+        let n = stream.read(&mut request[read..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        read += n;
+        let seen = &request[..read];
+        if seen.windows(4).any(|w| w == b"\r\n\r\n") || read == request.len() {
+            break;
+        }
+    }
+    stream
+        .write_all(response_to(&request[..read]).as_bytes())
+        .await?;
+    stream.shutdown().await
 }
 
 fn response_to(request: &[u8]) -> String {
@@ -269,5 +284,40 @@ mod tests {
         );
         assert!(response_to(b"GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
         assert!(response_to(b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+    }
+
+    #[tokio::test]
+    async fn idle_connections_cannot_pile_up() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_SCRAPES {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server accept and park all of them.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut refused = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        refused.read_to_end(&mut buf).await.unwrap();
+        assert!(buf.is_empty(), "answered beyond the cap");
+        // Once they go, scrapes are answered again.
+        drop(idle);
+        let mut answer = String::new();
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut scrape = tokio::net::TcpStream::connect(addr).await.unwrap();
+            scrape
+                .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .unwrap();
+            answer.clear();
+            let _ = scrape.read_to_string(&mut answer).await;
+            if !answer.is_empty() {
+                break;
+            }
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
 }
