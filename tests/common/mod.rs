@@ -416,10 +416,20 @@ impl TestServer {
         deployment: Deployment,
         clock: std::sync::Arc<dyn tresor::custody::Clock>,
     ) -> Self {
-        let config = tresor::config::Config::load(&deployment.config_path).unwrap();
-        let server = tresor::api::server::Server::prepare_with_clock(config, clock)
-            .await
-            .unwrap();
+        // A server stopped in this process releases its HSM context once its background tasks
+        // (the audit writer, connection tasks) have noticed; a restart may have to wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let server = loop {
+            let config = tresor::config::Config::load(&deployment.config_path).unwrap();
+            match tresor::api::server::Server::prepare_with_clock(config, clock.clone()).await {
+                Err(tresor::api::server::StartError::Hsm(tresor::hsm::HsmError::AlreadyOpen))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                started => break started.unwrap(),
+            }
+        };
         let listener = server.bind().await.unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = server.metrics_addr();
