@@ -83,6 +83,15 @@ struct Call {
     _admitted: OwnedSemaphorePermit,
 }
 
+/// A call being admitted: what its audit record needs if it is refused.
+struct Admission<'a> {
+    request_id: &'a str,
+    role: Role,
+    operation: &'static str,
+    peer: &'a str,
+    started: std::time::Instant,
+}
+
 /// What a successful call returns, and what its audit record says it touched.
 struct Done<T> {
     response: T,
@@ -159,31 +168,42 @@ impl Api {
     }
 
     /// Appends a refusal's audit record, then returns the refusal (or `UNAVAILABLE` if the record
-    /// could not be made durable).
+    /// could not be made durable). The record is only built here, so an admitted call builds
+    /// none of it.
     async fn refuse(
         &self,
+        call: &Admission<'_>,
         refusal: Status,
         tenant: &str,
-        body: RecordBody,
-        operation: &'static str,
-        started: std::time::Instant,
+        caller: &str,
+        fingerprint: &str,
     ) -> Status {
-        let request_id = body.request_id.clone();
+        let body = RecordBody {
+            request_id: call.request_id.to_owned(),
+            caller: caller.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            role: call.role.to_string(),
+            operation: call.operation.to_owned(),
+            outcome: outcome(refusal.code()).into(),
+            status_code: refusal.code() as i32,
+            peer: call.peer.to_owned(),
+            ..Default::default()
+        };
         let answer = match self.audit.append(tenant, body).await {
             Ok(_) => refusal,
             Err(e) => {
-                tracing::error!(request_id = %request_id, error = %e, "audit record failed; answering UNAVAILABLE");
+                tracing::error!(request_id = %call.request_id, error = %e, "audit record failed; answering UNAVAILABLE");
                 status::status(
                     Code::Unavailable,
                     "the audit log is unavailable; retry later",
-                    &request_id,
+                    call.request_id,
                 )
             }
         };
         crate::metrics::global().request(
-            operation,
+            call.operation,
             status::code_label(answer.code()),
-            started.elapsed(),
+            call.started.elapsed(),
         );
         answer
     }
@@ -201,12 +221,12 @@ impl Api {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let mut body = RecordBody {
-            request_id: request_id.clone(),
-            role: role.to_string(),
-            operation: operation.to_owned(),
-            peer: peer.clone(),
-            ..Default::default()
+        let admission = Admission {
+            request_id: &request_id,
+            role,
+            operation,
+            peer: &peer,
+            started,
         };
         let Ok(admitted) = Arc::clone(&self.in_flight).try_acquire_owned() else {
             let s = status::status(
@@ -214,9 +234,7 @@ impl Api {
                 "the server is at its request limit; retry with backoff",
                 &request_id,
             );
-            body.outcome = outcome(s.code()).into();
-            body.status_code = s.code() as i32;
-            return Err(self.refuse(s, "", body, operation, started).await);
+            return Err(self.refuse(&admission, s, "", "", "").await);
         };
         let certs = request.peer_certs();
         let identity = match self
@@ -226,18 +244,15 @@ impl Api {
             Ok(identity) => identity,
             Err(e) => {
                 tracing::info!(request_id = %request_id, op = operation, peer = %peer, error = %e, "unauthenticated call");
-                if let AuthError::Rejected { fingerprint, .. } = &e {
-                    body.fingerprint = fingerprint.clone();
-                }
+                let fingerprint = match &e {
+                    AuthError::Rejected { fingerprint, .. } => fingerprint.as_str(),
+                    _ => "",
+                };
                 let s = status::unauthenticated(&e, &request_id);
-                body.outcome = outcome(s.code()).into();
-                body.status_code = s.code() as i32;
                 drop(admitted);
-                return Err(self.refuse(s, "", body, operation, started).await);
+                return Err(self.refuse(&admission, s, "", "", fingerprint).await);
             }
         };
-        body.caller = identity.name.clone();
-        body.fingerprint = identity.fingerprint.clone();
         let policy = self.policy.current();
         let grant = match policy.grant(&identity, role) {
             Ok(grant) => grant,
@@ -248,9 +263,15 @@ impl Api {
                     .unwrap_or_default();
                 tracing::info!(request_id = %request_id, op = operation, caller = %identity.name, error = %e, "call denied");
                 let s = status::denied(&e, &request_id);
-                body.outcome = outcome(s.code()).into();
-                body.status_code = s.code() as i32;
-                return Err(self.refuse(s, &tenant, body, operation, started).await);
+                return Err(self
+                    .refuse(
+                        &admission,
+                        s,
+                        &tenant,
+                        &identity.name,
+                        &identity.fingerprint,
+                    )
+                    .await);
             }
         };
         Ok(Call {
