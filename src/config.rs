@@ -294,14 +294,25 @@ impl Config {
             })?,
         };
 
-        let database_url = match raw.database.url.strip_prefix("sqlite://") {
+        let url = &raw.database.url;
+        let database_url = match url.strip_prefix("sqlite://") {
             Some(p) if !p.is_empty() => format!("sqlite://{}", resolve(Path::new(p)).display()),
+            _ if postgres_url(url).is_some() => {
+                if postgres_url(url).is_some_and(|authority| authority.contains(':')) {
+                    // Not refused (it works), but the config file is then a secret.
+                    tracing::warn!(
+                        "database.url carries a password; prefer PGPASSFILE or PGPASSWORD (README, \"Several nodes on PostgreSQL\")"
+                    );
+                }
+                url.clone()
+            }
             _ => {
+                // Only the scheme is shown: a URL may carry a password.
+                let scheme = url.split_once("://").map_or("no scheme", |(s, _)| s);
                 return Err(err(
                     "database.url",
                     format!(
-                        "{:?}: use sqlite://PATH (PostgreSQL is not supported yet)",
-                        raw.database.url
+                        "unsupported URL ({scheme}): use sqlite://PATH or postgres://USER@HOST/DATABASE"
                     ),
                 ));
             }
@@ -390,6 +401,14 @@ fn host_name() -> String {
         .ok()
         .filter(|h| valid_node_id(h))
         .unwrap_or_else(|| "tresor".to_owned())
+}
+
+/// The `user[:password]@host` part of a `postgres://` or `postgresql://` URL, if it is one.
+fn postgres_url(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))?;
+    Some(rest.split_once('@').map_or("", |(authority, _)| authority))
 }
 
 #[cfg(test)]
@@ -491,7 +510,7 @@ mod tests {
             ),
             (
                 "url = \"sqlite://tresor.db\"",
-                "url = \"postgres://db\"",
+                "url = \"mysql://db\"",
                 "database.url",
             ),
             (

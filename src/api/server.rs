@@ -239,6 +239,10 @@ impl Server {
             self.custody.clone(),
             self.config.scheduler_interval,
         ));
+        let changes_task = {
+            let custody = self.custody.clone();
+            tokio::spawn(async move { custody.follow_changes().await })
+        };
         let health_task = tokio::spawn(watch_health(
             self.custody.clone(),
             reporter,
@@ -279,7 +283,7 @@ impl Server {
             .map_err(|e| StartError::Serve(e.to_string()));
         // Wait for the aborted tasks to be dropped, so the HSM context and database they hold
         // are released when `serve` returns (an in-process restart can then open them again).
-        for task in [accept_task, health_task, scheduler_task]
+        for task in [accept_task, health_task, scheduler_task, changes_task]
             .into_iter()
             .chain(metrics_task)
         {
@@ -345,18 +349,43 @@ async fn accept_loop(
 }
 
 /// Runs due rotations, destructions and approval expiries. Due times live in the database, so
-/// work missed while the server was down happens at the first run after start — once.
+/// work missed while the server was down happens at the first run after start — once. With
+/// several nodes only the holder of the scheduler lock runs them; the others try to take the
+/// lock at every run, so one of them takes over within a run interval when the holder dies.
 async fn run_scheduler(custody: Custody, every: Duration) {
+    let mut lock: Option<crate::store::SchedulerLock> = None;
     loop {
-        let outcome = match custody.run_due().await {
-            Ok(r) if r != Default::default() => {
-                tracing::info!(rotated = ?r.rotated, destroyed = ?r.destroyed, expired_approvals = r.expired_approvals, "scheduled work done");
-                "work_done"
+        if let Some(held) = lock.as_mut()
+            && !held.still_held().await
+        {
+            tracing::warn!("lost the scheduler lock (database connection broke)");
+            lock = None;
+        }
+        if lock.is_none() {
+            match custody.store().try_scheduler_lock().await {
+                Ok(Some(taken)) => {
+                    if custody.store().backend() == crate::store::Backend::Postgres {
+                        tracing::info!("took the scheduler lock: this node runs scheduled work");
+                    }
+                    lock = Some(taken);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "could not try the scheduler lock"),
             }
-            Ok(_) => "nothing_due",
-            Err(e) => {
-                tracing::error!(error = %e, "scheduled work failed; retrying at the next run");
-                "failed"
+        }
+        let outcome = if lock.is_none() {
+            "standby"
+        } else {
+            match custody.run_due().await {
+                Ok(r) if r != Default::default() => {
+                    tracing::info!(rotated = ?r.rotated, destroyed = ?r.destroyed, expired_approvals = r.expired_approvals, "scheduled work done");
+                    "work_done"
+                }
+                Ok(_) => "nothing_due",
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduled work failed; retrying at the next run");
+                    "failed"
+                }
             }
         };
         crate::metrics::global().scheduler_run(outcome);

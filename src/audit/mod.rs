@@ -24,8 +24,8 @@ use zeroize::Zeroizing;
 
 use crate::hsm::{Hsm, HsmError, ObjectId};
 use crate::model::{from_hex_array, now_millis, to_hex};
-use crate::store::{Store, StoreError};
-use record::{Checkpoint, ExportItem, GENESIS, Record, RecordBody, checkpoint_message};
+use crate::store::{ChainHead, Store, StoreError};
+use record::{Checkpoint, ExportItem, Record, RecordBody, checkpoint_message};
 
 /// Most records committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -197,9 +197,7 @@ impl AuditLog {
             hsm: hsm.clone(),
             signing,
             options,
-            head_seq: head.map(|h| h.0).unwrap_or(0),
-            head_hash: head.map(|h| h.1).unwrap_or(GENESIS),
-            last_time: 0,
+            head: head.unwrap_or(ChainHead::GENESIS),
             checkpointed,
             last_checkpoint: tokio::time::Instant::now(),
         };
@@ -390,9 +388,9 @@ struct Writer {
     hsm: Hsm,
     signing: ObjectId,
     options: AuditOptions,
-    head_seq: u64,
-    head_hash: [u8; 32],
-    last_time: i64,
+    /// The chain head as this writer last committed it. Another node may have extended the
+    /// chain since (PostgreSQL); the store then continues from the database's head instead.
+    head: ChainHead,
     /// Highest sequence number covered by a checkpoint.
     checkpointed: u64,
     last_checkpoint: tokio::time::Instant,
@@ -425,7 +423,7 @@ impl Writer {
                     if !batch.is_empty() {
                         self.commit(batch).await;
                     }
-                    if self.head_seq >= self.checkpointed + self.options.checkpoint_every {
+                    if self.head.seq >= self.checkpointed + self.options.checkpoint_every {
                         // Failures are logged inside; the next batch or tick tries again.
                         let _ = self.checkpoint().await;
                     }
@@ -435,7 +433,7 @@ impl Writer {
                     }
                 }
                 _ = tick.tick() => {
-                    if self.head_seq > self.checkpointed && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval {
+                    if self.head.seq > self.checkpointed && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval {
                         // Failures are logged inside; the next tick tries again.
                         let _ = self.checkpoint().await;
                     }
@@ -446,42 +444,53 @@ impl Writer {
 
     /// Chains and commits one batch; answers every caller only after the commit.
     async fn commit(&mut self, batch: Vec<Pending>) {
-        let now = now_millis().max(self.last_time);
-        let mut seq = self.head_seq;
-        let mut prev = self.head_hash;
-        let mut rows = Vec::with_capacity(batch.len());
-        let mut waiting = Vec::with_capacity(batch.len());
+        let count = batch.len();
+        let mut entries = Vec::with_capacity(count);
+        let mut waiting = Vec::with_capacity(count);
         for p in batch {
-            seq += 1;
-            let r = Record {
-                seq,
-                prev_hash: prev,
-                time_ms: now,
-                tenant: p.tenant,
-                body: p.body,
-            };
-            let hash = r.hash();
-            prev = hash;
-            rows.push((r, hash));
-            waiting.push((seq, p.done));
+            entries.push((p.tenant, p.body));
+            waiting.push(p.done);
         }
+        let now = now_millis();
+        let chain = move |head: ChainHead| {
+            // Never earlier than the record before, whichever node wrote it.
+            let time_ms = now.max(head.time_ms);
+            let mut prev = head.hash;
+            let mut rows = Vec::with_capacity(entries.len());
+            for (seq, (tenant, body)) in (head.seq + 1..).zip(entries) {
+                let r = Record {
+                    seq,
+                    prev_hash: prev,
+                    time_ms,
+                    tenant,
+                    body,
+                };
+                prev = r.hash();
+                rows.push((r, prev));
+            }
+            rows
+        };
         let started = std::time::Instant::now();
-        let committed = self.store.append_audit(&rows).await;
+        let committed = self.store.append_audit(self.head, chain).await;
         let metrics = crate::metrics::global();
         metrics.audit_commit.observe_duration(started.elapsed());
-        metrics.audit_batch.observe(rows.len() as f64);
+        metrics.audit_batch.observe(count as f64);
         match committed {
-            Ok(()) => {
-                self.head_seq = seq;
-                self.head_hash = prev;
-                self.last_time = now;
-                for (seq, done) in waiting {
-                    let _ = done.send(Ok(seq));
+            Ok(rows) => {
+                if let Some((last, hash)) = rows.last() {
+                    self.head = ChainHead {
+                        seq: last.seq,
+                        hash: *hash,
+                        time_ms: last.time_ms,
+                    };
+                }
+                for ((r, _), done) in rows.iter().zip(waiting) {
+                    let _ = done.send(Ok(r.seq));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, records = rows.len(), "audit records could not be committed; their operations fail");
-                for (_, done) in waiting {
+                tracing::error!(error = %e, records = count, "audit records could not be committed; their operations fail");
+                for done in waiting {
                     let _ = done.send(Err(e.to_string()));
                 }
             }
@@ -490,18 +499,18 @@ impl Writer {
 
     /// Signs the head if it is not yet covered; returns the latest checkpoint.
     async fn checkpoint(&mut self) -> Result<Option<Checkpoint>, String> {
-        if self.head_seq == 0 {
+        if self.head.seq == 0 {
             return Ok(None);
         }
-        if self.head_seq == self.checkpointed {
+        if self.head.seq == self.checkpointed {
             return self
                 .store
                 .audit_latest_checkpoint()
                 .await
                 .map_err(|e| e.to_string());
         }
-        let time_ms = now_millis().max(self.last_time);
-        let message = checkpoint_message(self.head_seq, &self.head_hash, time_ms);
+        let time_ms = now_millis().max(self.head.time_ms);
+        let message = checkpoint_message(self.head.seq, &self.head.hash, time_ms);
         let signed = async {
             let signature = self
                 .hsm
@@ -509,8 +518,8 @@ impl Writer {
                 .await
                 .map_err(|e| e.to_string())?;
             let c = Checkpoint {
-                seq: self.head_seq,
-                hash: self.head_hash,
+                seq: self.head.seq,
+                hash: self.head.hash,
                 time_ms,
                 signature,
             };
@@ -529,7 +538,7 @@ impl Writer {
             }
             Err(e) => {
                 // The records are durable; the next checkpoint will cover them.
-                tracing::error!(error = %e, seq = self.head_seq, "audit checkpoint could not be signed; retrying later");
+                tracing::error!(error = %e, seq = self.head.seq, "audit checkpoint could not be signed; retrying later");
                 Err(e)
             }
         }

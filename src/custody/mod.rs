@@ -31,6 +31,7 @@ use crate::auth::{Denied, Grant, Role};
 use crate::envelope::{self, EnvelopeError, IV_LEN, MAX_AAD_LEN, MAX_PLAINTEXT_LEN, VersionId};
 use crate::hsm::{Hsm, HsmError, ObjectId};
 use crate::model::{KeyName, Millis, NameError, VersionState};
+use crate::store::changes::Change;
 use crate::store::{KeyRow, Store, StoreError, VersionRow};
 use crate::sync::{read, write};
 pub use approvals::{ApprovalInfo, ApprovalState};
@@ -398,45 +399,125 @@ impl Custody {
     async fn load(&self) -> Result<(), CustodyError> {
         let keys = self.inner.store.load_keys().await?;
         let versions = self.inner.store.load_versions().await?;
-        let mut cache = Cache::default();
-        let mut by_key: std::collections::HashMap<(String, String), Vec<&VersionRow>> =
+        let mut by_key: std::collections::HashMap<(String, String), Vec<VersionRow>> =
             std::collections::HashMap::new();
-        for v in &versions {
+        for v in versions {
             by_key
                 .entry((v.tenant.clone(), v.key_name.clone()))
                 .or_default()
                 .push(v);
         }
+        let mut entries = Vec::with_capacity(keys.len());
         for key in &keys {
-            let name = KeyName::new(&key.tenant, &key.name)?;
             let rows = by_key
                 .remove(&(key.tenant.clone(), key.name.clone()))
                 .unwrap_or_default();
-            let entries: Vec<VersionEntry> = rows
-                .iter()
-                .map(|r| VersionEntry::from_row(&name, r))
-                .collect();
-            for e in &entries {
-                cache.versions.insert(e.id, name.clone());
+            entries.push(self.entry_from_rows(key, &rows)?);
+        }
+        let mut cache = Cache::default();
+        for entry in entries {
+            for v in &entry.versions {
+                cache.versions.insert(v.id, entry.name.clone());
             }
-            let entry = KeyEntry::from_rows(name.clone(), key, entries);
-            if entry
-                .versions
-                .iter()
-                .enumerate()
-                .any(|(i, v)| usize::try_from(v.number).ok() != Some(i + 1))
-                || entry.primary_version().is_none()
-            {
-                return Err(StoreError::Corrupt {
-                    table: "key_versions",
-                    what: format!("versions of {name} are not numbered 1..n with a primary"),
-                }
-                .into());
-            }
-            cache.keys.insert(name, Arc::new(entry));
+            cache.keys.insert(entry.name.clone(), Arc::new(entry));
         }
         *write(&self.inner.cache) = cache;
         Ok(())
+    }
+
+    /// A cache entry from committed rows. A version this process already knows keeps its wrap
+    /// budget (the blocks it reserved are its own to use up).
+    fn entry_from_rows(&self, key: &KeyRow, rows: &[VersionRow]) -> Result<KeyEntry, CustodyError> {
+        let name = KeyName::new(&key.tenant, &key.name)?;
+        let known = read(&self.inner.cache).keys.get(&name).cloned();
+        let entries: Vec<VersionEntry> = rows
+            .iter()
+            .map(|r| {
+                let mut e = VersionEntry::from_row(&name, r);
+                if let Some(old) = known.as_ref().and_then(|k| k.version(r.version))
+                    && old.id == r.id
+                {
+                    e.wraps = Arc::clone(&old.wraps);
+                }
+                e
+            })
+            .collect();
+        let entry = KeyEntry::from_rows(name.clone(), key, entries);
+        if entry
+            .versions
+            .iter()
+            .enumerate()
+            .any(|(i, v)| usize::try_from(v.number).ok() != Some(i + 1))
+            || entry.primary_version().is_none()
+        {
+            return Err(StoreError::Corrupt {
+                table: "key_versions",
+                what: format!("versions of {name} are not numbered 1..n with a primary"),
+            }
+            .into());
+        }
+        Ok(entry)
+    }
+
+    /// Re-reads one key from the database into the cache: another node changed it, or a
+    /// compare-and-set here found the cache behind the database.
+    pub async fn refresh_key(&self, tenant: &str, name: &str) -> Result<(), CustodyError> {
+        let (tenant, name) = (tenant.to_owned(), name.to_owned());
+        self.admin(move |c| async move { c.refresh_locked(&tenant, &name).await })
+            .await
+    }
+
+    /// [`Self::refresh_key`] for a caller that holds the admin lock.
+    async fn refresh_locked(&self, tenant: &str, name: &str) -> Result<(), CustodyError> {
+        let Some((key, versions)) = self.inner.store.load_key(tenant, name).await? else {
+            return Ok(());
+        };
+        let entry = self.entry_from_rows(&key, &versions)?;
+        self.publish(entry);
+        Ok(())
+    }
+
+    /// Re-reads every key (notifications may have been missed).
+    pub async fn reload(&self) -> Result<(), CustodyError> {
+        self.admin(|c| async move { c.load().await }).await
+    }
+
+    /// Keeps this node's cache in step with the other nodes' changes until the process ends
+    /// (PostgreSQL; returns at once on SQLite, where there are no other nodes).
+    pub async fn follow_changes(&self) {
+        let mut feed = loop {
+            match self.inner.store.changes().await {
+                Ok(Some(feed)) => break feed,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "key-change listener cannot start; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        };
+        // Changes made between start-up's load and the first LISTEN.
+        let mut reload = true;
+        loop {
+            if reload {
+                match self.reload().await {
+                    Ok(()) => reload = false,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not reload key metadata; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            match feed.next().await {
+                Change::Key { tenant, name } => {
+                    if let Err(e) = self.refresh_key(&tenant, &name).await {
+                        tracing::warn!(error = %e, key = %format_args!("{tenant}/{name}"), "could not re-read a changed key; reloading all");
+                        reload = true;
+                    }
+                }
+                Change::Missed => reload = true,
+            }
+        }
     }
 
     // ---- officer operations -------------------------------------------------------------
@@ -538,7 +619,12 @@ impl Custody {
             {
                 c.discard_object(&version.id).await;
                 return Err(match e {
-                    StoreError::Conflict => CustodyError::Conflict(name.to_string()),
+                    StoreError::Conflict => {
+                        // Another node rotated first: learn its version now, not only when
+                        // its notification arrives.
+                        c.refresh_after_conflict(&name).await;
+                        CustodyError::Conflict(name.to_string())
+                    }
                     e => e.into(),
                 });
             }
@@ -577,6 +663,7 @@ impl Custody {
         let name = name.clone();
         self.admin(move |c| async move {
             let mut next = (*c.entry(&name)?).clone();
+            let read_at = next.updated_at;
             let now = c.now();
             if let Some(d) = update.description {
                 next.description = d;
@@ -597,7 +684,9 @@ impl Custody {
                 }
                 next.min_decryption_version = min;
             }
-            next.updated_at = now;
+            // Strictly later than the change it replaces, so `updated_at` tells every change
+            // apart (the store's compare-and-set relies on it).
+            next.updated_at = now.max(read_at + 1);
             let row = KeyRow {
                 tenant: name.tenant().as_str().to_owned(),
                 name: name.key().to_owned(),
@@ -610,9 +699,12 @@ impl Custody {
                 next_rotation_at: next.next_rotation_at,
                 min_decryption_version: next.min_decryption_version,
             };
-            match c.inner.store.update_key(&row).await {
+            match c.inner.store.update_key(&row, read_at).await {
                 Ok(()) => Ok(c.publish(next)),
-                Err(StoreError::Conflict) => Err(CustodyError::KeyNotFound(name.to_string())),
+                Err(StoreError::Conflict) => {
+                    c.refresh_after_conflict(&name).await;
+                    Err(CustodyError::Conflict(name.to_string()))
+                }
                 Err(e) => Err(e.into()),
             }
         })
@@ -764,6 +856,7 @@ impl Custody {
             {
                 Ok(()) => {}
                 Err(StoreError::Conflict) => {
+                    c.refresh_after_conflict(&name).await;
                     return Err(CustodyError::Conflict(name.version(number)));
                 }
                 Err(e) => return Err(e.into()),
@@ -1053,6 +1146,17 @@ impl Custody {
     }
 
     // ---- helpers ------------------------------------------------------------------------
+
+    /// Re-reads a key whose compare-and-set failed (caller holds the admin lock). A failure is
+    /// only logged: the caller reports the conflict either way.
+    async fn refresh_after_conflict(&self, name: &KeyName) {
+        if let Err(e) = self
+            .refresh_locked(name.tenant().as_str(), name.key())
+            .await
+        {
+            tracing::warn!(key = %name, error = %e, "could not re-read a key after a conflict");
+        }
+    }
 
     /// Runs a metadata write to completion in its own task, under the admin lock.
     async fn admin<T, F, Fut>(&self, f: F) -> Result<T, CustodyError>

@@ -1,9 +1,16 @@
-//! The metadata store: tenants, keys and versions in SQL.
+//! The metadata store: tenants, keys, versions, approvals and the audit log in SQL.
 //!
-//! Owns every SQL statement and the schema (embedded migrations, version checked at start-up).
-//! Holds no key material and makes no policy decisions: callers say which transition they
-//! want and the store makes it atomic (compare-and-set in SQL, so no check-then-act race
-//! across connections or, later, nodes).
+//! Owns every SQL statement, the schema (embedded migrations, version checked at start-up) and
+//! the database back-end: SQLite (`sqlite://PATH`, one node) or PostgreSQL (`postgres://…`,
+//! several nodes). Holds no key material and makes no policy decisions: callers say which
+//! transition they want and the store makes it atomic (compare-and-set in SQL, so no
+//! check-then-act race across connections or nodes).
+//!
+//! Both back-ends run the same statements through sqlx's `Any` driver and the same migrations
+//! (`migrations/common`, written in the SQL both accept; the store suite runs on both). What
+//! only PostgreSQL needs is here too: a change notification per key change (`LISTEN/NOTIFY`,
+//! [`changes`]), the audit chain appended under a transaction-level advisory lock so several
+//! nodes extend one chain, and the scheduler's advisory lock.
 //!
 //! SQLite runs in WAL mode with `synchronous = FULL`: a committed version row must survive a
 //! power cut, because blobs wrapped under it are unreadable without it. The file is created
@@ -11,28 +18,65 @@
 //! checkpointed by SQLite itself (every 1,000 pages, by the committing connection): a checkpoint
 //! from a separate task never caught up with a continuously writing audit log, so the WAL, and
 //! the server's memory with its index, grew without bound (`audit_batches_...` in tests/store.rs).
+//! PostgreSQL's durability is its own `synchronous_commit` (on by default; keep it on).
 
 mod audit;
+pub use audit::{AUDIT_CHAIN_LOCK, ChainHead};
+pub mod changes;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use secrecy::SecretString;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{Any, AnyPool, ConnectOptions, Row};
 
 use crate::envelope::VersionId;
 use crate::model::{Millis, VersionState};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/common");
+
+/// The advisory lock (PostgreSQL) whose holder runs the scheduled jobs.
+pub const SCHEDULER_LOCK: i64 = 0x7472_6573_6f72_0002;
+
+/// The right to run scheduled jobs (rotation, destruction, approval expiry): on PostgreSQL a
+/// session advisory lock held on a connection of its own, so one node at a time runs them
+/// and, if that node dies, its connection closes, the lock is free and another node's next
+/// attempt takes it. On SQLite (one node) always held.
+#[derive(Debug)]
+pub struct SchedulerLock {
+    connection: Option<sqlx::AnyConnection>,
+}
+
+impl SchedulerLock {
+    /// Whether the lock is still held: on PostgreSQL, whether its connection still answers.
+    /// A lock whose connection broke is gone (the server released it).
+    pub async fn still_held(&mut self) -> bool {
+        use sqlx::Connection;
+        match self.connection.as_mut() {
+            None => true,
+            Some(c) => match tokio::time::timeout(PG_ACQUIRE_TIMEOUT, c.ping()).await {
+                Ok(Ok(())) => true,
+                _ => {
+                    self.connection = None;
+                    false
+                }
+            },
+        }
+    }
+}
 
 /// Errors of the store. They name tables and states, never secrets.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The database URL is not one this build can open.
-    #[error("unsupported database url {0:?}: use sqlite://PATH")]
+    #[error(
+        "unsupported database url scheme {0:?}: use sqlite://PATH or postgres://USER@HOST/DATABASE"
+    )]
     UnsupportedUrl(String),
     /// The database file could not be created or its mode set.
     #[error("cannot prepare database file {path}: {source}")]
@@ -137,47 +181,112 @@ pub struct VersionRow {
     pub wraps_reserved: u64,
 }
 
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// One file, one node.
+    Sqlite,
+    /// Shared by several nodes.
+    Postgres,
+}
+
 /// The metadata store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
+    /// The PostgreSQL URL for the change listener's own connection (it may carry a password,
+    /// so it is never printed).
+    url: SecretString,
     installation_id: String,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .field("installation_id", &self.installation_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A PostgreSQL pool waits this long for a connection before the call fails (`UNAVAILABLE`),
+/// so callers learn quickly that the database is away instead of queueing behind it.
+const PG_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Store {
-    /// Opens (creating if needed) the database at `url` (`sqlite://PATH` or a bare path),
-    /// refuses a schema newer than this build, and applies pending migrations.
+    /// Opens the database at `url` (`sqlite://PATH` or a bare path, created if needed; or
+    /// `postgres://…` / `postgresql://…`, which must exist), refuses a schema newer than this
+    /// build, and applies pending migrations (on PostgreSQL under sqlx's advisory lock, so
+    /// nodes starting together migrate once).
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let path = match url.strip_prefix("sqlite://") {
-            Some(p) => Path::new(p),
-            None if !url.contains("://") => Path::new(url),
-            None => return Err(StoreError::UnsupportedUrl(url.to_owned())),
-        };
-        if path.as_os_str().is_empty() {
-            return Err(StoreError::UnsupportedUrl(url.to_owned()));
-        }
-        prepare_file(path)?;
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(false)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            // A ping before every query is one more round trip to sqlx's SQLite worker thread;
-            // a broken connection reports itself on the query anyway.
-            .test_before_acquire(false)
-            .connect_with(options)
-            .await?;
-        check_schema_version(&pool).await?;
+        sqlx::any::install_default_drivers();
+        let (backend, options, pool_options) =
+            if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                let options: AnyConnectOptions = url
+                    .parse()
+                    .map_err(|_| StoreError::UnsupportedUrl("postgres (malformed URL)".into()))?;
+                let pool = AnyPoolOptions::new()
+                    .max_connections(10)
+                    .acquire_timeout(PG_ACQUIRE_TIMEOUT)
+                    // After PostgreSQL restarts, pooled connections are dead; a ping before use
+                    // finds them instead of failing the first call on each.
+                    .test_before_acquire(true);
+                (Backend::Postgres, options, pool)
+            } else {
+                let path = match url.strip_prefix("sqlite://") {
+                    Some(p) => Path::new(p),
+                    None if !url.contains("://") => Path::new(url),
+                    None => {
+                        let scheme = url.split("://").next().unwrap_or_default();
+                        return Err(StoreError::UnsupportedUrl(scheme.to_owned()));
+                    }
+                };
+                if path.as_os_str().is_empty() {
+                    return Err(StoreError::UnsupportedUrl("sqlite (no path)".into()));
+                }
+                prepare_file(path)?;
+                let absolute = std::path::absolute(path).map_err(|source| StoreError::File {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let native = SqliteConnectOptions::new()
+                    .filename(&absolute)
+                    .create_if_missing(false);
+                let options = AnyConnectOptions::from_url(&native.to_url_lossy())?;
+                let pool = AnyPoolOptions::new()
+                    .max_connections(4)
+                    // A ping before every query is one more round trip to sqlx's SQLite worker
+                    // thread; a broken connection reports itself on the query anyway.
+                    .test_before_acquire(false)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::raw_sql(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                            )
+                            .execute(conn)
+                            .await?;
+                            Ok(())
+                        })
+                    });
+                (Backend::Sqlite, options, pool)
+            };
+        let pool = pool_options.connect_with(options).await?;
+        check_schema_version(&pool, backend).await?;
         MIGRATOR.run(&pool).await?;
         let installation_id = installation_id(&pool).await?;
         Ok(Self {
             pool,
+            backend,
+            url: SecretString::from(url.to_owned()),
             installation_id,
         })
+    }
+
+    /// The database this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The random id of this installation, stamped into HSM object labels.
@@ -187,36 +296,19 @@ impl Store {
 
     /// Every key row.
     pub async fn load_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT tenant, name, description, labels, primary_version, created_at, updated_at, \
-             rotation_period_ms, next_rotation_at, min_decryption_version FROM keys",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys"
+        )))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(KeyRow {
-                    tenant: r.try_get("tenant")?,
-                    name: r.try_get("name")?,
-                    description: r.try_get("description")?,
-                    labels: parse_labels(&r.try_get::<String, _>("labels")?)?,
-                    primary_version: to_u32("keys", r.try_get("primary_version")?)?,
-                    created_at: r.try_get("created_at")?,
-                    updated_at: r.try_get("updated_at")?,
-                    rotation_period_ms: r.try_get("rotation_period_ms")?,
-                    next_rotation_at: r.try_get("next_rotation_at")?,
-                    min_decryption_version: to_u32("keys", r.try_get("min_decryption_version")?)?,
-                })
-            })
-            .collect()
+        rows.iter().map(key_row).collect()
     }
 
     /// Every version row.
     pub async fn load_versions(&self) -> Result<Vec<VersionRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, tenant, key_name, version, state, hsm_label, created_at, state_changed_at, \
-             destroy_at, destroyed_at, lost_at, wraps_reserved FROM key_versions",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {VERSION_COLUMNS} FROM key_versions"
+        )))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(version_row).collect()
@@ -247,6 +339,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         insert_version(&mut tx, first).await?;
+        self.key_changed(&mut tx, &key.tenant, &key.name).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -278,15 +371,22 @@ impl Store {
             Err(StoreError::AlreadyExists) => return Err(StoreError::Conflict),
             other => other?,
         }
+        self.key_changed(&mut tx, &version.tenant, &version.key_name)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Replaces a key's description and labels.
-    pub async fn update_key(&self, key: &KeyRow) -> Result<(), StoreError> {
+    /// Replaces a key's description, labels, rotation schedule and minimum decryption version,
+    /// provided the key is still as the caller read it: primary version `key.primary_version`
+    /// and last change at `read_at` ([`StoreError::Conflict`] otherwise: another node changed
+    /// it meanwhile, and this write would undo that change or check against a stale primary).
+    pub async fn update_key(&self, key: &KeyRow, read_at: Millis) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE keys SET description = $1, labels = $2, updated_at = $3, rotation_period_ms = $4, \
-             next_rotation_at = $5, min_decryption_version = $6 WHERE tenant = $7 AND name = $8",
+             next_rotation_at = $5, min_decryption_version = $6 WHERE tenant = $7 AND name = $8 \
+             AND primary_version = $9 AND updated_at = $10",
         )
         .bind(&key.description)
         .bind(labels_json(&key.labels)?)
@@ -296,13 +396,16 @@ impl Store {
         .bind(i64::from(key.min_decryption_version))
         .bind(&key.tenant)
         .bind(&key.name)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict)
+        .bind(i64::from(key.primary_version))
+        .bind(read_at)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Conflict);
         }
+        self.key_changed(&mut tx, &key.tenant, &key.name).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Whether the database answers.
@@ -333,19 +436,23 @@ impl Store {
         } else {
             TRANSITION
         };
-        let query = sqlx::query(sql)
+        let mut tx = self.pool.begin().await?;
+        let moved = sqlx::query(sql)
             .bind(to.as_str())
             .bind(at)
             .bind(destroy_at)
             .bind(id.to_hex())
             .bind(first.as_str())
-            .bind(second.as_str());
-        let done = query.execute(&self.pool).await?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict)
-        }
+            .bind(second.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = moved else {
+            return Err(StoreError::Conflict);
+        };
+        self.key_changed(&mut tx, row.try_get("tenant")?, row.try_get("key_name")?)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Records that a version's HSM object is missing (`Some(time)`) or present again (`None`).
@@ -354,11 +461,19 @@ impl Store {
         id: &VersionId,
         lost_at: Option<Millis>,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE key_versions SET lost_at = $1 WHERE id = $2")
-            .bind(lost_at)
-            .bind(id.to_hex())
-            .execute(&self.pool)
-            .await?;
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE key_versions SET lost_at = $1 WHERE id = $2 RETURNING tenant, key_name",
+        )
+        .bind(lost_at)
+        .bind(id.to_hex())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            self.key_changed(&mut tx, row.try_get("tenant")?, row.try_get("key_name")?)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -376,6 +491,82 @@ impl Store {
             return Err(StoreError::Conflict);
         };
         to_u64("key_versions", row.try_get("wraps_reserved")?)
+    }
+
+    /// Takes the scheduler lock if no other node holds it ([`SchedulerLock`]).
+    pub async fn try_scheduler_lock(&self) -> Result<Option<SchedulerLock>, StoreError> {
+        if self.backend == Backend::Sqlite {
+            return Ok(Some(SchedulerLock { connection: None }));
+        }
+        use secrecy::ExposeSecret;
+        use sqlx::Connection;
+        let connect = sqlx::AnyConnection::connect(self.url.expose_secret());
+        let mut connection = tokio::time::timeout(PG_ACQUIRE_TIMEOUT, connect)
+            .await
+            .map_err(|_| StoreError::Db(sqlx::Error::PoolTimedOut))??;
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(SCHEDULER_LOCK)
+            .fetch_one(&mut connection)
+            .await?;
+        if taken {
+            Ok(Some(SchedulerLock {
+                connection: Some(connection),
+            }))
+        } else {
+            // Closing the connection is all there is to do; nothing was taken.
+            let _ = connection.close().await;
+            Ok(None)
+        }
+    }
+
+    /// Tells the other nodes that a key's rows changed (PostgreSQL `NOTIFY`, delivered when `tx`
+    /// commits and only if it does; see [`changes`]). Nothing to tell on SQLite.
+    async fn key_changed(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Any>,
+        tenant: &str,
+        key: &str,
+    ) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(changes::CHANNEL)
+                .bind(changes::payload(tenant, key))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One key's row and its versions, as committed now (for a node that learnt the key
+    /// changed elsewhere). `None` if the key does not exist.
+    pub async fn load_key(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<(KeyRow, Vec<VersionRow>)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE tenant = $1 AND name = $2"
+        )))
+        .bind(tenant)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let versions = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {VERSION_COLUMNS} FROM key_versions WHERE tenant = $1 AND key_name = $2"
+        )))
+        .bind(tenant)
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some((
+            key_row(&row)?,
+            versions.iter().map(version_row).collect::<Result<_, _>>()?,
+        )))
     }
 
     /// Runs raw SQL. Exists for tests that must break the database on purpose (for example a
@@ -396,16 +587,16 @@ impl Store {
 
 const TRANSITION: &str = "UPDATE key_versions SET state = $1, state_changed_at = $2, destroy_at = $3, \
      destroyed_at = CASE WHEN $1 = 'DESTROYED' THEN $2 ELSE destroyed_at END \
-     WHERE id = $4 AND state IN ($5, $6)";
+     WHERE id = $4 AND state IN ($5, $6) RETURNING tenant, key_name";
 
 const TRANSITION_UNLESS_PRIMARY: &str = "UPDATE key_versions SET state = $1, state_changed_at = $2, destroy_at = $3, \
      destroyed_at = CASE WHEN $1 = 'DESTROYED' THEN $2 ELSE destroyed_at END \
      WHERE id = $4 AND state IN ($5, $6) AND NOT EXISTS (SELECT 1 FROM keys k \
      WHERE k.tenant = key_versions.tenant AND k.name = key_versions.key_name \
-     AND k.primary_version = key_versions.version)";
+     AND k.primary_version = key_versions.version) RETURNING tenant, key_name";
 
 async fn insert_version(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, Any>,
     v: &VersionRow,
 ) -> Result<(), StoreError> {
     let wraps = i64::try_from(v.wraps_reserved).map_err(|_| StoreError::Corrupt {
@@ -434,7 +625,28 @@ async fn insert_version(
     Ok(())
 }
 
-fn version_row(r: &sqlx::sqlite::SqliteRow) -> Result<VersionRow, StoreError> {
+const KEY_COLUMNS: &str = "tenant, name, description, labels, primary_version, created_at, updated_at, \
+     rotation_period_ms, next_rotation_at, min_decryption_version";
+
+const VERSION_COLUMNS: &str = "id, tenant, key_name, version, state, hsm_label, created_at, \
+     state_changed_at, destroy_at, destroyed_at, lost_at, wraps_reserved";
+
+fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
+    Ok(KeyRow {
+        tenant: r.try_get("tenant")?,
+        name: r.try_get("name")?,
+        description: r.try_get("description")?,
+        labels: parse_labels(&r.try_get::<String, _>("labels")?)?,
+        primary_version: to_u32("keys", r.try_get("primary_version")?)?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+        rotation_period_ms: r.try_get("rotation_period_ms")?,
+        next_rotation_at: r.try_get("next_rotation_at")?,
+        min_decryption_version: to_u32("keys", r.try_get("min_decryption_version")?)?,
+    })
+}
+
+fn version_row(r: &AnyRow) -> Result<VersionRow, StoreError> {
     let corrupt = |what: String| StoreError::Corrupt {
         table: "key_versions",
         what,
@@ -510,13 +722,18 @@ fn supported_schema_version() -> i64 {
     MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
-async fn check_schema_version(pool: &SqlitePool) -> Result<(), StoreError> {
-    let has_table: Option<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-    )
-    .fetch_optional(pool)
-    .await?;
-    if has_table.is_none() {
+async fn check_schema_version(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {
+    let exists = match backend {
+        Backend::Sqlite => {
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
+        }
+        Backend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'"
+        }
+    };
+    let tables: i64 = sqlx::query_scalar(exists).fetch_one(pool).await?;
+    if tables == 0 {
         return Ok(());
     }
     let found: Option<i64> =
@@ -530,7 +747,7 @@ async fn check_schema_version(pool: &SqlitePool) -> Result<(), StoreError> {
     }
 }
 
-async fn installation_id(pool: &SqlitePool) -> Result<String, StoreError> {
+async fn installation_id(pool: &AnyPool) -> Result<String, StoreError> {
     if let Some(id) = sqlx::query_scalar::<_, String>("SELECT id FROM installation")
         .fetch_optional(pool)
         .await?
@@ -582,7 +799,7 @@ pub struct ApprovalRow {
     pub decided_by: String,
 }
 
-fn approval_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApprovalRow, StoreError> {
+fn approval_row(r: &AnyRow) -> Result<ApprovalRow, StoreError> {
     Ok(ApprovalRow {
         id: r.try_get("id")?,
         tenant: r.try_get("tenant")?,

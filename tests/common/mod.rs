@@ -488,3 +488,41 @@ impl TestServer {
         }
     }
 }
+
+/// The admin URL of the throwaway PostgreSQL server that `scripts/test` starts
+/// (`scripts/with-postgres`). PostgreSQL tests fail, never skip, without it.
+pub fn postgres_admin_url() -> String {
+    std::env::var("TRESOR_TEST_POSTGRES").expect(
+        "TRESOR_TEST_POSTGRES is not set: run PostgreSQL tests under scripts/test or scripts/with-postgres",
+    )
+}
+
+/// A new, empty database on the test PostgreSQL server; returns its URL.
+pub async fn postgres_database() -> String {
+    use sqlx::Connection;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let admin = postgres_admin_url();
+    let name = format!(
+        "tresor_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    with_database(&admin, &name)
+}
+
+/// `url` with its database replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let (server, _) = base.rsplit_once('/').unwrap();
+    if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
+    }
+}
