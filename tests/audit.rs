@@ -44,20 +44,6 @@ async fn export(auditor: &Client) -> Vec<ExportItem> {
     items
 }
 
-async fn public_point(auditor: &Client) -> Vec<u8> {
-    let pem = auditor
-        .audit()
-        .get_audit_public_key(proto::GetAuditPublicKeyRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .pem;
-    let der = rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
-        .map(|d: rustls::pki_types::SubjectPublicKeyInfoDer| d.as_ref().to_vec())
-        .unwrap();
-    record::p256_point_from_spki(&der).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_workload_yields_one_verifiable_record_per_call_in_order() {
     let server = TestServer::start().await;

@@ -328,6 +328,8 @@ impl Api {
             status_code: code as i32,
             peer: call.peer.clone(),
             aad_hmac,
+            // Stamped by the audit writer.
+            node: String::new(),
         };
         let answer = match self.audit.append(call.grant.tenant().as_str(), body).await {
             Ok(_) => result.map(|d| call.ok(d.response)),
@@ -491,6 +493,7 @@ fn export_message(item: ExportItem) -> proto::AuditRecord {
             status_code: r.body.status_code,
             peer: r.body.peer,
             aad_hmac: r.body.aad_hmac,
+            node: r.body.node,
             previous_hash: r.prev_hash.to_vec(),
             key: r.body.key,
             certificate_fingerprint: r.body.fingerprint,
@@ -708,7 +711,11 @@ impl KeyAdminService for Api {
         let call = self.begin(&request, Role::Officer, "GetKey").await?;
         let r = request.into_inner();
         self.keyed(call, &r.key, &[], async |call, key| {
-            custody(call, self.custody.get_key(&call.grant, key), key_done)
+            let out = match self.custody.refresh_if_stale(key).await {
+                Ok(()) => self.custody.get_key(&call.grant, key),
+                Err(e) => Err(e),
+            };
+            custody(call, out, key_done)
         })
         .await
     }

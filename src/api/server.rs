@@ -164,7 +164,10 @@ impl Server {
         let audit = AuditLog::open(
             custody.hsm().clone(),
             custody.store().clone(),
-            AuditOptions::default(),
+            AuditOptions {
+                node_id: config.node_id.clone(),
+                ..AuditOptions::default()
+            },
         )
         .await?;
         let api = Api::new(

@@ -55,6 +55,9 @@ pub struct Row {
     pub peer: String,
     #[serde(default)]
     pub aad_hmac: String,
+    /// The node that served the call.
+    #[serde(default)]
+    pub node: String,
     /// Hex.
     #[serde(default)]
     pub previous_hash: String,
@@ -105,6 +108,7 @@ impl Row {
                 status_code: Some(r.body.status_code),
                 peer: r.body.peer.clone(),
                 aad_hmac: r.body.aad_hmac.clone(),
+                node: r.body.node.clone(),
                 previous_hash: to_hex(&r.prev_hash),
                 hash: to_hex(&r.hash()),
                 ..Default::default()
@@ -168,6 +172,7 @@ impl Row {
                             .ok_or_else(|| format!("row {seq}: status_code is missing"))?,
                         peer: self.peer.clone(),
                         aad_hmac: self.aad_hmac.clone(),
+                        node: self.node.clone(),
                     },
                 };
                 let stated = if self.hash.is_empty() {

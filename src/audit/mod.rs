@@ -33,12 +33,14 @@ pub const MAX_BATCH: usize = 1024;
 const QUEUE: usize = 8192;
 
 /// Checkpoint policy.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AuditOptions {
     /// Sign the chain head after this many records.
     pub checkpoint_every: u64,
     /// ... and at least this often while records arrive.
     pub checkpoint_interval: Duration,
+    /// This node's id, written into every record it appends.
+    pub node_id: String,
 }
 
 impl Default for AuditOptions {
@@ -46,6 +48,7 @@ impl Default for AuditOptions {
         Self {
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
+            node_id: String::new(),
         }
     }
 }
@@ -447,7 +450,8 @@ impl Writer {
         let count = batch.len();
         let mut entries = Vec::with_capacity(count);
         let mut waiting = Vec::with_capacity(count);
-        for p in batch {
+        for mut p in batch {
+            p.body.node.clone_from(&self.options.node_id);
             entries.push((p.tenant, p.body));
             waiting.push(p.done);
         }

@@ -14,6 +14,7 @@ pub const GENESIS: [u8; 32] = [0; 32];
 
 const RECORD_DOMAIN: &[u8] = b"tresor/audit/record/v1\0";
 const BODY_DOMAIN: &[u8] = b"tresor/audit/body/v1\0";
+const BODY_DOMAIN_V2: &[u8] = b"tresor/audit/body/v2\0";
 const CHECKPOINT_DOMAIN: &[u8] = b"tresor/audit/checkpoint/v1\0";
 
 /// What an audit record says about one RPC. Never plaintext, AAD or PINs: the AAD appears only
@@ -42,6 +43,10 @@ pub struct RecordBody {
     pub peer: String,
     /// HMAC-SHA256 of the caller's AAD under the HSM's audit HMAC key, hex; empty without AAD.
     pub aad_hmac: String,
+    /// The node that served the call (`server.node_id`); empty in records written before
+    /// records carried it.
+    #[serde(default)]
+    pub node: String,
 }
 
 /// A record in the chain.
@@ -85,10 +90,16 @@ impl RecordBody {
     /// SHA-256 of the body's encoding:
     /// `"tresor/audit/body/v1\0" ‖ str(request_id) ‖ str(caller) ‖ str(fingerprint) ‖ str(role)
     /// ‖ str(operation) ‖ str(key) ‖ str(key_version) ‖ str(outcome) ‖ i32be(status_code)
-    /// ‖ str(peer) ‖ str(aad_hmac)`, where `str(x) = u32be(len x) ‖ x` (UTF-8).
+    /// ‖ str(peer) ‖ str(aad_hmac)`, where `str(x) = u32be(len x) ‖ x` (UTF-8). A record with a
+    /// node id uses `"tresor/audit/body/v2\0"` instead and appends `‖ str(node)`; records
+    /// without one (written before node ids) keep the v1 encoding, so old logs still verify.
     pub fn digest(&self) -> [u8; 32] {
         let mut b = Vec::with_capacity(256);
-        b.extend_from_slice(BODY_DOMAIN);
+        b.extend_from_slice(if self.node.is_empty() {
+            BODY_DOMAIN
+        } else {
+            BODY_DOMAIN_V2
+        });
         for s in [
             &self.request_id,
             &self.caller,
@@ -104,6 +115,9 @@ impl RecordBody {
         b.extend_from_slice(&self.status_code.to_be_bytes());
         put_str(&mut b, &self.peer);
         put_str(&mut b, &self.aad_hmac);
+        if !self.node.is_empty() {
+            put_str(&mut b, &self.node);
+        }
         sha256(&b)
     }
 }
@@ -420,6 +434,54 @@ mod tests {
         items.insert(5, (checkpoint(pair, &records[4]), None));
         items.push((checkpoint(pair, records.last().unwrap()), None));
         items
+    }
+
+    #[test]
+    fn the_node_id_is_hashed_when_present_and_old_records_keep_their_encoding() {
+        let old = RecordBody {
+            operation: "Wrap".into(),
+            ..Default::default()
+        };
+        // The v1 encoding, written out by hand as SECURITY.md states it: eight empty-or-set
+        // strings, the status code, peer and AAD HMAC.
+        let mut v1 = b"tresor/audit/body/v1\0".to_vec();
+        for s in ["", "", "", "", "Wrap", "", "", ""] {
+            v1.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            v1.extend_from_slice(s.as_bytes());
+        }
+        v1.extend_from_slice(&0i32.to_be_bytes());
+        v1.extend_from_slice(&[0; 8]);
+        assert_eq!(old.digest(), sha256(&v1));
+
+        let on_a = RecordBody {
+            node: "node-a".into(),
+            ..old.clone()
+        };
+        let on_b = RecordBody {
+            node: "node-b".into(),
+            ..old.clone()
+        };
+        assert_ne!(on_a.digest(), old.digest());
+        assert_ne!(on_a.digest(), on_b.digest());
+
+        // An exported record whose node was changed no longer verifies.
+        let (pair, public) = signer();
+        let mut records = chain(10);
+        let mut prev = GENESIS;
+        for r in &mut records {
+            r.body.node = "node-a".into();
+            r.prev_hash = prev;
+            prev = r.hash();
+        }
+        let mut items = export(&records, &pair);
+        assert!(verify(&items, &public).is_ok());
+        if let ExportItem::Record(r) = &mut items[3].0 {
+            r.body.node = "node-b".into();
+        }
+        assert_eq!(
+            verify(&items, &public),
+            Err(VerifyError::Altered { seq: 4 })
+        );
     }
 
     #[test]

@@ -335,6 +335,7 @@ pub fn audit_item(r: proto::AuditRecord) -> Result<crate::audit::record::ExportI
                 status_code: r.status_code,
                 peer: r.peer,
                 aad_hmac: r.aad_hmac,
+                node: r.node,
             },
         }),
         Ok(proto::AuditItemKind::Withheld) => ExportItem::Withheld {

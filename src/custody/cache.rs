@@ -25,6 +25,9 @@ pub(crate) struct Cache {
     pub(crate) keys: HashMap<KeyName, Arc<KeyEntry>>,
     /// Version id → key, for unwrap, which finds the version from the blob.
     pub(crate) versions: HashMap<VersionId, KeyName>,
+    /// Keys another node changed whose new rows are not read yet: a call that uses one
+    /// re-reads it first. Empty on SQLite.
+    pub(crate) stale: std::collections::HashSet<KeyName>,
 }
 
 #[derive(Debug, Clone)]

@@ -346,6 +346,9 @@ struct Inner {
     rng: SystemRandom,
     /// `tresor/{installation id}/`: every version object's label starts with it.
     label_prefix: String,
+    /// Key changes as this node's change listener receives them (PostgreSQL): a metadata
+    /// write waits for its own change to come back before answering ([`Custody::admin_key`]).
+    seen: tokio::sync::broadcast::Sender<KeyName>,
     options: CustodyOptions,
 }
 
@@ -366,6 +369,7 @@ impl Custody {
                 admin: Arc::new(tokio::sync::Mutex::new(())),
                 rng: SystemRandom::new(),
                 label_prefix,
+                seen: tokio::sync::broadcast::channel(64).0,
                 options: options.clone(),
             }),
         };
@@ -467,6 +471,46 @@ impl Custody {
             .await
     }
 
+    /// Re-reads `name` first if another node changed it and this node has not read the change
+    /// yet, so a call right after a change on another node uses the changed key. Costs a set
+    /// lookup when nothing is stale (always, on SQLite).
+    pub async fn refresh_if_stale(&self, name: &KeyName) -> Result<(), CustodyError> {
+        if !self.is_stale(name) {
+            return Ok(());
+        }
+        let name = name.clone();
+        self.admin(move |c| async move {
+            // Another call may have re-read it while this one waited for the lock.
+            if c.is_stale(&name) {
+                c.refresh_locked(name.tenant().as_str(), name.key()).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    fn is_stale(&self, name: &KeyName) -> bool {
+        let cache = read(&self.inner.cache);
+        !cache.stale.is_empty() && cache.stale.contains(name)
+    }
+
+    /// Before a blob's version is looked up: re-reads its key if it is stale, or, on
+    /// PostgreSQL, finds the key of a version this node has not heard of yet (created on
+    /// another node a moment ago). An id no node created costs one indexed read.
+    async fn refresh_for_version(&self, id: &VersionId) -> Result<(), CustodyError> {
+        let known = read(&self.inner.cache).versions.get(id).cloned();
+        match known {
+            Some(name) => self.refresh_if_stale(&name).await,
+            None if self.inner.store.backend() == crate::store::Backend::Postgres => {
+                if let Some((tenant, name)) = self.inner.store.key_of_version(id).await? {
+                    self.refresh_key(&tenant, &name).await?;
+                }
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     /// [`Self::refresh_key`] for a caller that holds the admin lock.
     async fn refresh_locked(&self, tenant: &str, name: &str) -> Result<(), CustodyError> {
         let Some((key, versions)) = self.inner.store.load_key(tenant, name).await? else {
@@ -510,6 +554,12 @@ impl Custody {
             }
             match feed.next().await {
                 Change::Key { tenant, name } => {
+                    // Marked at once, so calls from now on re-read it even before this
+                    // loop's own re-read below is done.
+                    if let Ok(key) = KeyName::new(&tenant, &name) {
+                        write(&self.inner.cache).stale.insert(key.clone());
+                        let _ = self.inner.seen.send(key);
+                    }
                     if let Err(e) = self.refresh_key(&tenant, &name).await {
                         tracing::warn!(error = %e, key = %format_args!("{tenant}/{name}"), "could not re-read a changed key; reloading all");
                         reload = true;
@@ -535,7 +585,8 @@ impl Custody {
         check_labels(&labels)?;
         let name = name.clone();
         let description = description.to_owned();
-        self.admin(move |c| async move {
+        let changed = name.clone();
+        self.admin_key(&changed, move |c| async move {
             if c.entry(&name).is_ok() {
                 return Err(CustodyError::KeyExists(name.to_string()));
             }
@@ -605,7 +656,8 @@ impl Custody {
     /// Rotation for an authorized officer or the scheduler.
     async fn rotate(&self, name: &KeyName) -> Result<KeyInfo, CustodyError> {
         let name = name.clone();
-        self.admin(move |c| async move {
+        let changed = name.clone();
+        self.admin_key(&changed, move |c| async move {
             let entry = c.entry(&name)?;
             let number = u32::try_from(entry.versions.len() + 1)
                 .map_err(|_| CustodyError::InvalidArgument("too many versions".into()))?;
@@ -661,7 +713,8 @@ impl Custody {
             ));
         }
         let name = name.clone();
-        self.admin(move |c| async move {
+        let changed = name.clone();
+        self.admin_key(&changed, move |c| async move {
             let mut next = (*c.entry(&name)?).clone();
             let read_at = next.updated_at;
             let now = c.now();
@@ -821,7 +874,8 @@ impl Custody {
     ) -> Result<KeyInfo, CustodyError> {
         use VersionState::*;
         let name = name.clone();
-        self.admin(move |c| async move {
+        let changed = name.clone();
+        self.admin_key(&changed, move |c| async move {
             let entry = c.entry(&name)?;
             let version = entry
                 .version(number)
@@ -943,6 +997,7 @@ impl Custody {
             )));
         }
         check_aad(aad)?;
+        self.refresh_if_stale(name).await?;
         let version = {
             let entry = self.entry(name)?;
             let primary = entry.primary_version().cloned();
@@ -1065,6 +1120,7 @@ impl Custody {
         }
         check_aad(aad)?;
         let blob = envelope::parse(ciphertext).map_err(CustodyError::MalformedCiphertext)?;
+        self.refresh_for_version(&blob.version_id).await?;
         let (version, entry) = {
             let cache = read(&self.inner.cache);
             let key = cache
@@ -1158,6 +1214,39 @@ impl Custody {
         }
     }
 
+    /// [`Self::admin`] for a write that changes key `name`. On PostgreSQL it answers only once
+    /// this node's listener has received the change's notification (at most a second): every
+    /// node's listener gets it at the same moment, and marks the key stale as it does, so a
+    /// caller who goes on to another node finds the change there.
+    async fn admin_key<T, F, Fut>(&self, name: &KeyName, f: F) -> Result<T, CustodyError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Custody) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, CustodyError>> + Send,
+    {
+        let mut seen = (self.inner.store.backend() == crate::store::Backend::Postgres)
+            .then(|| self.inner.seen.subscribe());
+        let out = self.admin(f).await?;
+        if let Some(seen) = seen.as_mut() {
+            let arrived = async {
+                loop {
+                    match seen.recv().await {
+                        Ok(changed) if &changed == name => return,
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+            };
+            if tokio::time::timeout(std::time::Duration::from_secs(1), arrived)
+                .await
+                .is_err()
+            {
+                tracing::warn!(key = %name, "the change notification did not come back within a second; other nodes may see the change late");
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs a metadata write to completion in its own task, under the admin lock.
     async fn admin<T, F, Fut>(&self, f: F) -> Result<T, CustodyError>
     where
@@ -1182,10 +1271,11 @@ impl Custody {
             .ok_or_else(|| CustodyError::KeyNotFound(name.to_string()))
     }
 
-    /// Replaces a key's cache entry after its change was committed.
+    /// Replaces a key's cache entry after its change was committed (or read).
     fn publish(&self, entry: KeyEntry) -> KeyInfo {
         let shown = info(&entry);
         let mut cache = write(&self.inner.cache);
+        cache.stale.remove(&entry.name);
         for v in &entry.versions {
             cache
                 .versions

@@ -42,6 +42,7 @@ fn record_row(r: &sqlx::any::AnyRow) -> Result<(Record, [u8; 32]), StoreError> {
                 status_code: r.try_get("status_code")?,
                 peer: r.try_get("peer")?,
                 aad_hmac: r.try_get("aad_hmac")?,
+                node: r.try_get("node")?,
             },
         },
         hash32(&r.try_get::<String, _>("hash")?)?,
@@ -154,16 +155,17 @@ where
             .bind(r.body.status_code)
             .bind(&r.body.peer)
             .bind(&r.body.aad_hmac)
+            .bind(&r.body.node)
             .bind(to_hex(hash));
     }
     query.persistent(false).execute(db).await?;
     Ok(())
 }
 
-const RECORD_COLUMN_COUNT: usize = 16;
+const RECORD_COLUMN_COUNT: usize = 17;
 
 const RECORD_COLUMNS: &str = "seq, prev_hash, time_ms, tenant, request_id, caller, fingerprint, role, operation, \
-     key_name, key_version, outcome, status_code, peer, aad_hmac, hash";
+     key_name, key_version, outcome, status_code, peer, aad_hmac, node, hash";
 
 impl Store {
     /// The last record's sequence number, hash and time, if any.

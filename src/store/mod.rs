@@ -569,6 +569,19 @@ impl Store {
         )))
     }
 
+    /// The key (tenant, name) a version id belongs to, if any.
+    pub async fn key_of_version(
+        &self,
+        id: &VersionId,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query("SELECT tenant, key_name FROM key_versions WHERE id = $1")
+            .bind(id.to_hex())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("tenant")?, r.try_get("key_name")?)))
+            .transpose()
+    }
+
     /// Runs raw SQL. Exists for tests that must break the database on purpose (for example a
     /// trigger that makes the next insert fail) to show that nothing is lost when it fails.
     #[doc(hidden)]

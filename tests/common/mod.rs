@@ -526,3 +526,237 @@ pub fn with_database(url: &str, name: &str) -> String {
         format!("{server}/{name}?{query}")
     }
 }
+
+/// `tresor serve` in a process of its own, its log in a file; killed when dropped.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    pub fn start(config: &std::path::Path, log: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tresor"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(addr) = line.strip_prefix("tresor: serving on ") {
+                    let _ = tx.send(addr.parse::<std::net::SocketAddr>().unwrap());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "server did not start; its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            });
+        Self { child, addr }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "server did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Deployment {
+    /// The same deployment on a PostgreSQL database instead of its SQLite file.
+    pub fn on_postgres(self, url: &str) -> Self {
+        let config = std::fs::read_to_string(&self.config_path).unwrap();
+        let config = config.replace("url = \"sqlite://tresor.db\"", &format!("url = \"{url}\""));
+        std::fs::write(&self.config_path, config).unwrap();
+        self
+    }
+
+    /// A configuration file for one more node of this deployment: the same token, database,
+    /// certificates and policy, with `server.node_id = node` and `extra_server_config`.
+    pub fn node_config(&self, node: &str, extra_server_config: &str) -> PathBuf {
+        let config = std::fs::read_to_string(&self.config_path).unwrap();
+        let config = config.replacen(
+            "[server]\n",
+            &format!("[server]\nnode_id = \"{node}\"\n{extra_server_config}\n"),
+            1,
+        );
+        let path = self.dir().join(format!("{node}.toml"));
+        std::fs::write(&path, config).unwrap();
+        path
+    }
+
+    /// A client of the server at `addr`, connected as `identity`.
+    pub async fn client(
+        &self,
+        addr: std::net::SocketAddr,
+        identity: &str,
+    ) -> tresor::client::Client {
+        let profile = tresor::client::Profile::load(&self.profile(
+            addr,
+            Some(identity),
+            tresor::pki::Validity::default(),
+        ))
+        .unwrap();
+        tresor::client::Client::connect(&profile).await.unwrap()
+    }
+}
+
+/// A PostgreSQL server of a test's own (for tests that stop and restart it), in a temporary
+/// directory, on a Unix socket there; run as `TRESOR_TEST_PG_USER` when set (as root).
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    user: String,
+}
+
+impl PgServer {
+    pub fn start() -> Self {
+        let bin = PathBuf::from(std::env::var("TRESOR_TEST_PG_BIN").expect(
+            "TRESOR_TEST_PG_BIN is not set: run PostgreSQL tests under scripts/test or scripts/with-postgres",
+        ));
+        let user = std::env::var("TRESOR_TEST_PG_USER").unwrap_or_default();
+        let dir = tempfile::tempdir().unwrap();
+        if !user.is_empty() {
+            assert!(
+                Command::new("chown")
+                    .arg(&user)
+                    .arg(dir.path())
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let server = Self { dir, bin, user };
+        let data = server.dir.path().join("data");
+        let out = server
+            .pg("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "tresor", "-A", "trust", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        server.resume();
+        server
+    }
+
+    fn pg(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        if self.user.is_empty() {
+            Command::new(program)
+        } else {
+            let mut c = Command::new("runuser");
+            c.args(["-u", &self.user, "--"]).arg(program);
+            c
+        }
+    }
+
+    /// The URL of database `postgres` on this server.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://tresor@localhost/postgres?host={}",
+            self.dir.path().display()
+        )
+    }
+
+    /// Stops the server (fast shutdown: connections are closed, committed work is kept).
+    pub fn stop(&self) {
+        let out = self
+            .pg("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the (stopped) server again.
+    pub fn resume(&self) {
+        let dir = self.dir.path();
+        let out = self
+            .pg("pg_ctl")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .arg("-l")
+            .arg(dir.join("data/server.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-c listen_addresses='' -c unix_socket_directories='{}'",
+                dir.display()
+            ))
+            .arg("start")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self
+            .pg("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// The audit checkpoint public key (uncompressed P-256 point), as an auditor fetches it.
+pub async fn public_point(auditor: &tresor::client::Client) -> Vec<u8> {
+    let pem = auditor
+        .audit()
+        .get_audit_public_key(tresor::api::proto::GetAuditPublicKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pem;
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+        .map(|d: rustls::pki_types::SubjectPublicKeyInfoDer| d.as_ref().to_vec())
+        .unwrap();
+    tresor::audit::record::p256_point_from_spki(&der).unwrap()
+}
