@@ -121,8 +121,8 @@ pub struct Config {
     pub client_ca: PathBuf,
     /// The HSM.
     pub hsm: HsmConfig,
-    /// Database URL.
-    pub database_url: String,
+    /// Database URL: a PostgreSQL URL may carry a password, so it is kept out of `Debug`.
+    pub database_url: secrecy::SecretString,
     /// Access policy file.
     pub policy_file: PathBuf,
     /// What reconciliation does with orphan HSM objects.
@@ -371,7 +371,7 @@ impl Config {
                 call_timeout,
                 dispatch,
             },
-            database_url,
+            database_url: secrecy::SecretString::from(database_url),
             policy_file,
             orphans,
         })
@@ -447,6 +447,27 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_url_is_taken_as_given_and_its_password_is_never_printed() {
+        let (dir, text) = setup();
+        let path = dir.path().join("tresor.toml");
+        let url = "postgres://tresor:s3cret-pw@db.example/tresor?sslmode=verify-full";
+        let c = Config::parse(&text.replace("sqlite://tresor.db", url), &path).unwrap();
+        assert_eq!(secrecy::ExposeSecret::expose_secret(&c.database_url), url);
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let bad = Config::parse(
+            &text.replace("sqlite://tresor.db", "mysql://tresor:s3cret-pw@db/tresor"),
+            &path,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("database.url") && bad.contains("mysql"),
+            "{bad}"
+        );
+        assert!(!bad.contains("s3cret"), "{bad}");
+    }
+
+    #[test]
     fn a_minimal_file_gets_defaults_and_resolved_paths() {
         let (dir, text) = setup();
         let path = dir.path().join("tresor.toml");
@@ -475,7 +496,7 @@ mod tests {
         assert_eq!(c.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);
         assert_eq!(c.tls_cert, dir.path().join("server.pem"));
         assert_eq!(
-            c.database_url,
+            secrecy::ExposeSecret::expose_secret(&c.database_url),
             format!("sqlite://{}", dir.path().join("tresor.db").display())
         );
         assert_eq!(c.hsm.pin, PinSource::File(dir.path().join("pin")));

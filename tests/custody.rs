@@ -1083,3 +1083,55 @@ async fn every_operation_requires_a_grant_for_its_role_tenant_and_keys() {
             .is_ok()
     );
 }
+
+/// Two nodes (two custody services on one PostgreSQL database and one token): a node that
+/// starts while another is between creating a version's object and committing its row must
+/// not destroy that object, and must see versions committed after it loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_node_leaves_another_nodes_uncommitted_object_alone() {
+    use tresor::custody::Custody;
+    use tresor::store::Store;
+    let token = common::TestToken::new();
+    let hsm = token.open();
+    let url = common::postgres_database().await;
+    let store_a = Store::open(&url).await.unwrap();
+    let (a, _) = Custody::open(hsm.clone(), store_a.clone(), CustodyOptions::default())
+        .await
+        .unwrap();
+    let key = name("tenants/uksh/keys/ehr-archive");
+    a.create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
+
+    // Node A has created the object of a new version and not yet committed its row.
+    let in_flight = ObjectId([0xd4; 16]);
+    let label = format!("tresor/{}/{in_flight}", store_a.installation_id());
+    hsm.generate_version_key(in_flight, label.clone())
+        .await
+        .unwrap();
+
+    let (b, report) = Custody::open(
+        hsm.clone(),
+        Store::open(&url).await.unwrap(),
+        CustodyOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.orphans_deferred, vec![label]);
+    assert!(report.orphans_removed.is_empty() && report.lost.is_empty());
+    assert!(hsm.secret_key_exists(in_flight).await.unwrap());
+
+    // Node B serves A's key, and A's blobs.
+    let blob = a
+        .wrap(&service(&key), &key, pt(b"from node a"), b"")
+        .await
+        .unwrap()
+        .ciphertext;
+    assert_eq!(
+        &b.unwrap(&service(&key), &blob, b"", None)
+            .await
+            .unwrap()
+            .plaintext[..],
+        b"from node a"
+    );
+}

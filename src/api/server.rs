@@ -146,7 +146,7 @@ impl Server {
         let hsm = tokio::task::spawn_blocking(move || Hsm::open(&hsm_config))
             .await
             .map_err(|e| StartError::Serve(e.to_string()))??;
-        let store = Store::open(&config.database_url).await?;
+        let store = Store::open(secrecy::ExposeSecret::expose_secret(&config.database_url)).await?;
         let options = CustodyOptions {
             orphans: config.orphans,
             destruction_grace_ms: i64::try_from(config.destruction_grace.as_millis())

@@ -6,10 +6,17 @@
 //!
 //! | token object | row | meaning | action |
 //! | --- | --- | --- | --- |
-//! | present | none | crash between object creation and row commit | removed (or only reported, with [`OrphanPolicy::Report`]) |
+//! | present | none | crash between object creation and row commit | removed (or only reported, with [`OrphanPolicy::Report`]); on PostgreSQL only after [`ORPHAN_GRACE`] |
 //! | present | `DESTROYED` | crash between the commit and the object's destruction | destroyed |
 //! | missing | not `DESTROYED` | destroyed or lost behind Tresor's back | version marked lost, logged as an error |
 //! | present | marked lost | object restored | lost mark cleared |
+//!
+//! With several nodes (PostgreSQL) another node may be between creating a version's object and
+//! committing its row while this node reconciles, or may commit or destroy a version after this
+//! node loaded its rows. So an apparent orphan is first looked up in the database again (a row
+//! committed since is no orphan), and one still without a row is removed only if it still has
+//! none [`ORPHAN_GRACE`] later; an apparently missing object's row is re-read before the
+//! version is marked lost (it may have been destroyed meanwhile).
 
 use std::collections::HashMap;
 
@@ -19,6 +26,12 @@ use crate::envelope::VersionId;
 use crate::hsm::ObjectId;
 use crate::model::VersionState;
 use crate::sync::read;
+
+/// How long an orphan object must stay without a row before reconciliation on PostgreSQL
+/// removes it. A node commits a new version's row milliseconds after creating its object (or
+/// destroys the object itself if the commit fails); an orphan is harmless meanwhile, as it has
+/// never wrapped anything.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What reconciliation does with an HSM object that carries this installation's label but has
 /// no row.
@@ -40,6 +53,9 @@ pub struct ReconcileReport {
     pub orphans_removed: Vec<String>,
     /// Labels of orphan objects left in place ([`OrphanPolicy::Report`]).
     pub orphans_kept: Vec<String>,
+    /// Labels of orphan objects to be removed after [`ORPHAN_GRACE`] if still without a row
+    /// (PostgreSQL).
+    pub orphans_deferred: Vec<String>,
     /// Versions whose interrupted destruction was completed.
     pub destructions_completed: Vec<String>,
     /// Versions newly found without their HSM object.
@@ -82,7 +98,25 @@ impl Custody {
                 }
             };
             present.insert(id);
+            if !versions.contains_key(&id)
+                && let Some((tenant, key)) = self.inner.store.key_of_version(&id).await?
+            {
+                // Committed (by another node) after this node loaded its rows.
+                self.refresh_key(&tenant, &key).await?;
+                continue;
+            }
             match versions.get(&id) {
+                None if policy == OrphanPolicy::Remove
+                    && self.inner.store.backend() == crate::store::Backend::Postgres =>
+                {
+                    tracing::warn!(label = %object.label, "HSM object has no metadata row; it is removed in 10 minutes if it still has none (another node may be creating it)");
+                    let custody = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(ORPHAN_GRACE).await;
+                        custody.remove_orphan(id).await;
+                    });
+                    report.orphans_deferred.push(object.label);
+                }
                 None => match policy {
                     OrphanPolicy::Remove => {
                         self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await?;
@@ -117,6 +151,9 @@ impl Custody {
             {
                 continue;
             }
+            if self.destroyed_meanwhile(v).await? {
+                continue;
+            }
             let now = self.now();
             self.inner.store.set_lost(&v.id, Some(now)).await?;
             self.update_version(&v.id, |e| VersionEntry {
@@ -128,6 +165,44 @@ impl Custody {
         }
         report.lost.sort();
         Ok(report)
+    }
+
+    /// Whether the version's row says DESTROYED now (another node destroyed it after this node
+    /// loaded its rows); the cache is refreshed if so.
+    async fn destroyed_meanwhile(&self, v: &VersionEntry) -> Result<bool, CustodyError> {
+        let Some((tenant, key)) = self.inner.store.key_of_version(&v.id).await? else {
+            return Ok(false);
+        };
+        let Some((_, rows)) = self.inner.store.load_key(&tenant, &key).await? else {
+            return Ok(false);
+        };
+        let destroyed = rows
+            .iter()
+            .any(|r| r.id == v.id && r.state == VersionState::Destroyed);
+        if destroyed {
+            self.refresh_key(&tenant, &key).await?;
+        }
+        Ok(destroyed)
+    }
+
+    /// Removes an orphan object found at start-up if it still has no row.
+    async fn remove_orphan(&self, id: VersionId) {
+        match self.inner.store.key_of_version(&id).await {
+            Ok(Some(_)) => {
+                tracing::info!(version_id = %id, "an HSM object without a row at start-up has one now; kept");
+            }
+            Ok(None) => match self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await {
+                Ok(_) => {
+                    tracing::warn!(version_id = %id, "removed an HSM object that stayed without a metadata row")
+                }
+                Err(e) => {
+                    tracing::error!(version_id = %id, error = %e, "could not remove an orphan HSM object; the next start-up tries again")
+                }
+            },
+            Err(e) => {
+                tracing::error!(version_id = %id, error = %e, "could not check an orphan HSM object; the next start-up tries again");
+            }
+        }
     }
 
     fn update_version(&self, id: &VersionId, f: impl FnOnce(&VersionEntry) -> VersionEntry) {

@@ -100,13 +100,19 @@ fn head_row(r: &sqlx::any::AnyRow) -> Result<ChainHead, StoreError> {
 
 /// Inserts a batch with one multi-row INSERT. Not kept in sqlx's statement cache: each batch size is a different statement, and a cache of a hundred of them per
 /// connection made the server's memory grow under load.
-async fn insert_records<'e, E>(
+async fn insert_records<'e, DB, E>(
     backend: Backend,
     batch: &[(Record, [u8; 32])],
     db: E,
 ) -> Result<(), StoreError>
 where
-    E: sqlx::Executor<'e, Database = sqlx::Any>,
+    DB: sqlx::Database + sqlx::database::HasStatementCache,
+    E: sqlx::Executor<'e, Database = DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i32: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> &'q String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
 {
     let seqs = batch
         .iter()
@@ -187,12 +193,12 @@ impl Store {
     where
         F: FnOnce(ChainHead) -> Vec<(Record, [u8; 32])>,
     {
-        if self.backend == Backend::Sqlite {
+        if let Some(native) = &self.sqlite_audit {
             let batch = chain(local);
             // One multi-row INSERT is one statement, so atomic without an explicit
             // transaction, and one round trip to the database (BEGIN, a statement per row and
             // COMMIT were one each, and those round trips were most of what auditing cost).
-            insert_records(self.backend, &batch, &self.pool).await?;
+            insert_records(self.backend, &batch, native).await?;
             return Ok(batch);
         }
         let mut tx = self.pool.begin().await?;

@@ -194,6 +194,10 @@ pub enum Backend {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// SQLite only: a native connection for audit appends, the one statement on the hot path.
+    /// Through `Any` every bound string is copied twice more, and the audit writer (one task,
+    /// which every request waits for) was measurably slower.
+    sqlite_audit: Option<sqlx::SqlitePool>,
     backend: Backend,
     /// The PostgreSQL URL for the change listener's own connection (it may carry a password,
     /// so it is never printed).
@@ -221,6 +225,7 @@ impl Store {
     /// nodes starting together migrate once).
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
+        let mut sqlite_audit = None;
         let (backend, options, pool_options) =
             if url.starts_with("postgres://") || url.starts_with("postgresql://") {
                 let options: AnyConnectOptions = url
@@ -254,6 +259,18 @@ impl Store {
                     .filename(&absolute)
                     .create_if_missing(false);
                 let options = AnyConnectOptions::from_url(&native.to_url_lossy())?;
+                sqlite_audit = Some(
+                    sqlx::sqlite::SqlitePoolOptions::new()
+                        .max_connections(1)
+                        .test_before_acquire(false)
+                        .connect_lazy_with(
+                            native
+                                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                                .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
+                                .foreign_keys(true)
+                                .busy_timeout(Duration::from_secs(10)),
+                        ),
+                );
                 let pool = AnyPoolOptions::new()
                     .max_connections(4)
                     // A ping before every query is one more round trip to sqlx's SQLite worker
@@ -278,6 +295,7 @@ impl Store {
         let installation_id = installation_id(&pool).await?;
         Ok(Self {
             pool,
+            sqlite_audit,
             backend,
             url: SecretString::from(url.to_owned()),
             installation_id,
@@ -594,6 +612,9 @@ impl Store {
 
     /// Closes every connection (checkpointing the WAL).
     pub async fn close(&self) {
+        if let Some(native) = &self.sqlite_audit {
+            native.close().await;
+        }
         self.pool.close().await;
     }
 }
