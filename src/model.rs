@@ -162,6 +162,61 @@ impl fmt::Display for VersionState {
     }
 }
 
+/// What a key may be used for, set by officers: it applies to the gRPC API (Wrap and
+/// GenerateDataKey encrypt, Unwrap decrypts, Rewrap does both) and to the XKS proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KeyUsage {
+    /// Encrypt and decrypt (the default).
+    #[default]
+    EncryptDecrypt,
+    /// Encrypt only: new blobs, but nothing is unwrapped (for example while an incident is
+    /// investigated).
+    EncryptOnly,
+    /// Decrypt only: existing blobs unwrap, nothing new is wrapped (a key being retired).
+    DecryptOnly,
+    /// Neither.
+    None,
+}
+
+impl KeyUsage {
+    /// The name used in the database, the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EncryptDecrypt => "ENCRYPT_DECRYPT",
+            Self::EncryptOnly => "ENCRYPT",
+            Self::DecryptOnly => "DECRYPT",
+            Self::None => "NONE",
+        }
+    }
+
+    /// Parses the database spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ENCRYPT_DECRYPT" => Self::EncryptDecrypt,
+            "ENCRYPT" => Self::EncryptOnly,
+            "DECRYPT" => Self::DecryptOnly,
+            "NONE" => Self::None,
+            _ => return None,
+        })
+    }
+
+    /// Whether wrapping (encryption) is allowed.
+    pub fn encrypts(self) -> bool {
+        matches!(self, Self::EncryptDecrypt | Self::EncryptOnly)
+    }
+
+    /// Whether unwrapping (decryption) is allowed.
+    pub fn decrypts(self) -> bool {
+        matches!(self, Self::EncryptDecrypt | Self::DecryptOnly)
+    }
+}
+
+impl fmt::Display for KeyUsage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Milliseconds since the Unix epoch (UTC): the one time unit stored and compared.
 pub type Millis = i64;
 

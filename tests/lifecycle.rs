@@ -401,3 +401,77 @@ async fn an_approval_whose_scheduling_fails_goes_back_to_pending() {
         })
     ));
 }
+
+#[tokio::test]
+async fn key_usage_restricts_wrap_unwrap_data_keys_and_rewrap() {
+    use tresor::model::KeyUsage;
+    let f = Fixture::new().await;
+    let key = name("tenants/a/keys/ehr");
+    let anna = officer(&key);
+    let svc = service(&key);
+    f.custody
+        .create_key(&anna, &key, "", Default::default())
+        .await
+        .unwrap();
+    let blob = f
+        .custody
+        .wrap(&svc, &key, Zeroizing::new(b"dek".to_vec()), b"r")
+        .await
+        .unwrap()
+        .ciphertext;
+    let set = |usage| {
+        f.custody.update_key(
+            &anna,
+            &key,
+            KeyUpdate {
+                usage: Some(usage),
+                ..KeyUpdate::default()
+            },
+        )
+    };
+    let forbidden = |r: Result<(), CustodyError>, op: &str| match r {
+        Err(CustodyError::UsageForbidden { operation, .. }) => assert_eq!(operation, op),
+        other => panic!("expected {op} to be forbidden, got {other:?}"),
+    };
+    let wrap = || async {
+        f.custody
+            .wrap(&svc, &key, Zeroizing::new(b"dek".to_vec()), b"r")
+            .await
+            .map(|_| ())
+    };
+    let unwrap = || async { f.custody.unwrap(&svc, &blob, b"r", None).await.map(|_| ()) };
+
+    assert_eq!(
+        set(KeyUsage::DecryptOnly).await.unwrap().usage,
+        KeyUsage::DecryptOnly
+    );
+    forbidden(wrap().await, "encrypt");
+    forbidden(
+        f.custody
+            .generate_data_key(&svc, &key, b"r", 32, false)
+            .await
+            .map(|_| ()),
+        "encrypt",
+    );
+    unwrap().await.unwrap();
+    // Rewrap decrypts and encrypts: a decrypt-only key cannot take new blobs.
+    forbidden(
+        f.custody.rewrap(&svc, &blob, b"r", None).await.map(|_| ()),
+        "encrypt",
+    );
+
+    set(KeyUsage::EncryptOnly).await.unwrap();
+    wrap().await.unwrap();
+    forbidden(unwrap().await, "decrypt");
+
+    set(KeyUsage::None).await.unwrap();
+    forbidden(wrap().await, "encrypt");
+    forbidden(unwrap().await, "decrypt");
+
+    // It is kept across a restart, and turning it back gives both again.
+    let (again, _) = f.restart(CustodyOptions::default()).await;
+    assert_eq!(again.get_key(&anna, &key).unwrap().usage, KeyUsage::None);
+    set(KeyUsage::EncryptDecrypt).await.unwrap();
+    wrap().await.unwrap();
+    unwrap().await.unwrap();
+}

@@ -26,6 +26,7 @@ fn key_row() -> KeyRow {
         rotation_period_ms: None,
         next_rotation_at: None,
         min_decryption_version: 1,
+        usage: Default::default(),
     }
 }
 

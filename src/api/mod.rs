@@ -23,7 +23,7 @@ use crate::auth::{AuthError, ClientAuthenticator, Grant, Role, SharedPolicy};
 use crate::custody::{
     ApprovalInfo, ApprovalState, Custody, CustodyError, KeyInfo, KeyUpdate, VersionInfo,
 };
-use crate::model::{KeyName, Millis, Tenant, VersionState};
+use crate::model::{KeyName, KeyUsage, Millis, Tenant, VersionState};
 pub use status::INVALID_CIPHERTEXT;
 
 /// Generated protobuf and gRPC code for `tresor.v1`.
@@ -448,6 +448,16 @@ fn key_message(k: KeyInfo) -> proto::Key {
         }),
         next_rotation_time: k.next_rotation_at.map(timestamp),
         min_decryption_version: k.min_decryption_version,
+        usage: usage_message(k.usage).into(),
+    }
+}
+
+fn usage_message(u: KeyUsage) -> proto::KeyUsage {
+    match u {
+        KeyUsage::EncryptDecrypt => proto::KeyUsage::EncryptDecrypt,
+        KeyUsage::EncryptOnly => proto::KeyUsage::EncryptOnly,
+        KeyUsage::DecryptOnly => proto::KeyUsage::DecryptOnly,
+        KeyUsage::None => proto::KeyUsage::NoUse,
     }
 }
 
@@ -800,6 +810,14 @@ impl KeyAdminService for Api {
                     "rotation_period: a whole number of seconds, at least one hour",
                 ));
             }
+            let usage = match proto::KeyUsage::try_from(r.usage) {
+                Ok(proto::KeyUsage::Unspecified) => None,
+                Ok(proto::KeyUsage::EncryptDecrypt) => Some(KeyUsage::EncryptDecrypt),
+                Ok(proto::KeyUsage::EncryptOnly) => Some(KeyUsage::EncryptOnly),
+                Ok(proto::KeyUsage::DecryptOnly) => Some(KeyUsage::DecryptOnly),
+                Ok(proto::KeyUsage::NoUse) => Some(KeyUsage::None),
+                Err(_) => return Err(invalid(call, "usage: not a known KeyUsage value")),
+            };
             let update = KeyUpdate {
                 description: r.description,
                 labels: r.update_labels.then(|| labels(r.labels)),
@@ -811,6 +829,7 @@ impl KeyAdminService for Api {
                 },
                 min_decryption_version: (r.min_decryption_version > 0)
                     .then_some(r.min_decryption_version),
+                usage,
             };
             let out = self.custody.update_key(&call.grant, key, update).await;
             custody(call, out, key_done)

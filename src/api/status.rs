@@ -42,9 +42,10 @@ pub(crate) fn from_custody(e: &CustodyError, request_id: &str) -> Status {
         | E::PrimaryVersion(_)
         | E::InvalidTransition { .. } => (Code::FailedPrecondition, e.to_string()),
         E::VersionLost(_) => (Code::DataLoss, e.to_string()),
-        E::VersionBelowMinimum(_) | E::ApprovalClosed { .. } | E::ApprovalPending(_) => {
-            (Code::FailedPrecondition, e.to_string())
-        }
+        E::VersionBelowMinimum(_)
+        | E::UsageForbidden { .. }
+        | E::ApprovalClosed { .. }
+        | E::ApprovalPending(_) => (Code::FailedPrecondition, e.to_string()),
         E::ApprovalNotFound(_) => (Code::NotFound, e.to_string()),
         E::SelfApproval(_) => (Code::PermissionDenied, e.to_string()),
         E::Conflict(_) => (Code::Aborted, e.to_string()),

@@ -150,6 +150,10 @@ enum KeyCommand {
         /// Refuse unwrap for versions below this number (to force re-wrapping before destruction).
         #[arg(long)]
         min_decryption_version: Option<u32>,
+        /// What the key may be used for: encrypt-decrypt, encrypt (no unwrap), decrypt (no new
+        /// wraps) or none; applies to the gRPC API and the XKS proxy.
+        #[arg(long, value_parser = ["encrypt-decrypt", "encrypt", "decrypt", "none"])]
+        usage: Option<String>,
     },
     /// Show a key's versions: state, created, destroy time, wrap count.
     Versions {
@@ -838,7 +842,14 @@ async fn key_command(client: &Client, command: KeyCommand, out: &Output) -> Resu
                 .rotate_key(proto::RotateKeyRequest { key: name })
                 .await
         }
-        KeyCommand::Update { name, description, labels, clear_labels, rotation_period, no_rotation, min_decryption_version } => {
+        KeyCommand::Update { name, description, labels, clear_labels, rotation_period, no_rotation, min_decryption_version, usage } => {
+            let usage = match usage.as_deref() {
+                None => proto::KeyUsage::Unspecified,
+                Some("encrypt") => proto::KeyUsage::EncryptOnly,
+                Some("decrypt") => proto::KeyUsage::DecryptOnly,
+                Some("none") => proto::KeyUsage::NoUse,
+                Some(_) => proto::KeyUsage::EncryptDecrypt,
+            };
             let update_labels = clear_labels || !labels.is_empty();
             admin
                 .update_key(proto::UpdateKeyRequest {
@@ -849,6 +860,7 @@ async fn key_command(client: &Client, command: KeyCommand, out: &Output) -> Resu
                     rotation_period: rotation_period.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
                     clear_rotation_period: no_rotation,
                     min_decryption_version: min_decryption_version.unwrap_or(0),
+                    usage: usage.into(),
                 })
                 .await
         }

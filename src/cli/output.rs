@@ -62,6 +62,7 @@ fn key_json(k: &proto::Key) -> Value {
         "rotation_period_seconds": k.rotation_period.as_ref().map(|d| d.seconds),
         "next_rotation_time": k.next_rotation_time.as_ref().map(|t| time(Some(t))),
         "min_decryption_version": k.min_decryption_version,
+        "usage": usage_name(k.usage),
         "versions": k.versions.iter().map(|v| json!({"name": v.name,
             "version": v.version,
             "state": state(v.state),
@@ -138,6 +139,10 @@ impl Output {
                 "unwraps:         versions {} and later",
                 k.min_decryption_version
             );
+        }
+        let usage = usage_name(k.usage);
+        if usage != "encrypt-decrypt" {
+            say!("usage:           {usage}");
         }
         say!("created:         {}", time(k.create_time.as_ref()));
         say!();
@@ -491,5 +496,15 @@ impl Output {
         if let Some(s) = service {
             say!("service / raw = {:.2}", s / rate.max(f64::EPSILON));
         }
+    }
+}
+
+/// The CLI spelling of a key usage (as `tresor key update --usage` takes it).
+fn usage_name(usage: i32) -> &'static str {
+    match proto::KeyUsage::try_from(usage) {
+        Ok(proto::KeyUsage::EncryptOnly) => "encrypt",
+        Ok(proto::KeyUsage::DecryptOnly) => "decrypt",
+        Ok(proto::KeyUsage::NoUse) => "none",
+        _ => "encrypt-decrypt",
     }
 }

@@ -41,6 +41,7 @@ pub(crate) struct KeyEntry {
     pub(crate) rotation_period_ms: Option<i64>,
     pub(crate) next_rotation_at: Option<Millis>,
     pub(crate) min_decryption_version: u32,
+    pub(crate) usage: crate::model::KeyUsage,
     /// Index `n - 1` holds version `n`; versions are never deleted.
     pub(crate) versions: Vec<Arc<VersionEntry>>,
 }
@@ -117,6 +118,7 @@ impl KeyEntry {
             rotation_period_ms: key.rotation_period_ms,
             next_rotation_at: key.next_rotation_at,
             min_decryption_version: key.min_decryption_version,
+            usage: key.usage,
             versions: versions.into_iter().map(Arc::new).collect(),
         }
     }

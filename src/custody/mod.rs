@@ -30,7 +30,7 @@ use zeroize::Zeroizing;
 use crate::auth::{Denied, Grant, Role};
 use crate::envelope::{self, EnvelopeError, IV_LEN, MAX_AAD_LEN, MAX_PLAINTEXT_LEN, VersionId};
 use crate::hsm::{Hsm, HsmError, ObjectId};
-use crate::model::{KeyName, Millis, NameError, VersionState};
+use crate::model::{KeyName, KeyUsage, Millis, NameError, VersionState};
 use crate::store::changes::Change;
 use crate::store::{KeyRow, Store, StoreError, VersionRow};
 use crate::sync::{read, write};
@@ -105,6 +105,16 @@ pub enum CustodyError {
     /// The version is below the key's minimum decryption version.
     #[error("{0} is below the key's minimum decryption version")]
     VersionBelowMinimum(String),
+    /// The key's usage forbids the operation.
+    #[error("the usage of {key} is {usage}: it may not {operation}")]
+    UsageForbidden {
+        /// The key.
+        key: String,
+        /// Its usage.
+        usage: KeyUsage,
+        /// `encrypt` or `decrypt`.
+        operation: &'static str,
+    },
     /// The approval does not exist (in the caller's tenant).
     #[error("approval {0} not found")]
     ApprovalNotFound(String),
@@ -193,6 +203,8 @@ pub struct KeyUpdate {
     pub rotation_period_ms: Option<Option<Millis>>,
     /// New minimum decryption version.
     pub min_decryption_version: Option<u32>,
+    /// New usage.
+    pub usage: Option<KeyUsage>,
 }
 
 /// What one run of the scheduled work did.
@@ -227,6 +239,8 @@ pub struct KeyInfo {
     pub next_rotation_at: Option<Millis>,
     /// Unwrap is refused for versions below this one.
     pub min_decryption_version: u32,
+    /// What the key may be used for.
+    pub usage: KeyUsage,
     /// Every version, oldest first.
     pub versions: Vec<VersionInfo>,
 }
@@ -603,6 +617,7 @@ impl Custody {
                 rotation_period_ms: None,
                 next_rotation_at: None,
                 min_decryption_version: 1,
+                usage: KeyUsage::default(),
             };
             if let Err(e) = c.inner.store.create_key(&row, &version).await {
                 c.discard_object(&version.id).await;
@@ -737,6 +752,9 @@ impl Custody {
                 }
                 next.min_decryption_version = min;
             }
+            if let Some(usage) = update.usage {
+                next.usage = usage;
+            }
             // Strictly later than the change it replaces, so `updated_at` tells every change
             // apart (the store's compare-and-set relies on it).
             next.updated_at = now.max(read_at + 1);
@@ -751,6 +769,7 @@ impl Custody {
                 rotation_period_ms: next.rotation_period_ms,
                 next_rotation_at: next.next_rotation_at,
                 min_decryption_version: next.min_decryption_version,
+                usage: next.usage,
             };
             match c.inner.store.update_key(&row, read_at).await {
                 Ok(()) => Ok(c.publish(next)),
@@ -1000,6 +1019,13 @@ impl Custody {
         self.refresh_if_stale(name).await?;
         let version = {
             let entry = self.entry(name)?;
+            if !entry.usage.encrypts() {
+                return Err(CustodyError::UsageForbidden {
+                    key: name.to_string(),
+                    usage: entry.usage,
+                    operation: "encrypt",
+                });
+            }
             let primary = entry.primary_version().cloned();
             primary.ok_or_else(|| CustodyError::VersionNotFound(name.version(entry.primary)))?
         };
@@ -1089,7 +1115,17 @@ impl Custody {
         let (plaintext, version, opened) =
             self.open_blob(grant, ciphertext, aad, expected_key).await?;
         // Re-read: the primary may have moved while the HSM decrypted.
-        let primary = self.entry(&opened.name)?.primary;
+        let current = self.entry(&opened.name)?;
+        // Rewrap is decrypt-then-encrypt even when the blob needs no new wrap: a key that may
+        // not encrypt answers no rewrap at all.
+        if !current.usage.encrypts() {
+            return Err(CustodyError::UsageForbidden {
+                key: opened.name.to_string(),
+                usage: current.usage,
+                operation: "encrypt",
+            });
+        }
+        let primary = current.primary;
         if version.number == primary {
             return Ok(Rewrapped {
                 ciphertext: ciphertext.to_vec(),
@@ -1136,6 +1172,13 @@ impl Custody {
             }
             grant.check_key(key)?;
             let entry = cache.keys.get(key).ok_or(CustodyError::UnknownVersion)?;
+            if !entry.usage.decrypts() {
+                return Err(CustodyError::UsageForbidden {
+                    key: key.to_string(),
+                    usage: entry.usage,
+                    operation: "decrypt",
+                });
+            }
             let version = entry
                 .versions
                 .iter()
@@ -1410,6 +1453,7 @@ fn info(entry: &KeyEntry) -> KeyInfo {
         rotation_period_ms: entry.rotation_period_ms,
         next_rotation_at: entry.next_rotation_at,
         min_decryption_version: entry.min_decryption_version,
+        usage: entry.usage,
         versions: entry
             .versions
             .iter()

@@ -150,6 +150,8 @@ pub struct KeyRow {
     pub next_rotation_at: Option<Millis>,
     /// Unwrap is refused for versions below this one.
     pub min_decryption_version: u32,
+    /// What the key may be used for.
+    pub usage: crate::model::KeyUsage,
 }
 
 /// A key version's metadata row.
@@ -344,8 +346,8 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO keys (tenant, name, description, labels, primary_version, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO keys (tenant, name, description, labels, primary_version, created_at, updated_at, usage) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&key.tenant)
         .bind(&key.name)
@@ -354,6 +356,7 @@ impl Store {
         .bind(i64::from(key.primary_version))
         .bind(key.created_at)
         .bind(key.updated_at)
+        .bind(key.usage.as_str())
         .execute(&mut *tx)
         .await?;
         insert_version(&mut tx, first).await?;
@@ -403,7 +406,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE keys SET description = $1, labels = $2, updated_at = $3, rotation_period_ms = $4, \
-             next_rotation_at = $5, min_decryption_version = $6 WHERE tenant = $7 AND name = $8 \
+             next_rotation_at = $5, min_decryption_version = $6, usage = $11 WHERE tenant = $7 AND name = $8 \
              AND primary_version = $9 AND updated_at = $10",
         )
         .bind(&key.description)
@@ -416,6 +419,7 @@ impl Store {
         .bind(&key.name)
         .bind(i64::from(key.primary_version))
         .bind(read_at)
+        .bind(key.usage.as_str())
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
@@ -660,7 +664,7 @@ async fn insert_version(
 }
 
 const KEY_COLUMNS: &str = "tenant, name, description, labels, primary_version, created_at, updated_at, \
-     rotation_period_ms, next_rotation_at, min_decryption_version";
+     rotation_period_ms, next_rotation_at, min_decryption_version, usage";
 
 const VERSION_COLUMNS: &str = "id, tenant, key_name, version, state, hsm_label, created_at, \
      state_changed_at, destroy_at, destroyed_at, lost_at, wraps_reserved";
@@ -677,6 +681,13 @@ fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
         rotation_period_ms: r.try_get("rotation_period_ms")?,
         next_rotation_at: r.try_get("next_rotation_at")?,
         min_decryption_version: to_u32("keys", r.try_get("min_decryption_version")?)?,
+        usage: {
+            let usage: String = r.try_get("usage")?;
+            crate::model::KeyUsage::parse(&usage).ok_or_else(|| StoreError::Corrupt {
+                table: "keys",
+                what: format!("usage {usage:?}"),
+            })?
+        },
     })
 }
 
