@@ -62,9 +62,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let listener = server.bind().await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(server.serve(listener, async move {
-            let _ = stopped.await;
-        }));
+        let serving = tokio::spawn(async move {
+            server
+                .serve(listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+        });
         let mut p = Profile::load(profile.as_ref())?;
         p.endpoint = format!("https://{addr}");
         let clients: Vec<Client> = {

@@ -25,3 +25,4 @@ pub mod model;
 pub mod pki;
 pub mod store;
 mod sync;
+pub mod xks;

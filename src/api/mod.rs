@@ -330,6 +330,7 @@ impl Api {
             aad_hmac,
             // Stamped by the audit writer.
             node: String::new(),
+            ..RecordBody::default()
         };
         let answer = match self.audit.append(call.grant.tenant().as_str(), body).await {
             Ok(_) => result.map(|d| call.ok(d.response)),
@@ -384,7 +385,7 @@ impl Api {
     }
 }
 
-fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     let mut raw = [0u8; 8];
     // A request id needs uniqueness, not secrecy; fall back to the clock if the RNG fails.
     if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).is_err() {
@@ -504,6 +505,10 @@ fn export_message(item: ExportItem) -> proto::AuditRecord {
             peer: r.body.peer,
             aad_hmac: r.body.aad_hmac,
             node: r.body.node,
+            kms_request_id: r.body.kms_request_id,
+            kms_operation: r.body.kms_operation,
+            aws_principal_arn: r.body.aws_principal_arn,
+            kms_key_arn: r.body.kms_key_arn,
             previous_hash: r.prev_hash.to_vec(),
             key: r.body.key,
             certificate_fingerprint: r.body.fingerprint,

@@ -63,6 +63,9 @@ pub enum StartError {
         /// The error.
         source: std::io::Error,
     },
+    /// The XKS proxy could not start (its health-check key).
+    #[error("XKS proxy: {0}")]
+    Xks(String),
     /// Serving failed.
     #[error("server failed: {0}")]
     Serve(String),
@@ -78,6 +81,7 @@ impl StartError {
             | Self::Store(_)
             | Self::Custody(_)
             | Self::Audit(_)
+            | Self::Xks(_)
             | Self::Bind { .. } => 69,
             Self::Serve(_) => 70,
         }
@@ -93,6 +97,16 @@ pub struct Server {
     tls: Arc<ServerConfig>,
     /// The metrics listener, bound by [`Server::bind`] and served by [`Server::serve`].
     metrics: std::sync::Mutex<Option<TcpListener>>,
+    /// The AWS KMS external key store proxy, when `[xks]` is configured.
+    xks: Option<XksParts>,
+}
+
+struct XksParts {
+    service: crate::xks::Xks,
+    tls: Arc<ServerConfig>,
+    client_subject: Option<String>,
+    /// Its HTTPS and ping listeners, bound by [`Server::bind`].
+    listeners: std::sync::Mutex<(Option<TcpListener>, Option<TcpListener>)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -170,6 +184,42 @@ impl Server {
             },
         )
         .await?;
+        let xks = match &config.xks {
+            None => None,
+            Some(x) => {
+                let certs =
+                    pki::load_certs(&x.cert).map_err(|e| config_error(&config, "xks.cert", e))?;
+                let key = pki::load_key(&x.key).map_err(|e| config_error(&config, "xks.key", e))?;
+                let client_ca = x
+                    .client_ca
+                    .as_deref()
+                    .map(pki::load_certs)
+                    .transpose()
+                    .map_err(|e| config_error(&config, "xks.client_ca", e))?;
+                let tls = crate::xks::tls_config(certs, key, client_ca)
+                    .map_err(|e| config_error(&config, "xks.key", e))?;
+                let service = crate::xks::Xks::open(
+                    x,
+                    custody.clone(),
+                    audit.clone(),
+                    Arc::clone(&policy),
+                    config.node_id.clone(),
+                )
+                .await
+                .map_err(|e| match e {
+                    crate::xks::XksStartError::Credentials(c) => {
+                        StartError::Config(config_error(&config, "xks.prefix.credentials", c))
+                    }
+                    other => StartError::Xks(other.to_string()),
+                })?;
+                Some(XksParts {
+                    service,
+                    tls: Arc::new(tls),
+                    client_subject: x.client_subject.clone(),
+                    listeners: std::sync::Mutex::new((None, None)),
+                })
+            }
+        };
         let api = Api::new(
             custody.clone(),
             audit,
@@ -184,6 +234,7 @@ impl Server {
             policy,
             tls: Arc::new(tls),
             metrics: std::sync::Mutex::new(None),
+            xks,
         })
     }
 
@@ -211,7 +262,47 @@ impl Server {
         if let Some(addr) = self.config.metrics_listen {
             *crate::sync::lock(&self.metrics) = Some(bind(addr).await?);
         }
+        if let (Some(parts), Some(x)) = (&self.xks, &self.config.xks) {
+            let https = bind(x.listen).await?;
+            let ping = match x.ping_listen {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            };
+            *crate::sync::lock(&parts.listeners) = (Some(https), ping);
+        }
         Ok(grpc)
+    }
+
+    /// Where the XKS proxy listens (HTTPS, and plain-HTTP ping), once bound.
+    pub fn xks_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        let Some(parts) = &self.xks else {
+            return (None, None);
+        };
+        let listeners = crate::sync::lock(&parts.listeners);
+        (
+            listeners.0.as_ref().and_then(|l| l.local_addr().ok()),
+            listeners.1.as_ref().and_then(|l| l.local_addr().ok()),
+        )
+    }
+
+    /// Re-reads what may change while serving (SIGHUP): the access policy and the XKS
+    /// credentials. A broken file is refused and logged; what was in force stays.
+    pub fn reload(&self) {
+        match self.policy.reload() {
+            Ok(n) => tracing::info!(identities = n, "access policy reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "access policy NOT reloaded; the previous policy stays in force");
+            }
+        }
+        if let Some(parts) = &self.xks {
+            let failed = parts.service.reload_credentials();
+            for e in &failed {
+                tracing::error!(error = %e, "XKS credentials NOT reloaded; the previous ones stay in force");
+            }
+            if failed.is_empty() {
+                tracing::info!("XKS credentials reloaded");
+            }
+        }
     }
 
     /// Where the metrics endpoint listens, once bound.
@@ -224,7 +315,7 @@ impl Server {
     /// Serves on `listener` until `shutdown` completes, then stops accepting, lets in-flight
     /// requests finish, and returns.
     pub async fn serve(
-        self,
+        &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
@@ -242,6 +333,29 @@ impl Server {
             self.custody.clone(),
             self.config.scheduler_interval,
         ));
+        let mut xks_tasks = Vec::new();
+        if let Some(parts) = &self.xks {
+            let (https, ping) = {
+                let mut listeners = crate::sync::lock(&parts.listeners);
+                (listeners.0.take(), listeners.1.take())
+            };
+            if let Some(listener) = https {
+                xks_tasks.push(tokio::spawn(crate::xks::serve(
+                    parts.service.clone(),
+                    listener,
+                    Arc::clone(&parts.tls),
+                    parts.client_subject.clone(),
+                )));
+            }
+            if let Some(listener) = ping {
+                xks_tasks.push(tokio::spawn(crate::xks::serve_ping(
+                    parts.service.clone(),
+                    listener,
+                )));
+            }
+            let health = parts.service.clone();
+            xks_tasks.push(tokio::spawn(async move { health.keep_health().await }));
+        }
         let changes_task = {
             let custody = self.custody.clone();
             tokio::spawn(async move { custody.follow_changes().await })
@@ -289,6 +403,7 @@ impl Server {
         for task in [accept_task, health_task, scheduler_task, changes_task]
             .into_iter()
             .chain(metrics_task)
+            .chain(xks_tasks)
         {
             task.abort();
             let _ = task.await;

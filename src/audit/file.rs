@@ -58,6 +58,18 @@ pub struct Row {
     /// The node that served the call.
     #[serde(default)]
     pub node: String,
+    /// XKS calls: AWS KMS's request id.
+    #[serde(default)]
+    pub kms_request_id: String,
+    /// XKS calls: the KMS operation.
+    #[serde(default)]
+    pub kms_operation: String,
+    /// XKS calls: the AWS principal.
+    #[serde(default)]
+    pub aws_principal_arn: String,
+    /// XKS calls: the KMS key ARN.
+    #[serde(default)]
+    pub kms_key_arn: String,
     /// Hex.
     #[serde(default)]
     pub previous_hash: String,
@@ -109,6 +121,10 @@ impl Row {
                 peer: r.body.peer.clone(),
                 aad_hmac: r.body.aad_hmac.clone(),
                 node: r.body.node.clone(),
+                kms_request_id: r.body.kms_request_id.clone(),
+                kms_operation: r.body.kms_operation.clone(),
+                aws_principal_arn: r.body.aws_principal_arn.clone(),
+                kms_key_arn: r.body.kms_key_arn.clone(),
                 previous_hash: to_hex(&r.prev_hash),
                 hash: to_hex(&r.hash()),
                 ..Default::default()
@@ -173,6 +189,10 @@ impl Row {
                         peer: self.peer.clone(),
                         aad_hmac: self.aad_hmac.clone(),
                         node: self.node.clone(),
+                        kms_request_id: self.kms_request_id.clone(),
+                        kms_operation: self.kms_operation.clone(),
+                        aws_principal_arn: self.aws_principal_arn.clone(),
+                        kms_key_arn: self.kms_key_arn.clone(),
                     },
                 };
                 let stated = if self.hash.is_empty() {

@@ -47,6 +47,18 @@ pub struct RecordBody {
     /// records carried it.
     #[serde(default)]
     pub node: String,
+    /// XKS calls: AWS KMS's request id (as in CloudTrail).
+    #[serde(default)]
+    pub kms_request_id: String,
+    /// XKS calls: the KMS operation behind the call (`Encrypt`, `Decrypt`, …).
+    #[serde(default)]
+    pub kms_operation: String,
+    /// XKS calls: the AWS principal that called KMS.
+    #[serde(default)]
+    pub aws_principal_arn: String,
+    /// XKS calls: the KMS key's ARN.
+    #[serde(default)]
+    pub kms_key_arn: String,
 }
 
 /// A record in the chain.
@@ -90,16 +102,22 @@ impl RecordBody {
     /// SHA-256 of the body's encoding:
     /// `"tresor/audit/body/v1\0" ‖ str(request_id) ‖ str(caller) ‖ str(fingerprint) ‖ str(role)
     /// ‖ str(operation) ‖ str(key) ‖ str(key_version) ‖ str(outcome) ‖ i32be(status_code)
-    /// ‖ str(peer) ‖ str(aad_hmac)`, where `str(x) = u32be(len x) ‖ x` (UTF-8). A record with a
-    /// node id uses `"tresor/audit/body/v2\0"` instead and appends `‖ str(node)`; records
-    /// without one (written before node ids) keep the v1 encoding, so old logs still verify.
+    /// ‖ str(peer) ‖ str(aad_hmac)`, where `str(x) = u32be(len x) ‖ x` (UTF-8). A record with
+    /// a node id or XKS fields uses `"tresor/audit/body/v2\0"` instead and appends
+    /// `‖ str(node) ‖ str(kms_request_id) ‖ str(kms_operation) ‖ str(aws_principal_arn)
+    /// ‖ str(kms_key_arn)`; records with none of them (written before they existed) keep the
+    /// v1 encoding, so old logs still verify.
     pub fn digest(&self) -> [u8; 32] {
+        let v2 = [
+            &self.node,
+            &self.kms_request_id,
+            &self.kms_operation,
+            &self.aws_principal_arn,
+            &self.kms_key_arn,
+        ];
+        let is_v2 = v2.iter().any(|s| !s.is_empty());
         let mut b = Vec::with_capacity(256);
-        b.extend_from_slice(if self.node.is_empty() {
-            BODY_DOMAIN
-        } else {
-            BODY_DOMAIN_V2
-        });
+        b.extend_from_slice(if is_v2 { BODY_DOMAIN_V2 } else { BODY_DOMAIN });
         for s in [
             &self.request_id,
             &self.caller,
@@ -115,8 +133,10 @@ impl RecordBody {
         b.extend_from_slice(&self.status_code.to_be_bytes());
         put_str(&mut b, &self.peer);
         put_str(&mut b, &self.aad_hmac);
-        if !self.node.is_empty() {
-            put_str(&mut b, &self.node);
+        if is_v2 {
+            for s in v2 {
+                put_str(&mut b, s);
+            }
         }
         sha256(&b)
     }
@@ -463,6 +483,19 @@ mod tests {
         };
         assert_ne!(on_a.digest(), old.digest());
         assert_ne!(on_a.digest(), on_b.digest());
+        // Each v2 field is its own length-prefixed string: moving text between them changes
+        // the digest.
+        let kms = RecordBody {
+            kms_request_id: "r".into(),
+            kms_operation: "Encrypt".into(),
+            ..on_a.clone()
+        };
+        let shifted = RecordBody {
+            kms_request_id: "rEncrypt".into(),
+            ..on_a.clone()
+        };
+        assert_ne!(kms.digest(), shifted.digest());
+        assert_ne!(kms.digest(), on_a.digest());
 
         // An exported record whose node was changed no longer verifies.
         let (pair, public) = signer();

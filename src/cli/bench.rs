@@ -1,4 +1,5 @@
-//! `tresor bench`: a load generator for sizing a deployment, through the real client and mTLS.
+//! `tresor bench`: a load generator for sizing a deployment, through the real client and mTLS,
+//! or against the XKS proxy's HTTPS API with requests it signs itself (SigV4), as AWS KMS does.
 //!
 //! Owns load shapes and their measurement: `connections` HTTP/2 connections, each carrying
 //! `in_flight` concurrent requests; a duration or a request count; closed loop by default, or
@@ -19,6 +20,187 @@ use serde_json::json;
 use super::Failure;
 use crate::api::proto;
 use crate::client::{Client, Profile};
+use crate::xks::client::{HttpVersion, XksClient};
+use crate::xks::sigv4::Credential;
+
+/// The XKS proxy as a bench target: each worker opens its own connection (HTTP/1.1 carries one
+/// request at a time; AWS KMS itself spreads its calls over many connections).
+#[derive(Debug, Clone)]
+pub struct XksTarget {
+    /// Where the proxy listens.
+    pub addr: std::net::SocketAddr,
+    /// The name its certificate is checked against (and the `Host`).
+    pub server_name: String,
+    /// Trust anchors for its certificate.
+    pub roots: rustls::RootCertStore,
+    /// The prefix's path (before `/kms/xks/v1`).
+    pub path: String,
+    /// The external key id.
+    pub external_key: String,
+    /// The SigV4 credential to sign with.
+    pub credential: Credential,
+    /// The SigV4 region.
+    pub region: String,
+    /// HTTP/1.1 or HTTP/2.
+    pub http: HttpVersion,
+}
+
+/// One worker's connection.
+enum Conn {
+    Grpc(Client),
+    Xks(XksClient, Arc<XksTarget>),
+}
+
+impl Conn {
+    /// Sends one request of kind `op`; `blob` gives a ciphertext to unwrap (gRPC blob or the
+    /// XKS Encrypt answer). Returns the error name on failure.
+    async fn call(
+        &mut self,
+        op: BenchOp,
+        key: &str,
+        payload: &[u8],
+        aad: &[u8],
+        blob: &[u8],
+    ) -> Result<(), String> {
+        let client = match self {
+            Conn::Grpc(client) => client,
+            Conn::Xks(client, target) => {
+                return xks_call(client, target, op, payload, aad, blob).await;
+            }
+        };
+        let mut keys = client.keys();
+        let result = match op {
+            BenchOp::Wrap | BenchOp::Mixed => keys
+                .wrap(proto::WrapRequest {
+                    key: key.to_owned(),
+                    plaintext: payload.to_vec(),
+                    aad: aad.to_vec(),
+                })
+                .await
+                .map(|_| ()),
+            BenchOp::Unwrap => keys
+                .unwrap(proto::UnwrapRequest {
+                    ciphertext: blob.to_vec(),
+                    aad: aad.to_vec(),
+                    key: String::new(),
+                })
+                .await
+                .map(|_| ()),
+            BenchOp::Datakey => keys
+                .generate_data_key(proto::GenerateDataKeyRequest {
+                    key: key.to_owned(),
+                    aad: aad.to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            BenchOp::Rewrap => keys
+                .rewrap(proto::RewrapRequest {
+                    ciphertext: blob.to_vec(),
+                    aad: aad.to_vec(),
+                    key: String::new(),
+                })
+                .await
+                .map(|_| ()),
+        };
+        result.map_err(|s| super::code_name(s.code()).to_owned())
+    }
+}
+
+/// One XKS Encrypt (wrap, datakey) or Decrypt (unwrap; `blob` is an Encrypt answer).
+async fn xks_call(
+    client: &mut XksClient,
+    target: &XksTarget,
+    op: BenchOp,
+    payload: &[u8],
+    aad: &[u8],
+    blob: &[u8],
+) -> Result<(), String> {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let meta = json!({
+        "awsPrincipalArn": "arn:aws:iam::000000000000:user/tresor-bench",
+        "kmsKeyArn": "arn:aws:kms:bench:000000000000:key/tresor-bench",
+        "kmsOperation": "Encrypt",
+        "kmsRequestId": "tresor-bench",
+    });
+    let (operation, body) = match op {
+        BenchOp::Unwrap | BenchOp::Rewrap => {
+            let encrypted: serde_json::Value =
+                serde_json::from_slice(blob).map_err(|_| "no ciphertext to decrypt".to_owned())?;
+            (
+                "decrypt",
+                json!({
+                    "requestMetadata": meta,
+                    "ciphertext": encrypted["ciphertext"],
+                    "ciphertextMetadata": encrypted["ciphertextMetadata"],
+                    "initializationVector": encrypted["initializationVector"],
+                    "authenticationTag": encrypted["authenticationTag"],
+                    "additionalAuthenticatedData": b64(aad),
+                    "encryptionAlgorithm": "AES_GCM",
+                }),
+            )
+        }
+        _ => (
+            "encrypt",
+            json!({
+                "requestMetadata": meta,
+                "plaintext": b64(payload),
+                "additionalAuthenticatedData": b64(aad),
+                "encryptionAlgorithm": "AES_GCM",
+            }),
+        ),
+    };
+    let path = format!(
+        "{}/kms/xks/v1/keys/{}/{operation}",
+        target.path, target.external_key
+    );
+    let body = bytes::Bytes::from(body.to_string());
+    let (status, answer) = client
+        .send(xks_request(client, target, &path, body))
+        .await
+        .map_err(|_| "CONNECTION".to_owned())?;
+    if status == http::StatusCode::OK {
+        return Ok(());
+    }
+    let name = serde_json::from_slice::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|v| v["errorName"].as_str().map(str::to_owned));
+    Err(name.unwrap_or_else(|| format!("HTTP {}", status.as_u16())))
+}
+
+/// A request signed as AWS KMS signs it (SigV4, `host;x-amz-date`).
+fn xks_request(
+    client: &XksClient,
+    target: &XksTarget,
+    path: &str,
+    body: bytes::Bytes,
+) -> http::Request<bytes::Bytes> {
+    let (authorization, date) = crate::xks::sigv4::sign(
+        &target.credential,
+        &target.region,
+        &client.authority,
+        path,
+        &body,
+        std::time::SystemTime::now(),
+    );
+    let mut request = client.request(http::Method::POST, path, body);
+    for (name, value) in [("authorization", authorization), ("x-amz-date", date)] {
+        if let Ok(v) = http::HeaderValue::from_str(&value) {
+            request.headers_mut().insert(name, v);
+        }
+    }
+    request
+}
+
+/// Where the load goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The gRPC API, with a connection profile.
+    Grpc(Profile),
+    /// The XKS proxy.
+    Xks(XksTarget),
+}
 
 /// Operations the benchmark can send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -76,11 +258,87 @@ fn histogram() -> Result<Histogram<u64>, Failure> {
         .map_err(|e| Failure::new(1, format!("histogram: {e}"), "report this"))
 }
 
-/// Runs the plan against the server of `profile`.
-pub async fn run(profile: &Profile, plan: &BenchPlan) -> Result<BenchReport, Failure> {
-    let mut clients = Vec::with_capacity(plan.connections);
-    for _ in 0..plan.connections.max(1) {
-        clients.push(Client::connect(profile).await?);
+/// A ciphertext to unwrap: a Tresor blob, or an XKS Encrypt answer (JSON).
+async fn make_blob(
+    conn: &mut Conn,
+    key: &str,
+    payload: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, Failure> {
+    match conn {
+        Conn::Grpc(client) => Ok(client
+            .keys()
+            .wrap(proto::WrapRequest {
+                key: key.to_owned(),
+                plaintext: payload.to_vec(),
+                aad: aad.to_vec(),
+            })
+            .await
+            .map_err(|s| super::from_status(&s))?
+            .into_inner()
+            .ciphertext),
+        Conn::Xks(client, target) => {
+            use base64::Engine;
+            let body = json!({
+                "requestMetadata": {
+                    "awsPrincipalArn": "arn:aws:iam::000000000000:user/tresor-bench",
+                    "kmsKeyArn": "arn:aws:kms:bench:000000000000:key/tresor-bench",
+                    "kmsOperation": "Encrypt",
+                    "kmsRequestId": "tresor-bench-setup",
+                },
+                "plaintext": base64::engine::general_purpose::STANDARD.encode(payload),
+                "additionalAuthenticatedData": base64::engine::general_purpose::STANDARD.encode(aad),
+                "encryptionAlgorithm": "AES_GCM",
+            });
+            let path = format!(
+                "{}/kms/xks/v1/keys/{}/encrypt",
+                target.path, target.external_key
+            );
+            let request = xks_request(client, target, &path, bytes::Bytes::from(body.to_string()));
+            let (status, answer) = client.send(request).await.map_err(|e| {
+                Failure::new(69, format!("XKS proxy: {e}"), "check --xks and --xks-ca")
+            })?;
+            if status != http::StatusCode::OK {
+                return Err(Failure::new(
+                    1,
+                    format!(
+                        "XKS Encrypt failed ({status}): {}",
+                        String::from_utf8_lossy(&answer)
+                    ),
+                    "check --xks-key, the credentials and the key's usage",
+                ));
+            }
+            Ok(answer.to_vec())
+        }
+    }
+}
+
+/// Runs the plan against `target`.
+pub async fn run(target: &Target, plan: &BenchPlan) -> Result<BenchReport, Failure> {
+    let workers = plan.connections.max(1) * plan.in_flight.max(1);
+    let mut conns = Vec::with_capacity(workers);
+    match target {
+        Target::Grpc(profile) => {
+            let mut clients = Vec::with_capacity(plan.connections);
+            for _ in 0..plan.connections.max(1) {
+                clients.push(Client::connect(profile).await?);
+            }
+            for w in 0..workers {
+                conns.push(Conn::Grpc(clients[w % clients.len()].clone()));
+            }
+        }
+        Target::Xks(x) => {
+            let x = Arc::new(x.clone());
+            for _ in 0..workers {
+                let client =
+                    XksClient::connect(x.addr, &x.server_name, x.roots.clone(), x.http, None)
+                        .await
+                        .map_err(|e| {
+                            Failure::new(69, format!("XKS proxy: {e}"), "check --xks and --xks-ca")
+                        })?;
+                conns.push(Conn::Xks(client, Arc::clone(&x)));
+            }
+        }
     }
     let payload = vec![0x5a; plan.payload.max(1)];
     let aad = vec![0xa5; plan.aad];
@@ -90,20 +348,10 @@ pub async fn run(profile: &Profile, plan: &BenchPlan) -> Result<BenchReport, Fai
     let mut blobs = Vec::new();
     if needs_blobs {
         for _ in 0..64 {
-            let r = clients[0]
-                .keys()
-                .wrap(proto::WrapRequest {
-                    key: plan.key.clone(),
-                    plaintext: payload.clone(),
-                    aad: aad.clone(),
-                })
-                .await
-                .map_err(|s| super::from_status(&s))?;
-            blobs.push(r.into_inner().ciphertext);
+            blobs.push(make_blob(&mut conns[0], &plan.key, &payload, &aad).await?);
         }
     }
     let blobs = Arc::new(blobs);
-    let workers = plan.connections.max(1) * plan.in_flight.max(1);
     let issued = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -120,8 +368,7 @@ pub async fn run(profile: &Profile, plan: &BenchPlan) -> Result<BenchReport, Fai
     );
 
     let mut tasks = Vec::with_capacity(workers);
-    for w in 0..workers {
-        let client = clients[w % clients.len()].clone();
+    for (w, mut conn) in conns.into_iter().enumerate() {
         let (blobs, issued, done, progress) = (
             Arc::clone(&blobs),
             Arc::clone(&issued),
@@ -176,47 +423,15 @@ pub async fn run(profile: &Profile, plan: &BenchPlan) -> Result<BenchReport, Fai
                 if limit.is_some_and(|l| n >= l) {
                     break;
                 }
-                let blob = || blobs[(n as usize) % blobs.len().max(1)].clone();
                 let this = match op {
                     BenchOp::Mixed if n % 2 == 0 => BenchOp::Wrap,
                     BenchOp::Mixed => BenchOp::Unwrap,
                     other => other,
                 };
-                let mut keys = client.keys();
-                let result = match this {
-                    BenchOp::Wrap | BenchOp::Mixed => keys
-                        .wrap(proto::WrapRequest {
-                            key: key.clone(),
-                            plaintext: payload.clone(),
-                            aad: aad.clone(),
-                        })
-                        .await
-                        .map(|_| ()),
-                    BenchOp::Unwrap => keys
-                        .unwrap(proto::UnwrapRequest {
-                            ciphertext: blob(),
-                            aad: aad.clone(),
-                            key: String::new(),
-                        })
-                        .await
-                        .map(|_| ()),
-                    BenchOp::Datakey => keys
-                        .generate_data_key(proto::GenerateDataKeyRequest {
-                            key: key.clone(),
-                            aad: aad.clone(),
-                            ..Default::default()
-                        })
-                        .await
-                        .map(|_| ()),
-                    BenchOp::Rewrap => keys
-                        .rewrap(proto::RewrapRequest {
-                            ciphertext: blob(),
-                            aad: aad.clone(),
-                            key: String::new(),
-                        })
-                        .await
-                        .map(|_| ()),
-                };
+                let blob: &[u8] = blobs
+                    .get((n as usize) % blobs.len().max(1))
+                    .map_or(&[], |b| b.as_slice());
+                let result = conn.call(this, &key, &payload, &aad, blob).await;
                 match result {
                     Ok(()) => {
                         ok += 1;
@@ -224,11 +439,7 @@ pub async fn run(profile: &Profile, plan: &BenchPlan) -> Result<BenchReport, Fai
                             u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX);
                         latency.saturating_record(micros.max(1));
                     }
-                    Err(s) => {
-                        *errors
-                            .entry(super::code_name(s.code()).to_owned())
-                            .or_default() += 1
-                    }
+                    Err(name) => *errors.entry(name).or_default() += 1,
                 }
                 done.fetch_add(1, Ordering::Relaxed);
                 progress.inc(1);

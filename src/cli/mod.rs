@@ -400,9 +400,29 @@ struct RewrapArgs {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
-    /// The key to use (tenants/{tenant}/keys/{key}); not needed with --raw-hsm.
-    #[arg(long, required_unless_present = "raw_hsm")]
+    /// The key to use (tenants/{tenant}/keys/{key}); not needed with --raw-hsm or --xks.
+    #[arg(long, required_unless_present_any = ["raw_hsm", "xks"])]
     key: Option<String>,
+    /// Load the XKS proxy instead of the gRPC API: its base URL up to the path prefix, e.g.
+    /// https://xks.example.org:443/uksh (requests go to {URL}/kms/xks/v1/...). wrap = Encrypt,
+    /// unwrap = Decrypt, mixed = both; one connection per request in flight.
+    #[arg(long, requires_all = ["xks_key", "xks_credentials", "xks_region", "xks_ca"], conflicts_with_all = ["raw_hsm", "compare_raw"])]
+    xks: Option<String>,
+    /// The external key id to use with --xks.
+    #[arg(long)]
+    xks_key: Option<String>,
+    /// A credentials file as the proxy reads it (its first pair signs).
+    #[arg(long)]
+    xks_credentials: Option<PathBuf>,
+    /// The SigV4 region the proxy expects.
+    #[arg(long)]
+    xks_region: Option<String>,
+    /// CA certificate(s) (PEM) that issued the proxy's certificate.
+    #[arg(long)]
+    xks_ca: Option<PathBuf>,
+    /// Speak HTTP/1.1 to the proxy (default HTTP/2).
+    #[arg(long)]
+    xks_http1: bool,
     /// Measure the ceiling instead: the same AES-GCM encryptions directly on the server's
     /// PKCS#11 module and token (from --config), no gRPC, no audit.
     #[arg(long, requires = "config", conflicts_with = "compare_raw")]
@@ -441,6 +461,87 @@ struct BenchArgs {
     /// scheduled start).
     #[arg(long)]
     rate: Option<f64>,
+}
+
+/// The bench's XKS target from `--xks URL` and its companions.
+async fn xks_target(url: &str, a: &BenchArgs) -> Result<bench::XksTarget, Failure> {
+    let usage = |what: String| {
+        Failure::new(
+            64,
+            what,
+            "write --xks https://HOST[:PORT][/PREFIX], e.g. https://xks.example.org/uksh",
+        )
+    };
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| usage(format!("{url:?} is not an https:// URL")))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| usage(format!("{p:?} is not a port")))?,
+        ),
+        None => (authority, 443),
+    };
+    let addr = tokio::net::lookup_host((host, port))
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| usage(format!("cannot resolve {host}")))?;
+    let missing = |flag: &str| {
+        Failure::new(
+            64,
+            format!("{flag} is missing"),
+            "--xks needs --xks-key, --xks-credentials, --xks-region and --xks-ca",
+        )
+    };
+    let credentials_path = a
+        .xks_credentials
+        .as_deref()
+        .ok_or_else(|| missing("--xks-credentials"))?;
+    let credential = crate::xks::SharedCredentials::load(credentials_path)
+        .map_err(|e| {
+            Failure::new(
+                64,
+                e.to_string(),
+                "give the proxy's credentials file (mode 0600)",
+            )
+        })?
+        .current()
+        .first()
+        .cloned()
+        .ok_or_else(|| missing("a credential"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = a.xks_ca.as_deref().ok_or_else(|| missing("--xks-ca"))?;
+    for cert in crate::pki::load_certs(ca).map_err(|e| {
+        Failure::new(
+            64,
+            e.to_string(),
+            "give the CA that issued the proxy's certificate",
+        )
+    })? {
+        roots
+            .add(cert)
+            .map_err(|e| Failure::new(64, e.to_string(), "give a CA certificate in PEM"))?;
+    }
+    Ok(bench::XksTarget {
+        addr,
+        server_name: host.to_owned(),
+        roots,
+        path: path.trim_end_matches('/').to_owned(),
+        external_key: a.xks_key.clone().ok_or_else(|| missing("--xks-key"))?,
+        credential,
+        region: a
+            .xks_region
+            .clone()
+            .ok_or_else(|| missing("--xks-region"))?,
+        http: if a.xks_http1 {
+            crate::xks::client::HttpVersion::Http1
+        } else {
+            crate::xks::client::HttpVersion::Http2
+        },
+    })
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -657,10 +758,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 out.raw(&r, threads, None);
                 return Ok(());
             }
-            let path = cli.profile.as_deref().ok_or_else(|| {
-                Failure::new(64, "no connection profile", "pass --profile FILE or set TRESOR_PROFILE (see README \"Connection profiles\")")
-            })?;
-            let profile = Profile::load(path)?;
+            let target = match &a.xks {
+                Some(url) => bench::Target::Xks(xks_target(url, &a).await?),
+                None => {
+                    let path = cli.profile.as_deref().ok_or_else(|| {
+                        Failure::new(64, "no connection profile", "pass --profile FILE or set TRESOR_PROFILE (see README \"Connection profiles\")")
+                    })?;
+                    bench::Target::Grpc(Profile::load(path)?)
+                }
+            };
             let plan = bench::BenchPlan {
                 key: a.key.clone().unwrap_or_default(),
                 op: a.op,
@@ -672,7 +778,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 aad: a.aad,
                 rate: a.rate,
             };
-            let report = bench::run(&profile, &plan).await?;
+            let report = bench::run(&target, &plan).await?;
             let raw_report = if a.compare_raw {
                 let config = a.config.clone().unwrap_or_default();
                 let duration = plan.duration;
@@ -754,9 +860,18 @@ async fn serve(config_path: &Path) -> Result<(), Failure> {
         tracing::info!(%metrics, "metrics endpoint");
         println!("tresor: metrics on http://{metrics}/metrics");
     }
+    let (xks, ping) = server.xks_addrs();
+    if let Some(xks) = xks {
+        tracing::info!(%xks, "AWS KMS external key store proxy");
+        println!("tresor: xks on {xks}");
+    }
+    if let Some(ping) = ping {
+        println!("tresor: xks ping on http://{ping}/ping");
+    }
     let _ = std::io::stdout().flush();
 
-    let policy = server.policy();
+    let server = std::sync::Arc::new(server);
+    let reloader = std::sync::Arc::clone(&server);
     let Signals {
         mut hangup,
         mut terminate,
@@ -764,12 +879,7 @@ async fn serve(config_path: &Path) -> Result<(), Failure> {
     } = signals;
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
-            match policy.reload() {
-                Ok(n) => tracing::info!(identities = n, "access policy reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "access policy NOT reloaded; the previous policy stays in force")
-                }
-            }
+            reloader.reload();
         }
     });
     let shutdown = async move {

@@ -336,6 +336,10 @@ pub fn audit_item(r: proto::AuditRecord) -> Result<crate::audit::record::ExportI
                 peer: r.peer,
                 aad_hmac: r.aad_hmac,
                 node: r.node,
+                kms_request_id: r.kms_request_id,
+                kms_operation: r.kms_operation,
+                aws_principal_arn: r.aws_principal_arn,
+                kms_key_arn: r.kms_key_arn,
             },
         }),
         Ok(proto::AuditItemKind::Withheld) => ExportItem::Withheld {

@@ -270,6 +270,19 @@ pub struct VersionInfo {
     pub wraps_at_most: u64,
 }
 
+/// What [`Custody::seal_raw`] returns: the pieces of an AES-GCM encryption, no blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawSealed {
+    /// The version that encrypted.
+    pub version_id: VersionId,
+    /// Its full name.
+    pub key_version: String,
+    /// The random IV.
+    pub iv: [u8; IV_LEN],
+    /// Ciphertext followed by the 16-byte tag.
+    pub sealed: Vec<u8>,
+}
+
 /// A wrapped blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wrapped {
@@ -1009,47 +1022,13 @@ impl Custody {
         plaintext: Zeroizing<Vec<u8>>,
         aad: &[u8],
     ) -> Result<Wrapped, CustodyError> {
-        if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT_LEN {
-            return Err(CustodyError::InvalidArgument(format!(
-                "plaintext must be 1 to {MAX_PLAINTEXT_LEN} bytes, not {}",
-                plaintext.len()
-            )));
-        }
+        check_plaintext(&plaintext)?;
         check_aad(aad)?;
-        self.refresh_if_stale(name).await?;
-        let version = {
-            let entry = self.entry(name)?;
-            if !entry.usage.encrypts() {
-                return Err(CustodyError::UsageForbidden {
-                    key: name.to_string(),
-                    usage: entry.usage,
-                    operation: "encrypt",
-                });
-            }
-            let primary = entry.primary_version().cloned();
-            primary.ok_or_else(|| CustodyError::VersionNotFound(name.version(entry.primary)))?
-        };
-        usable(&version)?;
-        match version.wraps.take(&self.inner.store, &version.id).await? {
-            Take::Granted => {}
-            Take::Exhausted => {
-                return Err(CustodyError::VersionExhausted(
-                    version.full_name.to_string(),
-                ));
-            }
-        }
-        let mut iv = [0u8; IV_LEN];
-        self.inner
-            .rng
-            .fill(&mut iv)
-            .map_err(|_| CustodyError::Internal("no system randomness".into()))?;
-        let full_aad = envelope::gcm_aad(&version.id, &version.full_name, aad);
-        let sealed = self
-            .inner
-            .hsm
-            .encrypt_gcm(ObjectId(version.id.0), iv, full_aad, plaintext)
-            .await
-            .map_err(|e| self.hsm_failure(&version, e))?;
+        let (version, iv, sealed) = self
+            .seal_under_primary(name, plaintext, |v| {
+                envelope::gcm_aad(&v.id, &v.full_name, aad)
+            })
+            .await?;
         Ok(Wrapped {
             ciphertext: envelope::encode(&version.id, &iv, &sealed),
             key_version: version.full_name.to_string(),
@@ -1141,6 +1120,51 @@ impl Custody {
         })
     }
 
+    /// Encrypts under the primary version of an authorized key (usage, state and wrap budget
+    /// checked, a fresh random IV) with the GCM AAD `aad_for` builds for that version.
+    async fn seal_under_primary(
+        &self,
+        name: &KeyName,
+        plaintext: Zeroizing<Vec<u8>>,
+        aad_for: impl FnOnce(&VersionEntry) -> Vec<u8>,
+    ) -> Result<(Arc<VersionEntry>, [u8; IV_LEN], Vec<u8>), CustodyError> {
+        self.refresh_if_stale(name).await?;
+        let version = {
+            let entry = self.entry(name)?;
+            if !entry.usage.encrypts() {
+                return Err(CustodyError::UsageForbidden {
+                    key: name.to_string(),
+                    usage: entry.usage,
+                    operation: "encrypt",
+                });
+            }
+            let primary = entry.primary_version().cloned();
+            primary.ok_or_else(|| CustodyError::VersionNotFound(name.version(entry.primary)))?
+        };
+        usable(&version)?;
+        match version.wraps.take(&self.inner.store, &version.id).await? {
+            Take::Granted => {}
+            Take::Exhausted => {
+                return Err(CustodyError::VersionExhausted(
+                    version.full_name.to_string(),
+                ));
+            }
+        }
+        let mut iv = [0u8; IV_LEN];
+        self.inner
+            .rng
+            .fill(&mut iv)
+            .map_err(|_| CustodyError::Internal("no system randomness".into()))?;
+        let full_aad = aad_for(&version);
+        let sealed = self
+            .inner
+            .hsm
+            .encrypt_gcm(ObjectId(version.id.0), iv, full_aad, plaintext)
+            .await
+            .map_err(|e| self.hsm_failure(&version, e))?;
+        Ok((version, iv, sealed))
+    }
+
     /// Parses, resolves, authorizes and decrypts a blob; returns the plaintext, its version and
     /// the snapshot of its key that was checked.
     async fn open_blob(
@@ -1156,13 +1180,37 @@ impl Custody {
         }
         check_aad(aad)?;
         let blob = envelope::parse(ciphertext).map_err(CustodyError::MalformedCiphertext)?;
-        self.refresh_for_version(&blob.version_id).await?;
+        let (version, entry) = self
+            .decrypting_version(grant, &blob.version_id, expected_key)
+            .await?;
+        let full_aad = envelope::gcm_aad(&version.id, &version.full_name, aad);
+        let plaintext = self
+            .inner
+            .hsm
+            .decrypt_gcm(
+                ObjectId(version.id.0),
+                blob.iv,
+                full_aad,
+                blob.sealed.to_vec(),
+            )
+            .await
+            .map_err(|e| self.hsm_failure(&version, e))?;
+        Ok((plaintext, version, entry))
+    }
+
+    /// The version that may decrypt a ciphertext naming `id`: known (re-read if stale or new
+    /// on another node), of `expected_key` when given, covered by the grant, of a key whose
+    /// usage allows decrypt, at or above the minimum decryption version, and usable.
+    async fn decrypting_version(
+        &self,
+        grant: &Grant,
+        id: &VersionId,
+        expected_key: Option<&KeyName>,
+    ) -> Result<(Arc<VersionEntry>, Arc<KeyEntry>), CustodyError> {
+        self.refresh_for_version(id).await?;
         let (version, entry) = {
             let cache = read(&self.inner.cache);
-            let key = cache
-                .versions
-                .get(&blob.version_id)
-                .ok_or(CustodyError::UnknownVersion)?;
+            let key = cache.versions.get(id).ok_or(CustodyError::UnknownVersion)?;
             if let Some(expected) = expected_key
                 && expected != key
             {
@@ -1182,7 +1230,7 @@ impl Custody {
             let version = entry
                 .versions
                 .iter()
-                .find(|v| v.id == blob.version_id)
+                .find(|v| v.id == *id)
                 .cloned()
                 .ok_or(CustodyError::UnknownVersion)?;
             if version.number < entry.min_decryption_version {
@@ -1193,19 +1241,69 @@ impl Custody {
             (version, Arc::clone(entry))
         };
         usable(&version)?;
-        let full_aad = envelope::gcm_aad(&version.id, &version.full_name, aad);
+        Ok((version, entry))
+    }
+
+    // ---- raw AES-GCM for the XKS proxy --------------------------------------------------
+
+    /// A key's usage and whether its primary version can encrypt now (enabled, not lost or
+    /// worn out), for a service caller (the XKS proxy's GetKeyMetadata).
+    pub async fn usage_and_state(
+        &self,
+        grant: &Grant,
+        name: &KeyName,
+    ) -> Result<(KeyUsage, bool), CustodyError> {
+        authorize(grant, Role::Service, name)?;
+        self.refresh_if_stale(name).await?;
+        let entry = self.entry(name)?;
+        let enabled = entry.primary_version().is_some_and(|v| usable(v).is_ok());
+        Ok((entry.usage, enabled))
+    }
+
+    /// Encrypts `plaintext` under the key's primary version with the GCM AAD `aad_for` builds
+    /// from the version id (the XKS proxy binds it; see `crate::xks`). Same rules as
+    /// [`Custody::wrap`] (grant, usage, version state, wrap budget); no Tresor blob.
+    pub async fn seal_raw(
+        &self,
+        grant: &Grant,
+        name: &KeyName,
+        plaintext: Zeroizing<Vec<u8>>,
+        aad_for: impl FnOnce(&VersionId) -> Vec<u8>,
+    ) -> Result<RawSealed, CustodyError> {
+        authorize(grant, Role::Service, name)?;
+        check_plaintext(&plaintext)?;
+        let (version, iv, sealed) = self
+            .seal_under_primary(name, plaintext, |v| aad_for(&v.id))
+            .await?;
+        Ok(RawSealed {
+            version_id: version.id,
+            key_version: version.full_name.to_string(),
+            iv,
+            sealed,
+        })
+    }
+
+    /// Decrypts what [`Custody::seal_raw`] produced under version `id` of key `name`. Same
+    /// rules as [`Custody::unwrap`]; a version of another key is [`CustodyError::WrongKey`].
+    pub async fn open_raw(
+        &self,
+        grant: &Grant,
+        name: &KeyName,
+        id: &VersionId,
+        iv: [u8; IV_LEN],
+        sealed: Vec<u8>,
+        full_aad: Vec<u8>,
+    ) -> Result<(Zeroizing<Vec<u8>>, String), CustodyError> {
+        grant.require(Role::Service)?;
+        grant.check_key(name)?;
+        let (version, _) = self.decrypting_version(grant, id, Some(name)).await?;
         let plaintext = self
             .inner
             .hsm
-            .decrypt_gcm(
-                ObjectId(version.id.0),
-                blob.iv,
-                full_aad,
-                blob.sealed.to_vec(),
-            )
+            .decrypt_gcm(ObjectId(version.id.0), iv, full_aad, sealed)
             .await
             .map_err(|e| self.hsm_failure(&version, e))?;
-        Ok((plaintext, version, entry))
+        Ok((plaintext, version.full_name.to_string()))
     }
 
     /// Maps an HSM failure on a version's key; a missing object marks the version lost.
@@ -1417,6 +1515,16 @@ fn check_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(
                 "label {k:?}: values are 0-63 characters of a-z, 0-9, '-', '_'"
             )));
         }
+    }
+    Ok(())
+}
+
+fn check_plaintext(plaintext: &[u8]) -> Result<(), CustodyError> {
+    if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT_LEN {
+        return Err(CustodyError::InvalidArgument(format!(
+            "plaintext must be 1 to {MAX_PLAINTEXT_LEN} bytes, not {}",
+            plaintext.len()
+        )));
     }
     Ok(())
 }

@@ -181,9 +181,25 @@ pub enum HsmError {
     /// The module, device or session is gone and did not come back within one retry.
     #[error("HSM unavailable: {0}")]
     Unavailable(String),
+    /// The call did not finish (or get a session) before its deadline (`hsm.call_timeout_ms`).
+    #[error("HSM unavailable: {0} before the call's deadline")]
+    Deadline(&'static str),
     /// Any other PKCS#11 failure.
     #[error("PKCS#11 call failed: {0}")]
     Pkcs11(CkError),
+}
+
+/// A token's identity as it reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenDescription {
+    /// `manufacturerID`.
+    pub manufacturer: String,
+    /// `model`.
+    pub model: String,
+    /// `serialNumber`.
+    pub serial: String,
+    /// Firmware version, `major.minor`.
+    pub firmware: String,
 }
 
 /// A token object found while listing, for reconciliation.
@@ -470,6 +486,22 @@ impl Hsm {
             })
         });
         Ok(Self { inner })
+    }
+
+    /// What the token says about itself (manufacturer, model, serial, firmware).
+    pub async fn token_description(&self) -> Result<TokenDescription, HsmError> {
+        self.run(Call::Other, Retry::Once, |cx| {
+            let slot = cx.session.get_session_info()?.slot_id();
+            let info = cx.inner.pkcs11.get_token_info(slot)?;
+            let firmware = info.firmware_version();
+            Ok(TokenDescription {
+                manufacturer: info.manufacturer_id().trim().to_owned(),
+                model: info.model().trim().to_owned(),
+                serial: info.serial_number().trim().to_owned(),
+                firmware: format!("{}.{}", firmware.major(), firmware.minor()),
+            })
+        })
+        .await
     }
 
     /// Whether hot calls currently run on the async worker ([`Dispatch`]).
@@ -833,9 +865,7 @@ impl Hsm {
                     // session permit and never the slot, so neither waits for the other.
                     let _slot = tokio::time::timeout_at(deadline, self.inner.inline_slot.acquire())
                         .await
-                        .map_err(|_| {
-                            unavailable("the HSM did not answer before the call's deadline")
-                        })?
+                        .map_err(|_| HsmError::Deadline("the HSM did not answer"))?
                         .map_err(|_| unavailable("session pool closed"))?;
                     // Asked again: calls queued for the slot while the module turned slow
                     // must not each take their turn on the worker.
@@ -853,7 +883,7 @@ impl Hsm {
                 });
                 tokio::time::timeout_at(deadline, worker)
                     .await
-                    .map_err(|_| unavailable("the HSM did not answer before the call's deadline"))?
+                    .map_err(|_| HsmError::Deadline("the HSM did not answer"))?
                     .map_err(|e| unavailable(format_args!("PKCS#11 worker failed: {e}")))?
             };
 
@@ -919,7 +949,7 @@ async fn acquire(
 ) -> Result<tokio::sync::OwnedSemaphorePermit, HsmError> {
     tokio::time::timeout_at(deadline, Arc::clone(permits).acquire_owned())
         .await
-        .map_err(|_| unavailable("no HSM session became free before the call's deadline"))?
+        .map_err(|_| HsmError::Deadline("no HSM session became free"))?
         .map_err(|_| unavailable("session pool closed"))
 }
 

@@ -43,6 +43,10 @@ fn record_row(r: &sqlx::any::AnyRow) -> Result<(Record, [u8; 32]), StoreError> {
                 peer: r.try_get("peer")?,
                 aad_hmac: r.try_get("aad_hmac")?,
                 node: r.try_get("node")?,
+                kms_request_id: r.try_get("kms_request_id")?,
+                kms_operation: r.try_get("kms_operation")?,
+                aws_principal_arn: r.try_get("aws_principal_arn")?,
+                kms_key_arn: r.try_get("kms_key_arn")?,
             },
         },
         hash32(&r.try_get::<String, _>("hash")?)?,
@@ -162,16 +166,21 @@ where
             .bind(&r.body.peer)
             .bind(&r.body.aad_hmac)
             .bind(&r.body.node)
+            .bind(&r.body.kms_request_id)
+            .bind(&r.body.kms_operation)
+            .bind(&r.body.aws_principal_arn)
+            .bind(&r.body.kms_key_arn)
             .bind(to_hex(hash));
     }
     query.persistent(false).execute(db).await?;
     Ok(())
 }
 
-const RECORD_COLUMN_COUNT: usize = 17;
+const RECORD_COLUMN_COUNT: usize = 21;
 
 const RECORD_COLUMNS: &str = "seq, prev_hash, time_ms, tenant, request_id, caller, fingerprint, role, operation, \
-     key_name, key_version, outcome, status_code, peer, aad_hmac, node, hash";
+     key_name, key_version, outcome, status_code, peer, aad_hmac, node, kms_request_id, \
+     kms_operation, aws_principal_arn, kms_key_arn, hash";
 
 impl Store {
     /// The last record's sequence number, hash and time, if any.

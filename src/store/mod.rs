@@ -591,6 +591,28 @@ impl Store {
         )))
     }
 
+    /// Records that node `node` is alive at `now` (for the XKS health answer's fleet size).
+    pub async fn heartbeat(&self, node: &str, now: Millis) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nodes (node_id, last_seen) VALUES ($1, $2) \
+             ON CONFLICT (node_id) DO UPDATE SET last_seen = excluded.last_seen",
+        )
+        .bind(node)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// How many nodes were alive at or after `since`.
+    pub async fn live_nodes(&self, since: Millis) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nodes WHERE last_seen >= $1")
+            .bind(since)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// The key (tenant, name) a version id belongs to, if any.
     pub async fn key_of_version(
         &self,

@@ -391,8 +391,13 @@ pub struct TestServer {
     /// The metrics endpoint, when `server.metrics_listen` is configured.
     #[allow(dead_code)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// The XKS proxy's HTTPS and ping addresses, when `[xks]` is configured.
+    #[allow(dead_code)]
+    pub xks: (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>),
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), tresor::api::server::StartError>>>,
+    /// For [`TestServer::reload`]; dropped before stopping, so the HSM context is released.
+    server: Option<std::sync::Arc<tresor::api::server::Server>>,
 }
 
 impl TestServer {
@@ -434,17 +439,33 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let metrics = server.metrics_addr();
         let policy = server.policy();
+        let xks = server.xks_addrs();
+        let server = std::sync::Arc::new(server);
+        let serving = std::sync::Arc::clone(&server);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(server.serve(listener, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(async move {
+            serving
+                .serve(listener, async move {
+                    let _ = rx.await;
+                })
+                .await
+        });
         Self {
             deployment,
             addr,
             policy,
             metrics,
+            xks,
             shutdown: Some(tx),
             task: Some(task),
+            server: Some(server),
+        }
+    }
+
+    /// What SIGHUP does: re-reads the policy and the XKS credentials.
+    pub fn reload(&self) {
+        if let Some(server) = &self.server {
+            server.reload();
         }
     }
 
@@ -469,6 +490,7 @@ impl TestServer {
     /// test can start it again.
     #[allow(dead_code)]
     pub async fn stop_keeping(mut self) -> Deployment {
+        self.server = None;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -480,6 +502,7 @@ impl TestServer {
 
     /// Stops the server and waits for it to finish.
     pub async fn stop(mut self) {
+        self.server = None;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

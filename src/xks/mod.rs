@@ -1,0 +1,910 @@
+//! The AWS KMS external key store (XKS) proxy API: AWS KMS calls this over HTTPS for every
+//! encrypt and decrypt of a key in an external key store, so the key stays in the operator's
+//! HSM ("AWS KMS External Key Store (XKS) Proxy API Specification" v1).
+//!
+//! Owns the API's routing (`{prefix}/kms/xks/v1/...`, one prefix per tenant), authentication
+//! (SigV4, [`sigv4`]), its errors ([`wire`]), the mapping of external key ids to Tresor keys,
+//! the ciphertext layout it returns, the deep health check, and the audit record of each call.
+//! It uses custody through the same grants as the gRPC API (the prefix acts as a policy
+//! identity with role `service`), so the access policy, key usage, version states and the wrap
+//! budget apply unchanged. It never sees key material; it must not log plaintext, AAD or
+//! secrets.
+//!
+//! **Ciphertext.** Encrypt uses the key's primary version with a random 96-bit IV and returns
+//! `ciphertextMetadata` = `0x01 ‖ version id` (17 bytes), which Decrypt needs to find the
+//! version (a ciphertext without it was not made here: `InvalidCiphertextException`). The GCM
+//! AAD is the specification's, behind a domain separator so that no XKS ciphertext is ever a
+//! valid Tresor blob or the other way round:
+//! `"tresor/xks/v1\0" ‖ u16be(len aad) ‖ aad ‖ u8(len metadata) ‖ metadata`.
+
+pub mod client;
+mod credentials;
+mod server;
+pub mod sigv4;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::{Mutex, Semaphore};
+use zeroize::Zeroizing;
+
+use crate::audit::AuditLog;
+use crate::audit::record::RecordBody;
+use crate::auth::{Grant, Identity, Role, SharedPolicy};
+use crate::config::{XksConfig, XksPrefix};
+use crate::custody::{Custody, CustodyError};
+use crate::envelope::VersionId;
+use crate::hsm::{HsmError, ObjectId, TokenDescription};
+use crate::model::{KeyName, KeyUsage};
+pub use credentials::{CredentialsError, SharedCredentials};
+pub use server::{serve, serve_ping, tls_config};
+use wire::XksError;
+
+/// Largest plaintext or ciphertext accepted (the spec requires 4,300 bytes).
+pub const MAX_DATA: usize = 65_536;
+/// Largest AAD accepted (the spec requires 8,192; the GCM AAD encodes its length in 16 bits).
+pub const MAX_AAD: usize = 65_535;
+/// Largest request body read.
+const MAX_BODY: usize = 256 * 1024;
+const METADATA_FORMAT: u8 = 1;
+const GCM_AAD_DOMAIN: &[u8] = b"tresor/xks/v1\0";
+/// A health answer is never older than this (the spec: at most one minute).
+const HEALTH_MAX_AGE: Duration = Duration::from_secs(60);
+/// How often the deep health check runs in the background.
+const HEALTH_EVERY: Duration = Duration::from_secs(20);
+/// A deep check slower than this reports the HSM `DEGRADED` (KMS times out at 250 ms).
+const HEALTH_SLOW: Duration = Duration::from_millis(100);
+/// Label purpose of the health-check key in `audit_keys`.
+const HEALTH_KEY: &str = "xks-health";
+
+/// The XKS proxy service: cheap to clone.
+#[derive(Clone)]
+pub struct Xks {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Xks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Xks")
+            .field("region", &self.inner.region)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    custody: Custody,
+    audit: AuditLog,
+    policy: Arc<SharedPolicy>,
+    region: String,
+    /// Longest path first, so a prefix that is a prefix of another never shadows it.
+    prefixes: Vec<Prefix>,
+    permits: Arc<Semaphore>,
+    health_key: ObjectId,
+    health: Mutex<Option<(Instant, HealthSnapshot)>>,
+    node_id: String,
+}
+
+struct Prefix {
+    config: XksPrefix,
+    credentials: SharedCredentials,
+}
+
+#[derive(Clone)]
+struct HealthSnapshot {
+    ok: bool,
+    took: Duration,
+    token: Option<TokenDescription>,
+    fleet: u64,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum XksStartError {
+    /// A credentials file was refused.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    /// The health-check key could not be found or created.
+    #[error("XKS health-check key: {0}")]
+    HealthKey(String),
+}
+
+/// The operation a request routes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operation {
+    Health,
+    Metadata,
+    Encrypt,
+    Decrypt,
+}
+
+impl Operation {
+    fn audit_name(self) -> &'static str {
+        match self {
+            Self::Health => "XksGetHealthStatus",
+            Self::Metadata => "XksGetKeyMetadata",
+            Self::Encrypt => "XksEncrypt",
+            Self::Decrypt => "XksDecrypt",
+        }
+    }
+}
+
+/// A request as the transport hands it over.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The HTTP method.
+    pub method: http::Method,
+    /// The URI.
+    pub uri: http::Uri,
+    /// The headers.
+    pub headers: http::HeaderMap,
+    /// The body, at most [`MAX_BODY`] bytes (`None` if it was longer).
+    pub body: Option<Bytes>,
+    /// The peer address.
+    pub peer: Option<SocketAddr>,
+    /// SHA-256 of the client certificate (mTLS), hex.
+    pub client_fingerprint: String,
+}
+
+/// What goes back: status, JSON body.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// HTTP status.
+    pub status: http::StatusCode,
+    /// JSON (or plain text for `/ping`).
+    pub body: Zeroizing<String>,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+}
+
+impl Outgoing {
+    fn json(body: Zeroizing<String>) -> Self {
+        Self {
+            status: http::StatusCode::OK,
+            body,
+            content_type: "application/json",
+        }
+    }
+
+    fn error(e: &XksError) -> Self {
+        Self {
+            status: e.status(),
+            body: Zeroizing::new(e.body()),
+            content_type: "application/json",
+        }
+    }
+
+    fn plain(status: http::StatusCode, text: &str) -> Self {
+        Self {
+            status,
+            body: Zeroizing::new(text.to_owned()),
+            content_type: "text/plain",
+        }
+    }
+}
+
+/// What the audit record of a call says, filled in as the call proceeds.
+#[derive(Default)]
+struct Audit {
+    tenant: String,
+    caller: String,
+    fingerprint: String,
+    key: String,
+    key_version: String,
+    aad_hmac: String,
+    meta: wire::RequestMetadata,
+}
+
+impl Xks {
+    /// Loads every prefix's credentials and makes sure the health-check key exists.
+    pub async fn open(
+        config: &XksConfig,
+        custody: Custody,
+        audit: AuditLog,
+        policy: Arc<SharedPolicy>,
+        node_id: String,
+    ) -> Result<Self, XksStartError> {
+        let mut prefixes = Vec::with_capacity(config.prefixes.len());
+        for p in &config.prefixes {
+            prefixes.push(Prefix {
+                credentials: SharedCredentials::load(&p.credentials)?,
+                config: p.clone(),
+            });
+        }
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.config.path.len()));
+        let health_key = health_key(&custody)
+            .await
+            .map_err(XksStartError::HealthKey)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                custody,
+                audit,
+                policy,
+                region: config.region.clone(),
+                prefixes,
+                permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+                health_key,
+                health: Mutex::new(None),
+                node_id,
+            }),
+        })
+    }
+
+    /// Re-reads every prefix's credentials file (SIGHUP). A broken file keeps its prefix's
+    /// credentials in force; the errors are returned.
+    pub fn reload_credentials(&self) -> Vec<CredentialsError> {
+        self.inner
+            .prefixes
+            .iter()
+            .filter_map(|p| p.credentials.reload().err())
+            .collect()
+    }
+
+    /// Runs the deep health check every 20 s and records this node as alive, until dropped.
+    pub async fn keep_health(&self) {
+        loop {
+            self.refresh_health().await;
+            tokio::time::sleep(HEALTH_EVERY).await;
+        }
+    }
+
+    async fn refresh_health(&self) -> HealthSnapshot {
+        let custody = &self.inner.custody;
+        let now = custody.now();
+        if let Err(e) = custody.store().heartbeat(&self.inner.node_id, now).await {
+            tracing::warn!(error = %e, "could not record this node as alive");
+        }
+        let fleet = custody
+            .store()
+            .live_nodes(now - i64::try_from(HEALTH_MAX_AGE.as_millis()).unwrap_or(60_000))
+            .await
+            .unwrap_or(1)
+            .max(1);
+        let started = Instant::now();
+        let ok = deep_check(custody, self.inner.health_key).await;
+        let took = started.elapsed();
+        if let Err(e) = &ok {
+            tracing::warn!(error = %e, "XKS deep health check failed");
+        }
+        let token = custody.hsm().token_description().await.ok();
+        let snapshot = HealthSnapshot {
+            ok: ok.is_ok(),
+            took,
+            token,
+            fleet,
+        };
+        *self.inner.health.lock().await = Some((Instant::now(), snapshot.clone()));
+        snapshot
+    }
+
+    /// The latest health, at most a minute old (checked now if older).
+    async fn health(&self) -> HealthSnapshot {
+        if let Some((at, snapshot)) = self.inner.health.lock().await.as_ref()
+            && at.elapsed() <= HEALTH_MAX_AGE
+        {
+            return snapshot.clone();
+        }
+        self.refresh_health().await
+    }
+
+    /// Serves one request.
+    pub async fn handle(&self, request: Incoming) -> Outgoing {
+        let started = Instant::now();
+        let path = request.uri.path();
+        if path == "/ping" {
+            return self.ping(&request.method).await;
+        }
+        let Some((prefix, operation, external_id)) = self.route(path) else {
+            return Outgoing::error(&XksError::InvalidUriPath(format!(
+                "no XKS API at {}",
+                printable(path)
+            )));
+        };
+        if request.uri.query().is_some() {
+            return Outgoing::error(&XksError::InvalidUriPath(
+                "the XKS API takes no query string".into(),
+            ));
+        }
+        if request.method != http::Method::POST {
+            return Outgoing {
+                status: http::StatusCode::METHOD_NOT_ALLOWED,
+                body: Zeroizing::new(
+                    XksError::Validation("the XKS API is called with POST".into()).body(),
+                ),
+                content_type: "application/json",
+            };
+        }
+        let mut audit = Audit::default();
+        let request_id = crate::api::new_request_id();
+        // Held until the audit record is written, so the bound covers the whole call.
+        let permit = Arc::clone(&self.inner.permits).try_acquire_owned();
+        let result = match &permit {
+            Err(_) => Err(XksError::Throttling(
+                "too many requests in flight on this proxy; retry".into(),
+            )),
+            Ok(_) => {
+                self.call(prefix, operation, external_id, &request, &mut audit)
+                    .await
+            }
+        };
+        if let Err(XksError::Internal(_) | XksError::DependencyTimeout(_)) = &result {
+            // The HSM (or database) just failed a call: the next health answer checks anew
+            // instead of repeating a cached ACTIVE.
+            *self.inner.health.lock().await = None;
+        }
+        if let Err(e) = &result {
+            tracing::info!(%request_id, kms_request_id = audit.meta.kms_request_id.as_deref().unwrap_or(""), op = operation.audit_name(), error = e.name(), message = %e, "XKS request refused");
+        }
+        let code_name = result.as_ref().map_or_else(XksError::name, |_| "OK");
+        let outgoing = match result {
+            Ok(body) => Outgoing::json(body),
+            Err(e) => Outgoing::error(&e),
+        };
+        let outcome = match outgoing.status.as_u16() {
+            200 => "OK",
+            401 => "UNAUTHENTICATED",
+            403 => "DENIED",
+            _ => "FAILED",
+        };
+        let body = RecordBody {
+            request_id: request_id.clone(),
+            caller: audit.caller,
+            fingerprint: audit.fingerprint,
+            role: Role::Service.to_string(),
+            operation: operation.audit_name().into(),
+            key: audit.key,
+            key_version: audit.key_version,
+            outcome: outcome.into(),
+            status_code: i32::from(outgoing.status.as_u16()),
+            peer: request.peer.map(|p| p.to_string()).unwrap_or_default(),
+            aad_hmac: audit.aad_hmac,
+            kms_request_id: audit.meta.kms_request_id.unwrap_or_default(),
+            kms_operation: audit.meta.kms_operation.unwrap_or_default(),
+            aws_principal_arn: audit.meta.aws_principal_arn.unwrap_or_default(),
+            kms_key_arn: audit.meta.kms_key_arn.unwrap_or_default(),
+            ..RecordBody::default()
+        };
+        crate::metrics::global().request(operation.audit_name(), code_name, started.elapsed());
+        match self.inner.audit.append(&audit.tenant, body).await {
+            Ok(_) => outgoing,
+            Err(e) => {
+                // Fail closed: no plaintext or ciphertext leaves without its audit record.
+                tracing::error!(%request_id, error = %e, "audit record failed; the XKS result is withheld");
+                Outgoing::error(&XksError::Internal(
+                    "the audit log is unavailable; retry later".into(),
+                ))
+            }
+        }
+    }
+
+    /// Finds the prefix, operation and external key id of an API path.
+    fn route<'a>(&self, path: &'a str) -> Option<(&Prefix, Operation, &'a str)> {
+        let prefix = self.inner.prefixes.iter().find(|p| {
+            path.strip_prefix(p.config.path.as_str())
+                .is_some_and(|rest| rest.starts_with("/kms/xks/v1/"))
+        })?;
+        let rest = &path[prefix.config.path.len() + "/kms/xks/v1/".len()..];
+        if rest == "health" {
+            return Some((prefix, Operation::Health, ""));
+        }
+        let (id, op) = rest.strip_prefix("keys/")?.split_once('/')?;
+        let valid_id = (1..=128).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !valid_id {
+            return None;
+        }
+        let operation = match op {
+            "metadata" => Operation::Metadata,
+            "encrypt" => Operation::Encrypt,
+            "decrypt" => Operation::Decrypt,
+            _ => return None,
+        };
+        Some((prefix, operation, id))
+    }
+
+    async fn call(
+        &self,
+        prefix: &Prefix,
+        operation: Operation,
+        external_id: &str,
+        request: &Incoming,
+        audit: &mut Audit,
+    ) -> Result<Zeroizing<String>, XksError> {
+        let body = request.body.as_ref().ok_or_else(|| {
+            XksError::Unsupported(format!("request bodies are limited to {MAX_BODY} bytes"))
+        })?;
+        let credentials = prefix.credentials.current();
+        let signed = sigv4::Request {
+            method: request.method.as_str(),
+            path: request.uri.path(),
+            query: request.uri.query().unwrap_or(""),
+            headers: &request.headers,
+            authority: request.uri.authority().map(|a| a.as_str()),
+            body,
+        };
+        let credential =
+            sigv4::verify(&signed, &credentials, &self.inner.region, SystemTime::now())
+                .map_err(|e| XksError::AuthenticationFailed(e.to_string()))?;
+        audit.caller = prefix.config.identity.clone();
+        audit.fingerprint = if request.client_fingerprint.is_empty() {
+            format!("sigv4:{}", credential.access_key_id)
+        } else {
+            format!(
+                "sigv4:{} tls:{}",
+                credential.access_key_id, request.client_fingerprint
+            )
+        };
+        match operation {
+            Operation::Health => {
+                let parsed: wire::MetadataOnly = parse(body)?;
+                let meta = parsed.request_metadata.unwrap_or_default();
+                audit.meta = meta;
+                audit.meta.check(false, false)?;
+                self.health_answer().await
+            }
+            Operation::Metadata => {
+                let parsed: wire::MetadataOnly = parse(body)?;
+                audit.meta = parsed.request_metadata.unwrap_or_default();
+                audit.meta.check(true, false)?;
+                let (grant, key) = self.authorize(prefix, external_id, audit)?;
+                let (usage, enabled) = self
+                    .inner
+                    .custody
+                    .usage_and_state(&grant, &key)
+                    .await
+                    .map_err(map_custody)?;
+                let key_usage = match usage {
+                    KeyUsage::EncryptDecrypt => vec!["ENCRYPT", "DECRYPT"],
+                    KeyUsage::EncryptOnly => vec!["ENCRYPT"],
+                    KeyUsage::DecryptOnly => vec!["DECRYPT"],
+                    KeyUsage::None => vec![],
+                };
+                to_json(&wire::KeyMetadataResponse {
+                    key_spec: "AES_256",
+                    key_usage,
+                    key_status: if enabled { "ENABLED" } else { "DISABLED" },
+                })
+            }
+            Operation::Encrypt => {
+                let parsed: wire::EncryptRequest = parse(body)?;
+                audit.meta = parsed.request_metadata.clone().unwrap_or_default();
+                audit.meta.check(true, true)?;
+                self.encrypt(prefix, external_id, parsed, audit).await
+            }
+            Operation::Decrypt => {
+                let parsed: wire::DecryptRequest = parse(body)?;
+                audit.meta = parsed.request_metadata.clone().unwrap_or_default();
+                audit.meta.check(true, true)?;
+                self.decrypt(prefix, external_id, parsed, audit).await
+            }
+        }
+    }
+
+    /// The grant of the prefix's identity and the Tresor key an external key id names.
+    fn authorize(
+        &self,
+        prefix: &Prefix,
+        external_id: &str,
+        audit: &mut Audit,
+    ) -> Result<(Grant, KeyName), XksError> {
+        if let Some(allowed) = &prefix.config.allowed_principals {
+            let principal = audit.meta.aws_principal_arn.as_deref().unwrap_or("");
+            let matches = |pattern: &String| match pattern.strip_suffix('*') {
+                Some(start) => principal.starts_with(start),
+                None => principal == pattern,
+            };
+            if !allowed.iter().any(matches) {
+                return Err(XksError::AccessDenied(format!(
+                    "principal {} may not use this key store (xks.prefix.allowed_principals)",
+                    printable(principal)
+                )));
+            }
+        }
+        let identity = Identity {
+            name: prefix.config.identity.clone(),
+            fingerprint: String::new(),
+        };
+        let grant = self
+            .inner
+            .policy
+            .current()
+            .grant(&identity, Role::Service)
+            .map_err(|d| XksError::AccessDenied(d.to_string()))?;
+        audit.tenant = grant.tenant().as_str().to_owned();
+        let key_name = match &prefix.config.keys {
+            Some(map) => map.get(external_id).cloned().ok_or_else(|| {
+                XksError::KeyNotFound(format!("external key {external_id} is not mapped"))
+            })?,
+            None => external_id.to_owned(),
+        };
+        let key = KeyName::new(grant.tenant().as_str(), &key_name).map_err(|_| {
+            XksError::KeyNotFound(format!("external key {external_id} does not exist"))
+        })?;
+        audit.key = key.to_string();
+        grant
+            .check_key(&key)
+            .map_err(|d| XksError::AccessDenied(d.to_string()))?;
+        Ok((grant, key))
+    }
+
+    async fn encrypt(
+        &self,
+        prefix: &Prefix,
+        external_id: &str,
+        request: wire::EncryptRequest,
+        audit: &mut Audit,
+    ) -> Result<Zeroizing<String>, XksError> {
+        let plaintext = Zeroizing::new(wire::required(
+            "plaintext",
+            request.plaintext.as_ref(),
+            MAX_DATA,
+        )?);
+        let aad = wire::optional(
+            "additionalAuthenticatedData",
+            request.additional_authenticated_data.as_ref(),
+            MAX_AAD,
+        )?;
+        algorithm(request.encryption_algorithm.as_deref())?;
+        let cdiv = match request.ciphertext_data_integrity_value_algorithm.as_deref() {
+            None => false,
+            Some("SHA_256") => true,
+            Some(other) => {
+                return Err(XksError::Unsupported(format!(
+                    "ciphertextDataIntegrityValueAlgorithm {} is not supported; use SHA_256",
+                    printable(other)
+                )));
+            }
+        };
+        if plaintext.is_empty() {
+            return Err(XksError::Validation("plaintext is empty".into()));
+        }
+        audit.aad_hmac = self.inner.audit.hmac_aad(&aad);
+        let (grant, key) = self.authorize(prefix, external_id, audit)?;
+        let sealed = self
+            .inner
+            .custody
+            .seal_raw(&grant, &key, plaintext.clone(), |id| {
+                gcm_aad(&aad, &metadata(id))
+            })
+            .await
+            .map_err(map_custody)?;
+        audit.key_version = sealed.key_version.clone();
+        let metadata = metadata(&sealed.version_id);
+        let split = sealed.sealed.len().saturating_sub(16);
+        let (ciphertext, tag) = sealed.sealed.split_at(split);
+        let integrity = if cdiv {
+            // Computed before the check decrypt, as the spec's appendix C asks: corruption after
+            // this point is caught by the decrypt below, not folded into the value.
+            let mut hashed =
+                Vec::with_capacity(aad.len() + metadata.len() + 12 + sealed.sealed.len());
+            hashed.extend_from_slice(&aad);
+            hashed.extend_from_slice(&metadata);
+            hashed.extend_from_slice(&sealed.iv);
+            hashed.extend_from_slice(ciphertext);
+            hashed.extend_from_slice(tag);
+            let value = wire::encode(ring::digest::digest(&ring::digest::SHA256, &hashed).as_ref());
+            let (again, _) = self
+                .inner
+                .custody
+                .open_raw(
+                    &grant,
+                    &key,
+                    &sealed.version_id,
+                    sealed.iv,
+                    sealed.sealed.clone(),
+                    gcm_aad(&aad, &metadata),
+                )
+                .await
+                .map_err(|e| {
+                    XksError::Internal(format!(
+                        "the check decrypt of a fresh ciphertext failed: {}",
+                        map_custody(e)
+                    ))
+                })?;
+            if again != plaintext {
+                return Err(XksError::Internal(
+                    "the check decrypt of a fresh ciphertext did not give the plaintext back"
+                        .into(),
+                ));
+            }
+            Some(value)
+        } else {
+            None
+        };
+        to_json(&wire::EncryptResponse {
+            ciphertext: wire::encode(ciphertext),
+            ciphertext_metadata: wire::encode(&metadata),
+            initialization_vector: wire::encode(&sealed.iv),
+            authentication_tag: wire::encode(tag),
+            ciphertext_data_integrity_value: integrity,
+        })
+    }
+
+    async fn decrypt(
+        &self,
+        prefix: &Prefix,
+        external_id: &str,
+        request: wire::DecryptRequest,
+        audit: &mut Audit,
+    ) -> Result<Zeroizing<String>, XksError> {
+        algorithm(request.encryption_algorithm.as_deref())?;
+        let ciphertext = wire::required("ciphertext", request.ciphertext.as_ref(), MAX_DATA)?;
+        let aad = wire::optional(
+            "additionalAuthenticatedData",
+            request.additional_authenticated_data.as_ref(),
+            MAX_AAD,
+        )?;
+        let iv = wire::required(
+            "initializationVector",
+            request.initialization_vector.as_ref(),
+            16,
+        )?;
+        let tag = wire::required("authenticationTag", request.authentication_tag.as_ref(), 16)?;
+        let metadata = wire::optional(
+            "ciphertextMetadata",
+            request.ciphertext_metadata.as_ref(),
+            20,
+        )?;
+        audit.aad_hmac = self.inner.audit.hmac_aad(&aad);
+        let (grant, key) = self.authorize(prefix, external_id, audit)?;
+        let invalid = |what: &str| {
+            XksError::InvalidCiphertext(format!(
+                "the ciphertext, its metadata, IV, tag or AAD is not valid: {what}"
+            ))
+        };
+        let iv: [u8; 12] = iv
+            .try_into()
+            .map_err(|_| invalid("this proxy writes 12-byte IVs"))?;
+        if tag.len() != 16 {
+            return Err(invalid("the tag must be 16 bytes"));
+        }
+        let version = match metadata.as_slice() {
+            [METADATA_FORMAT, id @ ..] => {
+                VersionId(<[u8; 16]>::try_from(id).map_err(|_| invalid("ciphertextMetadata"))?)
+            }
+            _ => {
+                return Err(invalid(
+                    "ciphertextMetadata is missing or not from this proxy",
+                ));
+            }
+        };
+        let mut sealed = ciphertext;
+        sealed.extend_from_slice(&tag);
+        let (plaintext, key_version) = self
+            .inner
+            .custody
+            .open_raw(&grant, &key, &version, iv, sealed, gcm_aad(&aad, &metadata))
+            .await
+            .map_err(map_custody)?;
+        audit.key_version = key_version;
+        Ok(wire::decrypt_response(&plaintext))
+    }
+
+    async fn health_answer(&self) -> Result<Zeroizing<String>, XksError> {
+        let health = self.health().await;
+        let status = match (health.ok, health.took > HEALTH_SLOW) {
+            (false, _) => "UNAVAILABLE",
+            (true, true) => "DEGRADED",
+            (true, false) => "ACTIVE",
+        };
+        let (vendor, id, model) = match &health.token {
+            Some(t) => (
+                t.manufacturer.clone(),
+                t.serial.clone(),
+                format!("{} (firmware {})", t.model, t.firmware),
+            ),
+            None => ("unknown".into(), "unknown".into(), "unknown".into()),
+        };
+        to_json(&wire::HealthResponse {
+            xks_proxy_fleet_size: health.fleet,
+            xks_proxy_vendor: "Tresor".into(),
+            xks_proxy_model: format!("Tresor XKS proxy {}", env!("CARGO_PKG_VERSION")),
+            ekm_vendor: vendor,
+            ekm_fleet_details: vec![wire::EkmDetails {
+                id,
+                model,
+                health_status: status,
+            }],
+        })
+    }
+
+    async fn ping(&self, method: &http::Method) -> Outgoing {
+        if method != http::Method::GET && method != http::Method::HEAD {
+            return Outgoing::plain(http::StatusCode::METHOD_NOT_ALLOWED, "GET /ping\n");
+        }
+        if self.health().await.ok {
+            Outgoing::plain(http::StatusCode::OK, "ok\n")
+        } else {
+            Outgoing::plain(http::StatusCode::SERVICE_UNAVAILABLE, "unavailable\n")
+        }
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, XksError> {
+    // serde's message names the field and position, never its value.
+    serde_json::from_slice(body).map_err(|e| {
+        XksError::Validation(format!(
+            "the body is not the API's JSON: {}",
+            e.to_string()
+                .split(" at line")
+                .next()
+                .unwrap_or("invalid JSON")
+        ))
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<Zeroizing<String>, XksError> {
+    serde_json::to_string(value)
+        .map(Zeroizing::new)
+        .map_err(|e| XksError::Internal(format!("cannot encode the answer: {e}")))
+}
+
+fn algorithm(value: Option<&str>) -> Result<(), XksError> {
+    match value {
+        Some("AES_GCM") => Ok(()),
+        None => Err(XksError::Validation(
+            "encryptionAlgorithm is required".into(),
+        )),
+        Some(other) => Err(XksError::Unsupported(format!(
+            "encryptionAlgorithm {} is not supported; use AES_GCM",
+            printable(other)
+        ))),
+    }
+}
+
+/// `ciphertextMetadata`: format byte and version id.
+fn metadata(id: &VersionId) -> Vec<u8> {
+    let mut m = Vec::with_capacity(17);
+    m.push(METADATA_FORMAT);
+    m.extend_from_slice(&id.0);
+    m
+}
+
+/// The GCM AAD of an XKS ciphertext (module docs).
+fn gcm_aad(aad: &[u8], metadata: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(GCM_AAD_DOMAIN.len() + 3 + aad.len() + metadata.len());
+    out.extend_from_slice(GCM_AAD_DOMAIN);
+    out.extend_from_slice(&u16::try_from(aad.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(aad);
+    out.push(u8::try_from(metadata.len()).unwrap_or(u8::MAX));
+    out.extend_from_slice(metadata);
+    out
+}
+
+/// At most 64 printable ASCII characters of caller input, for error messages.
+fn printable(s: &str) -> String {
+    s.chars()
+        .take(64)
+        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+        .collect()
+}
+
+fn map_custody(e: CustodyError) -> XksError {
+    use CustodyError as E;
+    match e {
+        E::KeyNotFound(k) => XksError::KeyNotFound(format!("key {k} not found")),
+        E::PermissionDenied(d) => XksError::AccessDenied(d.to_string()),
+        E::UsageForbidden { .. } => XksError::InvalidKeyUsage(e.to_string()),
+        E::VersionDisabled(_)
+        | E::VersionDestroyScheduled(_)
+        | E::VersionDestroyed(_)
+        | E::VersionExhausted(_)
+        | E::VersionBelowMinimum(_)
+        | E::VersionLost(_)
+        | E::VersionNotFound(_) => XksError::InvalidState(e.to_string()),
+        E::MalformedCiphertext(_)
+        | E::Unauthentic
+        | E::UnknownVersion
+        | E::WrongKey { .. }
+        | E::Hsm(HsmError::BadCiphertext) => XksError::InvalidCiphertext(
+            "the ciphertext, its metadata, IV, tag or AAD is not valid for this key".into(),
+        ),
+        E::InvalidArgument(m) => XksError::Validation(m),
+        E::Hsm(HsmError::Deadline(_)) => {
+            XksError::DependencyTimeout("the HSM did not answer in time; retry".into())
+        }
+        E::Hsm(_) => XksError::Internal("the HSM is unavailable; retry later".into()),
+        E::Store(_) => XksError::Internal("the key database is unavailable; retry later".into()),
+        _ => XksError::Internal("internal error".into()),
+    }
+}
+
+/// One AES-GCM encryption and decryption on the health-check key.
+async fn deep_check(custody: &Custody, key: ObjectId) -> Result<(), String> {
+    let hsm = custody.hsm();
+    let plaintext = hsm.random(32).await.map_err(|e| e.to_string())?;
+    let iv_bytes = hsm.random(12).await.map_err(|e| e.to_string())?;
+    let iv: [u8; 12] = iv_bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| "no IV".to_owned())?;
+    let aad = b"tresor xks health check".to_vec();
+    let sealed = hsm
+        .encrypt_gcm(key, iv, aad.clone(), plaintext.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let opened = hsm
+        .decrypt_gcm(key, iv, aad, sealed)
+        .await
+        .map_err(|e| e.to_string())?;
+    if opened != plaintext {
+        return Err("the health-check key did not decrypt what it encrypted".into());
+    }
+    Ok(())
+}
+
+/// The health-check key: an AES key of its own in the HSM, recorded in the database so every
+/// node uses the same one, never a key that protects data (the spec asks for a test key).
+async fn health_key(custody: &Custody) -> Result<ObjectId, String> {
+    let store = custody.store();
+    let hsm = custody.hsm();
+    let label = format!("tresor-xks/{}/health", store.installation_id());
+    if let Some((id, _)) = store
+        .audit_key(HEALTH_KEY)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        let id = crate::model::from_hex_array(&id)
+            .map(ObjectId)
+            .ok_or("the recorded id is not 16 bytes of hex")?;
+        if !hsm.secret_key_exists(id).await.map_err(|e| e.to_string())? {
+            hsm.generate_version_key(id, label)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        return Ok(id);
+    }
+    let mut raw = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| "no system randomness")?;
+    let id = ObjectId(raw);
+    hsm.generate_version_key(id, label)
+        .await
+        .map_err(|e| e.to_string())?;
+    match store
+        .insert_audit_key(HEALTH_KEY, &id.to_string(), "")
+        .await
+    {
+        Ok(()) => Ok(id),
+        Err(crate::store::StoreError::AlreadyExists) => {
+            // Another node created one first: use it, drop ours.
+            let _ = hsm.destroy_secret_key(id).await;
+            let (theirs, _) = store
+                .audit_key(HEALTH_KEY)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the health-check key vanished")?;
+            crate::model::from_hex_array(&theirs)
+                .map(ObjectId)
+                .ok_or_else(|| "the recorded id is not 16 bytes of hex".into())
+        }
+        Err(e) => {
+            let _ = hsm.destroy_secret_key(id).await;
+            Err(e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gcm_aad_separates_aad_from_metadata_and_from_tresor_blobs() {
+        let meta = metadata(&VersionId([9; 16]));
+        assert_eq!(meta.len(), 17);
+        // The spec's example of moving metadata into the AAD must not authenticate.
+        assert_ne!(gcm_aad(b"", &meta), gcm_aad(&meta, b""));
+        assert_ne!(gcm_aad(b"ab", b"c"), gcm_aad(b"a", b"bc"));
+        let a = gcm_aad(b"project=nile", &meta);
+        assert!(a.starts_with(GCM_AAD_DOMAIN));
+        assert_eq!(&a[GCM_AAD_DOMAIN.len()..GCM_AAD_DOMAIN.len() + 2], &[0, 12]);
+        let blob_aad =
+            crate::envelope::gcm_aad(&VersionId([9; 16]), "tenants/t/keys/k/versions/1", b"x");
+        assert!(!blob_aad.starts_with(GCM_AAD_DOMAIN));
+    }
+}

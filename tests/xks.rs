@@ -1,0 +1,836 @@
+//! The AWS KMS external key store proxy end to end: the real server's HTTPS listener, a real
+//! HTTPS client (hyper over rustls, HTTP/1.1 and HTTP/2), every request signed with AWS's own
+//! SigV4 implementation (`aws-sigv4`), not Tresor's.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings};
+use aws_sigv4::sign::v4;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use common::*;
+use serde_json::{Value, json};
+use tresor::api::proto;
+use tresor::audit::record::{self, ExportItem};
+use tresor::xks::client::{HttpVersion, XksClient};
+
+const REGION: &str = "eu-central-1";
+const PREFIX: &str = "/uksh";
+const IDENTITY: &str = "aws-kms-xks-a";
+const AKID_A: &str = "AKIAI2SFODNN7EXAMPLE";
+const SECRET_A: &str = "FYtE5EFA5FT0mCc3DrGUe2sti527BitkQ0Zr9MO9fvE";
+const AKID_B: &str = "AKIAI2SFODNN7EXAMPL2";
+const SECRET_B: &str = "VU6W2byoiBrhDqNGbx703oL0syCAmhlQgwNUT1234567";
+const KEY: &str = "tenants/a/keys/ehr";
+const EXTERNAL: &str = "ehr-2024";
+
+fn credentials_file(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(id, secret)| {
+            format!("[[credential]]\naccess_key_id = \"{id}\"\nsecret_access_key = \"{secret}\"\n")
+        })
+        .collect()
+}
+
+/// A deployment with `[xks]`: one prefix for tenant `a` acting as `IDENTITY` (role service,
+/// keys `ehr` and `pacs`), credentials A, external id `ehr-2024` mapped to key `ehr`.
+fn deployment(backend: Backend, extra_xks: &str, extra_hsm: &str) -> Deployment {
+    let d = Deployment::with(backend, "", extra_hsm);
+    let mut policy = std::fs::read_to_string(&d.policy_path).unwrap();
+    policy.push_str(&format!(
+        "\n[[identity]]\nname = \"{IDENTITY}\"\ntenant = \"a\"\nroles = [\"service\"]\nkeys = [\"ehr\", \"pacs\"]\n"
+    ));
+    std::fs::write(&d.policy_path, policy).unwrap();
+    let creds = d.dir().join("xks-credentials.toml");
+    std::fs::write(&creds, credentials_file(&[(AKID_A, SECRET_A)])).unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut config = std::fs::read_to_string(&d.config_path).unwrap();
+    config.push_str(&format!(
+        "\n[xks]\nlisten = \"127.0.0.1:0\"\nping_listen = \"127.0.0.1:0\"\ncert = \"server.pem\"\nkey = \"server.key\"\nregion = \"{REGION}\"\n{extra_xks}\n\
+         [[xks.prefix]]\npath = \"{PREFIX}\"\nidentity = \"{IDENTITY}\"\ncredentials = \"xks-credentials.toml\"\n\
+         allowed_principals = [\"arn:aws:iam::123456789012:*\"]\n\
+         keys = {{ \"{EXTERNAL}\" = \"ehr\", \"pacs\" = \"pacs\", \"unlisted\" = \"lab\" }}\n"
+    ));
+    std::fs::write(&d.config_path, config).unwrap();
+    d
+}
+
+struct Proxy {
+    server: TestServer,
+}
+
+impl Proxy {
+    async fn start(d: Deployment) -> Self {
+        let server = TestServer::start_on(d).await;
+        let officer = server.client(OFFICER_A).await;
+        officer
+            .admin()
+            .create_key(proto::CreateKeyRequest {
+                key: KEY.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        Self { server }
+    }
+
+    async fn client(&self, version: HttpVersion) -> XksClient {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in tresor::pki::load_certs(&self.server.deployment.dir().join("ca.pem")).unwrap() {
+            roots.add(ca).unwrap();
+        }
+        XksClient::connect(
+            self.server.xks.0.unwrap(),
+            "localhost",
+            roots,
+            version,
+            None,
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn officer(&self) -> tresor::client::Client {
+        self.server.client(OFFICER_A).await
+    }
+}
+
+fn metadata(operation: &str) -> Value {
+    json!({
+        "awsPrincipalArn": "arn:aws:iam::123456789012:user/Alice",
+        "kmsKeyArn": "arn:aws:kms:eu-central-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        "kmsOperation": operation,
+        "kmsRequestId": format!("req-{operation}-4112f4d6"),
+        "kmsViaService": "ebs"
+    })
+}
+
+/// A request signed by `aws-sigv4` as AWS KMS signs it.
+fn signed(
+    client: &XksClient,
+    path: &str,
+    body: &Value,
+    (akid, secret): (&str, &str),
+    time: SystemTime,
+) -> http::Request<Bytes> {
+    let body = Bytes::from(body.to_string());
+    let mut request = client.request(
+        http::Method::POST,
+        &format!("{PREFIX}/kms/xks/v1{path}"),
+        body.clone(),
+    );
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+        .collect();
+    let identity = Credentials::new(akid, secret, None, None, "xks-test").into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(REGION)
+        .name("kms-xks-proxy")
+        .time(time)
+        .settings(SigningSettings::default())
+        .build()
+        .unwrap()
+        .into();
+    let uri = request.uri().to_string();
+    let signable = SignableRequest::new(
+        "POST",
+        &uri,
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        SignableBody::Bytes(&body),
+    )
+    .unwrap();
+    let (instructions, _) = aws_sigv4::http_request::sign(signable, &params)
+        .unwrap()
+        .into_parts();
+    instructions.apply_to_request_http1x(&mut request);
+    request
+}
+
+async fn call(
+    client: &mut XksClient,
+    path: &str,
+    body: &Value,
+    credential: (&str, &str),
+    time: SystemTime,
+) -> (u16, Value) {
+    let (status, body) = client
+        .send(signed(client, path, body, credential, time))
+        .await
+        .unwrap();
+    let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    (status.as_u16(), value)
+}
+
+async fn ok(client: &mut XksClient, path: &str, body: &Value) -> Value {
+    let (status, value) = call(client, path, body, (AKID_A, SECRET_A), SystemTime::now()).await;
+    assert_eq!(status, 200, "{path}: {value}");
+    value
+}
+
+async fn refused(
+    client: &mut XksClient,
+    path: &str,
+    body: &Value,
+    status: u16,
+    name: &str,
+) -> String {
+    let (got, value) = call(client, path, body, (AKID_A, SECRET_A), SystemTime::now()).await;
+    assert_eq!(
+        (got, value["errorName"].as_str()),
+        (status, Some(name)),
+        "{path}: {value}"
+    );
+    let message = value["errorMessage"].as_str().unwrap_or("").to_owned();
+    assert!(message.len() < 512 && message.bytes().all(|b| (0x20..=0x7e).contains(&b)));
+    message
+}
+
+fn b64(bytes: &[u8]) -> String {
+    B64.encode(bytes)
+}
+
+fn unb64(v: &Value) -> Vec<u8> {
+    B64.decode(v.as_str().unwrap()).unwrap()
+}
+
+fn encrypt_body(plaintext: &[u8], aad: Option<&[u8]>, cdiv: bool) -> Value {
+    let mut body = json!({
+        "requestMetadata": metadata("GenerateDataKey"),
+        "plaintext": b64(plaintext),
+        "encryptionAlgorithm": "AES_GCM",
+    });
+    if let Some(aad) = aad {
+        body["additionalAuthenticatedData"] = json!(b64(aad));
+    }
+    if cdiv {
+        body["ciphertextDataIntegrityValueAlgorithm"] = json!("SHA_256");
+    }
+    body
+}
+
+fn decrypt_body(encrypted: &Value, aad: Option<&[u8]>) -> Value {
+    let mut body = json!({
+        "requestMetadata": metadata("Decrypt"),
+        "ciphertext": encrypted["ciphertext"],
+        "ciphertextMetadata": encrypted["ciphertextMetadata"],
+        "initializationVector": encrypted["initializationVector"],
+        "authenticationTag": encrypted["authenticationTag"],
+        "encryptionAlgorithm": "AES_GCM",
+    });
+    if let Some(aad) = aad {
+        body["additionalAuthenticatedData"] = json!(b64(aad));
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_works_over_http1_and_http2_and_every_call_is_audited() {
+    let proxy = Proxy::start(deployment(Backend::SoftHsm, "", "")).await;
+    let key_path = format!("/keys/{EXTERNAL}");
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        let mut client = proxy.client(version).await;
+        let health = ok(
+            &mut client,
+            "/health",
+            &json!({ "requestMetadata": { "kmsRequestId": "h-1", "kmsOperation": "KmsHealthCheck" } }),
+        )
+        .await;
+        assert_eq!(health["xksProxyFleetSize"], 1);
+        assert_eq!(health["xksProxyVendor"], "Tresor");
+        assert_eq!(health["ekmVendor"], "SoftHSM project");
+        assert_eq!(health["ekmFleetDetails"][0]["healthStatus"], "ACTIVE");
+
+        let meta = ok(
+            &mut client,
+            &format!("{key_path}/metadata"),
+            &json!({ "requestMetadata": metadata("DescribeKey") }),
+        )
+        .await;
+        assert_eq!(
+            meta,
+            json!({ "keySpec": "AES_256", "keyUsage": ["ENCRYPT", "DECRYPT"], "keyStatus": "ENABLED" })
+        );
+
+        // The spec's sizes: 4,300 bytes of plaintext, 8,192 of AAD.
+        let plaintext = vec![0x5a; 4300];
+        let aad = vec![0xa5; 8192];
+        let encrypted = ok(
+            &mut client,
+            &format!("{key_path}/encrypt"),
+            &encrypt_body(&plaintext, Some(&aad), true),
+        )
+        .await;
+        let (ciphertext, iv, tag, cmeta) = (
+            unb64(&encrypted["ciphertext"]),
+            unb64(&encrypted["initializationVector"]),
+            unb64(&encrypted["authenticationTag"]),
+            unb64(&encrypted["ciphertextMetadata"]),
+        );
+        assert_eq!((ciphertext.len(), iv.len(), tag.len()), (4300, 12, 16));
+        assert!(cmeta.len() <= 20);
+        // The integrity value is SHA-256 over aad ‖ metadata ‖ iv ‖ ciphertext ‖ tag.
+        let mut hashed = aad.clone();
+        for part in [&cmeta, &iv, &ciphertext, &tag] {
+            hashed.extend_from_slice(part);
+        }
+        let expected = ring::digest::digest(&ring::digest::SHA256, &hashed);
+        assert_eq!(
+            unb64(&encrypted["ciphertextDataIntegrityValue"]),
+            expected.as_ref()
+        );
+
+        let decrypted = ok(
+            &mut client,
+            &format!("{key_path}/decrypt"),
+            &decrypt_body(&encrypted, Some(&aad)),
+        )
+        .await;
+        assert_eq!(unb64(&decrypted["plaintext"]), plaintext);
+
+        // Without AAD and without an integrity value.
+        let plain = ok(
+            &mut client,
+            &format!("{key_path}/encrypt"),
+            &encrypt_body(b"k", None, false),
+        )
+        .await;
+        assert!(plain.get("ciphertextDataIntegrityValue").is_none());
+        let back = ok(
+            &mut client,
+            &format!("{key_path}/decrypt"),
+            &decrypt_body(&plain, None),
+        )
+        .await;
+        assert_eq!(unb64(&back["plaintext"]), b"k");
+    }
+
+    // Load balancers: GET /ping on the API port and on the plain-HTTP ping port.
+    let ping = proxy.server.xks.1.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(ping).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        b"GET /ping HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut tcp, &mut answer)
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut client = proxy.client(HttpVersion::Http1).await;
+    let request = client.request(http::Method::GET, "/ping", Bytes::new());
+    let (status, _) = client.send(request).await.unwrap();
+    assert_eq!(status, 200);
+
+    // Every call is in the verified audit log, with what CloudTrail shows.
+    let auditor = proxy.server.client(AUDITOR_A).await;
+    let later = tresor::model::now_millis() + 3_600_000;
+    let mut stream = auditor
+        .audit()
+        .export_audit_log(proto::ExportAuditLogRequest {
+            to: Some(prost_types::Timestamp {
+                seconds: later / 1000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut items = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        items.push(tresor::client::audit_item(m).unwrap());
+    }
+    record::verify(
+        &items.iter().map(|i| (i.clone(), None)).collect::<Vec<_>>(),
+        &public_point(&auditor).await,
+    )
+    .unwrap();
+    let xks: Vec<&record::Record> = items
+        .iter()
+        .filter_map(|i| match i {
+            ExportItem::Record(r) if r.body.operation.starts_with("Xks") => Some(r),
+            _ => None,
+        })
+        .collect();
+    let encrypts: Vec<_> = xks
+        .iter()
+        .filter(|r| r.body.operation == "XksEncrypt")
+        .collect();
+    assert_eq!(encrypts.len(), 4);
+    let e = encrypts[0];
+    assert_eq!(e.body.kms_request_id, "req-GenerateDataKey-4112f4d6");
+    assert_eq!(e.body.kms_operation, "GenerateDataKey");
+    assert_eq!(
+        e.body.aws_principal_arn,
+        "arn:aws:iam::123456789012:user/Alice"
+    );
+    assert!(e.body.kms_key_arn.starts_with("arn:aws:kms:eu-central-1"));
+    assert_eq!(
+        (e.body.caller.as_str(), e.body.key.as_str()),
+        (IDENTITY, KEY)
+    );
+    assert_eq!(e.body.key_version, format!("{KEY}/versions/1"));
+    assert_eq!(e.body.fingerprint, format!("sigv4:{AKID_A}"));
+    assert!(!e.body.aad_hmac.is_empty());
+    assert_eq!(
+        xks.iter()
+            .filter(|r| r.body.operation == "XksGetHealthStatus")
+            .count(),
+        2
+    );
+    proxy.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_error_name_comes_from_the_input_that_should_produce_it() {
+    let proxy = Proxy::start(deployment(Backend::SoftHsm, "", "")).await;
+    let mut c = proxy.client(HttpVersion::Http2).await;
+    let key = format!("/keys/{EXTERNAL}");
+    let encrypt = format!("{key}/encrypt");
+    let decrypt = format!("{key}/decrypt");
+    let aad: &[u8] = b"project=nile,department=marketing";
+    let good = ok(
+        &mut c,
+        &encrypt,
+        &encrypt_body(b"data key", Some(aad), false),
+    )
+    .await;
+
+    // ValidationException: a missing field, a field that is not Base64, missing metadata.
+    let mut missing = encrypt_body(b"x", None, false);
+    missing.as_object_mut().unwrap().remove("plaintext");
+    refused(&mut c, &encrypt, &missing, 400, "ValidationException").await;
+    let mut not_b64 = encrypt_body(b"x", None, false);
+    not_b64["plaintext"] = json!("not base64!");
+    refused(&mut c, &encrypt, &not_b64, 400, "ValidationException").await;
+    let mut no_id = encrypt_body(b"x", None, false);
+    no_id["requestMetadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("kmsRequestId");
+    refused(&mut c, &encrypt, &no_id, 400, "ValidationException").await;
+    refused(
+        &mut c,
+        &encrypt,
+        &json!({"requestMetadata": 5}),
+        400,
+        "ValidationException",
+    )
+    .await;
+
+    // InvalidCiphertextException: ciphertext, tag, IV, AAD or metadata changed.
+    for (field, tamper) in [
+        ("ciphertext", 0usize),
+        ("authenticationTag", 3),
+        ("initializationVector", 5),
+        ("ciphertextMetadata", 9),
+    ] {
+        let mut bytes = unb64(&good[field]);
+        bytes[tamper] ^= 1;
+        let mut edited = good.clone();
+        edited[field] = json!(b64(&bytes));
+        refused(
+            &mut c,
+            &decrypt,
+            &decrypt_body(&edited, Some(aad)),
+            400,
+            "InvalidCiphertextException",
+        )
+        .await;
+    }
+    refused(
+        &mut c,
+        &decrypt,
+        &decrypt_body(&good, Some(b"project=nile,department=sales")),
+        400,
+        "InvalidCiphertextException",
+    )
+    .await;
+    refused(
+        &mut c,
+        &decrypt,
+        &decrypt_body(&good, None),
+        400,
+        "InvalidCiphertextException",
+    )
+    .await;
+    // The metadata moved into the AAD (the spec's example) does not authenticate either.
+    let mut moved = good.clone();
+    moved.as_object_mut().unwrap().remove("ciphertextMetadata");
+    let meta_as_aad = unb64(&good["ciphertextMetadata"]);
+    refused(
+        &mut c,
+        &decrypt,
+        &decrypt_body(&moved, Some(&meta_as_aad)),
+        400,
+        "InvalidCiphertextException",
+    )
+    .await;
+    // A ciphertext of another key (same tenant) is refused for this one.
+    let officer = proxy.officer().await;
+    officer
+        .admin()
+        .create_key(proto::CreateKeyRequest {
+            key: "tenants/a/keys/pacs".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let of_pacs = ok(
+        &mut c,
+        "/keys/pacs/encrypt",
+        &encrypt_body(b"x", None, false),
+    )
+    .await;
+    refused(
+        &mut c,
+        &decrypt,
+        &decrypt_body(&of_pacs, None),
+        400,
+        "InvalidCiphertextException",
+    )
+    .await;
+
+    // KeyNotFoundException: an id not mapped, a mapped key that does not exist.
+    refused(
+        &mut c,
+        "/keys/nope/metadata",
+        &json!({"requestMetadata": metadata("DescribeKey")}),
+        404,
+        "KeyNotFoundException",
+    )
+    .await;
+    // AccessDeniedException: a key outside the identity's key patterns, another principal.
+    refused(
+        &mut c,
+        "/keys/unlisted/metadata",
+        &json!({"requestMetadata": metadata("DescribeKey")}),
+        403,
+        "AccessDeniedException",
+    )
+    .await;
+    let mut stranger = encrypt_body(b"x", None, false);
+    stranger["requestMetadata"]["awsPrincipalArn"] =
+        json!("arn:aws:iam::999999999999:user/Mallory");
+    refused(&mut c, &encrypt, &stranger, 403, "AccessDeniedException").await;
+
+    // InvalidUriPathException: an unknown prefix or operation. GET on an API path: 405.
+    let (status, body) = c
+        .send(signed(
+            &c,
+            "/keys/ehr-2024/rotate",
+            &json!({}),
+            (AKID_A, SECRET_A),
+            SystemTime::now(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["errorName"],
+        "InvalidUriPathException"
+    );
+    let other_prefix = c.request(
+        http::Method::POST,
+        "/other/kms/xks/v1/health",
+        Bytes::from_static(b"{}"),
+    );
+    let (status, body) = c.send(other_prefix).await.unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["errorName"],
+        "InvalidUriPathException"
+    );
+    let get = c.request(
+        http::Method::GET,
+        &format!("{PREFIX}/kms/xks/v1{key}/metadata"),
+        Bytes::new(),
+    );
+    assert_eq!(c.send(get).await.unwrap().0, 405);
+
+    // UnsupportedOperationException: another algorithm, more data than the proxy takes.
+    let mut cbc = encrypt_body(b"x", None, false);
+    cbc["encryptionAlgorithm"] = json!("AES_CBC");
+    refused(&mut c, &encrypt, &cbc, 501, "UnsupportedOperationException").await;
+    let mut md5 = encrypt_body(b"x", None, true);
+    md5["ciphertextDataIntegrityValueAlgorithm"] = json!("MD5");
+    refused(&mut c, &encrypt, &md5, 501, "UnsupportedOperationException").await;
+    refused(
+        &mut c,
+        &encrypt,
+        &encrypt_body(&vec![0; 65_537], None, false),
+        501,
+        "UnsupportedOperationException",
+    )
+    .await;
+
+    // AuthenticationFailedException: wrong secret, unknown key id, no signature, old or
+    // future signatures (more than 5 minutes), a body changed after signing.
+    let now = SystemTime::now();
+    let body = encrypt_body(b"x", None, false);
+    for (credential, time) in [
+        ((AKID_A, SECRET_B), now),
+        ((AKID_B, SECRET_B), now),
+        ((AKID_A, SECRET_A), now - Duration::from_secs(360)),
+        ((AKID_A, SECRET_A), now + Duration::from_secs(360)),
+    ] {
+        let (status, value) = call(&mut c, &encrypt, &body, credential, time).await;
+        assert_eq!(
+            (status, value["errorName"].as_str()),
+            (401, Some("AuthenticationFailedException"))
+        );
+    }
+    let (status, _) = call(
+        &mut c,
+        &encrypt,
+        &body,
+        (AKID_A, SECRET_A),
+        now - Duration::from_secs(240),
+    )
+    .await;
+    assert_eq!(status, 200, "four minutes of skew are accepted");
+    let unsigned = c.request(
+        http::Method::POST,
+        &format!("{PREFIX}/kms/xks/v1{encrypt}"),
+        Bytes::from(body.to_string()),
+    );
+    assert_eq!(c.send(unsigned).await.unwrap().0, 401);
+    let mut altered = signed(&c, &encrypt, &body, (AKID_A, SECRET_A), now);
+    *altered.body_mut() = Bytes::from(encrypt_body(b"y", None, false).to_string());
+    assert_eq!(c.send(altered).await.unwrap().0, 401);
+
+    // InvalidKeyUsageException, and keyUsage reflects it; InvalidStateException for a
+    // disabled version.
+    let update = |usage: proto::KeyUsage| proto::UpdateKeyRequest {
+        key: KEY.into(),
+        usage: usage.into(),
+        ..Default::default()
+    };
+    officer
+        .admin()
+        .update_key(update(proto::KeyUsage::DecryptOnly))
+        .await
+        .unwrap();
+    let meta = ok(
+        &mut c,
+        &format!("{key}/metadata"),
+        &json!({"requestMetadata": metadata("DescribeKey")}),
+    )
+    .await;
+    assert_eq!(meta["keyUsage"], json!(["DECRYPT"]));
+    refused(
+        &mut c,
+        &encrypt,
+        &encrypt_body(b"x", None, false),
+        400,
+        "InvalidKeyUsageException",
+    )
+    .await;
+    ok(&mut c, &decrypt, &decrypt_body(&good, Some(aad))).await;
+    officer
+        .admin()
+        .update_key(update(proto::KeyUsage::EncryptOnly))
+        .await
+        .unwrap();
+    refused(
+        &mut c,
+        &decrypt,
+        &decrypt_body(&good, Some(aad)),
+        400,
+        "InvalidKeyUsageException",
+    )
+    .await;
+    officer
+        .admin()
+        .update_key(update(proto::KeyUsage::NoUse))
+        .await
+        .unwrap();
+    let meta = ok(
+        &mut c,
+        &format!("{key}/metadata"),
+        &json!({"requestMetadata": metadata("DescribeKey")}),
+    )
+    .await;
+    assert_eq!(meta["keyUsage"], json!([]));
+    officer
+        .admin()
+        .update_key(update(proto::KeyUsage::EncryptDecrypt))
+        .await
+        .unwrap();
+    officer
+        .admin()
+        .rotate_key(proto::RotateKeyRequest { key: KEY.into() })
+        .await
+        .unwrap();
+    // Old ciphertexts still decrypt after a rotation (the version comes from the metadata) ...
+    ok(&mut c, &decrypt, &decrypt_body(&good, Some(aad))).await;
+    officer
+        .admin()
+        .disable_key_version(proto::KeyVersionRequest {
+            key: KEY.into(),
+            version: 1,
+        })
+        .await
+        .unwrap();
+    // ... until that version is disabled.
+    refused(
+        &mut c,
+        &decrypt,
+        &decrypt_body(&good, Some(aad)),
+        400,
+        "InvalidStateException",
+    )
+    .await;
+    proxy.server.stop().await;
+}
+
+async fn health_status(c: &mut XksClient, health: &Value, credential: (&str, &str)) -> u16 {
+    let request = signed(c, "/health", health, credential, SystemTime::now());
+    c.send(request).await.unwrap().0.as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_rotate_without_a_restart() {
+    let proxy = Proxy::start(deployment(Backend::SoftHsm, "", "")).await;
+    let mut c = proxy.client(HttpVersion::Http1).await;
+    let health =
+        json!({ "requestMetadata": { "kmsRequestId": "h", "kmsOperation": "KmsHealthCheck" } });
+    let creds = proxy.server.deployment.dir().join("xks-credentials.toml");
+    assert_eq!(
+        health_status(&mut c, &health, (AKID_A, SECRET_A)).await,
+        200
+    );
+    assert_eq!(
+        health_status(&mut c, &health, (AKID_B, SECRET_B)).await,
+        401
+    );
+    // 1. add the new pair: both work.
+    std::fs::write(
+        &creds,
+        credentials_file(&[(AKID_A, SECRET_A), (AKID_B, SECRET_B)]),
+    )
+    .unwrap();
+    proxy.server.reload();
+    assert_eq!(
+        health_status(&mut c, &health, (AKID_A, SECRET_A)).await,
+        200
+    );
+    assert_eq!(
+        health_status(&mut c, &health, (AKID_B, SECRET_B)).await,
+        200
+    );
+    // 2. a broken file keeps the pairs in force.
+    std::fs::write(&creds, "[[credential]]\naccess_key_id = \"short\"\n").unwrap();
+    proxy.server.reload();
+    assert_eq!(
+        health_status(&mut c, &health, (AKID_B, SECRET_B)).await,
+        200
+    );
+    // 3. remove the old pair.
+    std::fs::write(&creds, credentials_file(&[(AKID_B, SECRET_B)])).unwrap();
+    proxy.server.reload();
+    assert_eq!(
+        health_status(&mut c, &health, (AKID_A, SECRET_A)).await,
+        401
+    );
+    assert_eq!(
+        health_status(&mut c, &health, (AKID_B, SECRET_B)).await,
+        200
+    );
+    proxy.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_absent_hsm_answers_dependency_timeout_or_internal_and_health_says_so() {
+    let proxy = Proxy::start(deployment(
+        Backend::HsmSim,
+        "max_concurrent_requests = 1",
+        "call_timeout_ms = 300\ndispatch = \"threads\"",
+    ))
+    .await;
+    let mut c = proxy.client(HttpVersion::Http2).await;
+    let encrypt = format!("/keys/{EXTERNAL}/encrypt");
+    ok(&mut c, &encrypt, &encrypt_body(b"x", None, false)).await;
+
+    // ThrottlingException: with one request allowed at a time, a burst is partly refused
+    // at once instead of queueing.
+    let mut burst = Vec::new();
+    for _ in 0..32 {
+        let request = signed(
+            &c,
+            &encrypt,
+            &encrypt_body(b"x", None, false),
+            (AKID_A, SECRET_A),
+            SystemTime::now(),
+        );
+        let mut client = proxy.client(HttpVersion::Http2).await;
+        burst.push(tokio::spawn(
+            async move { client.send(request).await.unwrap() },
+        ));
+    }
+    let mut codes = Vec::new();
+    for b in burst {
+        let (status, body) = b.await.unwrap();
+        if status == 429 {
+            assert_eq!(
+                serde_json::from_slice::<Value>(&body).unwrap()["errorName"],
+                "ThrottlingException"
+            );
+        }
+        codes.push(status.as_u16());
+    }
+    assert!(codes.contains(&429), "no request was throttled: {codes:?}");
+    assert!(codes.iter().all(|c| *c == 200 || *c == 429), "{codes:?}");
+
+    let token = &proxy.server.deployment.token;
+    // hsm-sim re-reads its control file at most every 20 ms.
+    let settle = || tokio::time::sleep(Duration::from_millis(100));
+    token.faults(&hsm_sim::Faults {
+        latency_ms: 1000,
+        ..Default::default()
+    });
+    settle().await;
+    refused(
+        &mut c,
+        &encrypt,
+        &encrypt_body(b"x", None, false),
+        503,
+        "DependencyTimeoutException",
+    )
+    .await;
+    token.faults(&hsm_sim::Faults {
+        unplugged: true,
+        ..Default::default()
+    });
+    settle().await;
+    refused(
+        &mut c,
+        &encrypt,
+        &encrypt_body(b"x", None, false),
+        500,
+        "InternalException",
+    )
+    .await;
+    // Health reports the HSM unavailable (checked anew after the failure), and so does ping.
+    let health =
+        json!({ "requestMetadata": { "kmsRequestId": "h", "kmsOperation": "KmsHealthCheck" } });
+    let answer = ok(&mut c, "/health", &health).await;
+    assert_eq!(answer["ekmFleetDetails"][0]["healthStatus"], "UNAVAILABLE");
+    let ping = c.request(http::Method::GET, "/ping", Bytes::new());
+    assert_eq!(c.send(ping).await.unwrap().0, 503);
+    token.faults(&hsm_sim::Faults::default());
+    proxy.server.stop().await;
+}
