@@ -834,3 +834,64 @@ async fn a_slow_or_absent_hsm_answers_dependency_timeout_or_internal_and_health_
     token.faults(&hsm_sim::Faults::default());
     proxy.server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mtls_only_the_configured_client_subject_gets_in() {
+    const KMS: &str = "cks.kms.eu-central-1.amazonaws.com";
+    let proxy = Proxy::start(deployment(
+        Backend::SoftHsm,
+        &format!("client_ca = \"ca.pem\"\nclient_subject = \"{KMS}\""),
+        "",
+    ))
+    .await;
+    let d = &proxy.server.deployment;
+    let identity = |cn: &str| {
+        let (cert, key) = (
+            d.dir().join(format!("{cn}.pem")),
+            d.dir().join(format!("{cn}.key")),
+        );
+        d.ca.issue_client(cn, tresor::pki::Validity::default())
+            .unwrap()
+            .write(&cert, &key)
+            .unwrap();
+        (
+            tresor::pki::load_certs(&cert).unwrap(),
+            tresor::pki::load_key(&key).unwrap(),
+        )
+    };
+    let roots = || {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in tresor::pki::load_certs(&d.dir().join("ca.pem")).unwrap() {
+            roots.add(ca).unwrap();
+        }
+        roots
+    };
+    let addr = proxy.server.xks.0.unwrap();
+    let health =
+        json!({ "requestMetadata": { "kmsRequestId": "h", "kmsOperation": "KmsHealthCheck" } });
+    let status =
+        |identity| async {
+            let mut client =
+                match XksClient::connect(addr, "localhost", roots(), HttpVersion::Http1, identity)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(_) => return None,
+                };
+            let request = signed(
+                &client,
+                "/health",
+                &health,
+                (AKID_A, SECRET_A),
+                SystemTime::now(),
+            );
+            client.send(request).await.ok().map(|(s, _)| s.as_u16())
+        };
+    assert_eq!(status(Some(identity(KMS))).await, Some(200));
+    assert_eq!(
+        status(Some(identity("cks.kms.us-east-1.amazonaws.com"))).await,
+        None
+    );
+    assert_eq!(status(None).await, None);
+    proxy.server.stop().await;
+}
