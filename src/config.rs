@@ -633,6 +633,32 @@ mod tests {
     }
 
     #[test]
+    fn xks_sections_are_checked_and_name_the_key() {
+        let (dir, text) = setup();
+        let path = dir.path().join("tresor.toml");
+        std::fs::write(dir.path().join("creds.toml"), "x").unwrap();
+        let xks = "\n[xks]\nlisten = \"127.0.0.1:8444\"\ncert = \"server.pem\"\nkey = \"server.key\"\nregion = \"eu-central-1\"\n[[xks.prefix]]\npath = \"/uksh/\"\nidentity = \"kms\"\ncredentials = \"creds.toml\"\n";
+        let c = Config::parse(&format!("{text}{xks}"), &path).unwrap();
+        let x = c.xks.unwrap();
+        assert_eq!(x.prefixes[0].path, "/uksh");
+        assert_eq!(x.max_concurrent_requests, 256);
+        for (from, to, key) in [
+            ("eu-central-1", "EU Central", "xks.region"),
+            ("\"/uksh/\"", "\"uksh\"", "xks.prefix.path"),
+            ("\"/uksh/\"", "\"/a b\"", "xks.prefix.path"),
+            ("creds.toml", "missing.toml", "xks.prefix.credentials"),
+            (
+                "region = ",
+                "client_subject = \"cks\"\nregion = ",
+                "xks.client_subject",
+            ),
+        ] {
+            let e = Config::parse(&format!("{text}{}", xks.replace(from, to)), &path).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
     fn a_postgres_url_is_taken_as_given_and_its_password_is_never_printed() {
         let (dir, text) = setup();
         let path = dir.path().join("tresor.toml");
