@@ -334,6 +334,14 @@ async fn every_endpoint_works_over_http1_and_http2_and_every_call_is_audited() {
     let (status, _) = client.send(request).await.unwrap();
     assert_eq!(status, 200);
 
+    // A probe of a path that is no API operation is refused and audited too.
+    let probe = client.request(
+        http::Method::POST,
+        "/admin/kms/xks/v1/health",
+        Bytes::from_static(b"{}"),
+    );
+    assert_eq!(client.send(probe).await.unwrap().0, 404);
+
     // Every call is in the verified audit log, with what CloudTrail shows.
     let auditor = proxy.server.client(AUDITOR_A).await;
     let later = tresor::model::now_millis() + 3_600_000;
@@ -390,6 +398,19 @@ async fn every_endpoint_works_over_http1_and_http2_and_every_call_is_audited() {
             .filter(|r| r.body.operation == "XksGetHealthStatus")
             .count(),
         2
+    );
+    let probes: Vec<_> = xks
+        .iter()
+        .filter(|r| r.body.operation == "XksInvalidPath")
+        .collect();
+    assert_eq!(probes.len(), 1);
+    assert_eq!(
+        (
+            probes[0].body.status_code,
+            probes[0].body.outcome.as_str(),
+            probes[0].tenant.as_str()
+        ),
+        (404, "FAILED", "")
     );
     proxy.server.stop().await;
 }

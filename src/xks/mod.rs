@@ -114,6 +114,8 @@ pub enum XksStartError {
 /// The operation a request routes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Operation {
+    /// A path that is no API operation (answered `InvalidUriPathException`, still audited).
+    Unrouted,
     Health,
     Metadata,
     Encrypt,
@@ -123,6 +125,7 @@ enum Operation {
 impl Operation {
     fn audit_name(self) -> &'static str {
         match self {
+            Self::Unrouted => "XksInvalidPath",
             Self::Health => "XksGetHealthStatus",
             Self::Metadata => "XksGetKeyMetadata",
             Self::Encrypt => "XksEncrypt",
@@ -296,35 +299,27 @@ impl Xks {
         if path == "/ping" {
             return self.ping(&request.method).await;
         }
-        let Some((prefix, operation, external_id)) = self.route(path) else {
-            return Outgoing::error(&XksError::InvalidUriPath(format!(
-                "no XKS API at {}",
-                printable(path)
-            )));
-        };
-        if request.uri.query().is_some() {
-            return Outgoing::error(&XksError::InvalidUriPath(
-                "the XKS API takes no query string".into(),
-            ));
-        }
-        if request.method != http::Method::POST {
-            return Outgoing {
-                status: http::StatusCode::METHOD_NOT_ALLOWED,
-                body: Zeroizing::new(
-                    XksError::Validation("the XKS API is called with POST".into()).body(),
-                ),
-                content_type: "application/json",
-            };
-        }
+        let routed = self.route(path);
+        let operation = routed.map_or(Operation::Unrouted, |(_, op, _)| op);
         let mut audit = Audit::default();
         let request_id = crate::api::new_request_id();
         // Held until the audit record is written, so the bound covers the whole call.
         let permit = Arc::clone(&self.inner.permits).try_acquire_owned();
-        let result = match &permit {
-            Err(_) => Err(XksError::Throttling(
+        let result = match routed {
+            None => Err(XksError::InvalidUriPath(format!(
+                "no XKS API at {}",
+                printable(path)
+            ))),
+            Some(_) if request.uri.query().is_some() => Err(XksError::InvalidUriPath(
+                "the XKS API takes no query string".into(),
+            )),
+            Some(_) if request.method != http::Method::POST => {
+                Err(XksError::NotPost("the XKS API is called with POST".into()))
+            }
+            Some(_) if permit.is_err() => Err(XksError::Throttling(
                 "too many requests in flight on this proxy; retry".into(),
             )),
-            Ok(_) => {
+            Some((prefix, operation, external_id)) => {
                 self.call(prefix, operation, external_id, &request, &mut audit)
                     .await
             }
@@ -439,6 +434,7 @@ impl Xks {
             )
         };
         match operation {
+            Operation::Unrouted => Err(XksError::InvalidUriPath("no XKS API here".into())),
             Operation::Health => {
                 let parsed: wire::MetadataOnly = parse(body)?;
                 let meta = parsed.request_metadata.unwrap_or_default();
@@ -725,14 +721,19 @@ impl Xks {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, XksError> {
-    // serde's message names the field and position, never its value.
+    // Only the kind of error and its position: serde's own message can quote a value.
     serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "not well-formed JSON"
+            }
+            serde_json::error::Category::Data => "a field has the wrong type",
+            serde_json::error::Category::Io => "unreadable",
+        };
         XksError::Validation(format!(
-            "the body is not the API's JSON: {}",
-            e.to_string()
-                .split(" at line")
-                .next()
-                .unwrap_or("invalid JSON")
+            "the body is not the API's JSON: {what} (line {}, column {})",
+            e.line(),
+            e.column()
         ))
     })
 }

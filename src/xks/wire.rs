@@ -202,6 +202,9 @@ pub enum XksError {
     InvalidUriPath(String),
     #[error("{0}")]
     Throttling(String),
+    /// Not in the spec's table: its rule that a GET on an API path is answered 405.
+    #[error("{0}")]
+    NotPost(String),
     #[error("{0}")]
     Unsupported(String),
     #[error("{0}")]
@@ -214,7 +217,7 @@ impl XksError {
     /// The specification's `errorName`.
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Validation(_) => "ValidationException",
+            Self::Validation(_) | Self::NotPost(_) => "ValidationException",
             Self::InvalidState(_) => "InvalidStateException",
             Self::InvalidCiphertext(_) => "InvalidCiphertextException",
             Self::InvalidKeyUsage(_) => "InvalidKeyUsageException",
@@ -241,6 +244,7 @@ impl XksError {
             Self::AccessDenied(_) => S::FORBIDDEN,
             Self::KeyNotFound(_) | Self::InvalidUriPath(_) => S::NOT_FOUND,
             Self::Throttling(_) => S::TOO_MANY_REQUESTS,
+            Self::NotPost(_) => S::METHOD_NOT_ALLOWED,
             Self::Unsupported(_) => S::NOT_IMPLEMENTED,
             Self::DependencyTimeout(_) => S::SERVICE_UNAVAILABLE,
             Self::Internal(_) => S::INTERNAL_SERVER_ERROR,
