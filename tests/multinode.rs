@@ -80,39 +80,6 @@ async fn get(officer: &Client) -> proto::Key {
         .into_inner()
 }
 
-/// The whole audit log, verified against the checkpoint key.
-async fn verified_export(auditor: &Client) -> Vec<ExportItem> {
-    auditor
-        .audit()
-        .get_audit_checkpoint(proto::GetAuditCheckpointRequest {})
-        .await
-        .unwrap();
-    let later = tresor::model::now_millis() + 3_600_000;
-    let mut stream = auditor
-        .audit()
-        .export_audit_log(proto::ExportAuditLogRequest {
-            to: Some(prost_types::Timestamp {
-                seconds: later / 1000,
-                nanos: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut items = Vec::new();
-    while let Some(m) = stream.message().await.unwrap() {
-        items.push(tresor::client::audit_item(m).unwrap());
-    }
-    let point = public_point(auditor).await;
-    record::verify(
-        &items.iter().map(|i| (i.clone(), None)).collect::<Vec<_>>(),
-        &point,
-    )
-    .unwrap();
-    items
-}
-
 fn records(items: &[ExportItem]) -> impl Iterator<Item = &record::Record> {
     items.iter().filter_map(|i| match i {
         ExportItem::Record(r) => Some(r),

@@ -344,28 +344,7 @@ async fn every_endpoint_works_over_http1_and_http2_and_every_call_is_audited() {
 
     // Every call is in the verified audit log, with what CloudTrail shows.
     let auditor = proxy.server.client(AUDITOR_A).await;
-    let later = tresor::model::now_millis() + 3_600_000;
-    let mut stream = auditor
-        .audit()
-        .export_audit_log(proto::ExportAuditLogRequest {
-            to: Some(prost_types::Timestamp {
-                seconds: later / 1000,
-                nanos: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut items = Vec::new();
-    while let Some(m) = stream.message().await.unwrap() {
-        items.push(tresor::client::audit_item(m).unwrap());
-    }
-    record::verify(
-        &items.iter().map(|i| (i.clone(), None)).collect::<Vec<_>>(),
-        &public_point(&auditor).await,
-    )
-    .unwrap();
+    let items = verified_export(&auditor).await;
     let xks: Vec<&record::Record> = items
         .iter()
         .filter_map(|i| match i {

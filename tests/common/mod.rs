@@ -783,3 +783,38 @@ pub async fn public_point(auditor: &tresor::client::Client) -> Vec<u8> {
         .unwrap();
     tresor::audit::record::p256_point_from_spki(&der).unwrap()
 }
+
+/// The whole audit log, verified against the checkpoint key.
+pub async fn verified_export(
+    auditor: &tresor::client::Client,
+) -> Vec<tresor::audit::record::ExportItem> {
+    auditor
+        .audit()
+        .get_audit_checkpoint(tresor::api::proto::GetAuditCheckpointRequest {})
+        .await
+        .unwrap();
+    let later = tresor::model::now_millis() + 3_600_000;
+    let mut stream = auditor
+        .audit()
+        .export_audit_log(tresor::api::proto::ExportAuditLogRequest {
+            to: Some(prost_types::Timestamp {
+                seconds: later / 1000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut items = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        items.push(tresor::client::audit_item(m).unwrap());
+    }
+    let point = public_point(auditor).await;
+    tresor::audit::record::verify(
+        &items.iter().map(|i| (i.clone(), None)).collect::<Vec<_>>(),
+        &point,
+    )
+    .unwrap();
+    items
+}
