@@ -223,6 +223,36 @@ fn a_user_creates_rotates_wraps_and_unwraps_with_the_cli() {
         &tresor(&officer, &["key", "disable", "tenants/a/keys/ehr", "2"]),
         6,
     );
+    // Key usage: a decrypt-only key shows it and refuses new wraps (exit 6, naming the usage).
+    let shown = ok(&tresor(
+        &officer,
+        &["key", "update", "tenants/a/keys/ehr", "--usage", "decrypt"],
+    ));
+    assert!(shown.contains("usage:           decrypt"), "{shown}");
+    let e = failed(
+        &tresor(
+            &service,
+            &[
+                "wrap",
+                "--key",
+                "tenants/a/keys/ehr",
+                "--plaintext-base64",
+                "aGk=",
+            ],
+        ),
+        6,
+    );
+    assert!(e.contains("DECRYPT") && e.contains("encrypt"), "{e}");
+    ok(&tresor(
+        &officer,
+        &[
+            "key",
+            "update",
+            "tenants/a/keys/ehr",
+            "--usage",
+            "encrypt-decrypt",
+        ],
+    ));
     let e = failed(
         &Command::new(BIN)
             .args(["key", "list"])
