@@ -378,6 +378,12 @@ async fn every_endpoint_works_over_http1_and_http2_and_every_call_is_audited() {
             .count(),
         2
     );
+    assert!(
+        xks.iter()
+            .filter(|r| r.body.operation == "XksGetHealthStatus")
+            .all(|r| r.tenant == "a"),
+        "health checks belong to the prefix's tenant"
+    );
     let probes: Vec<_> = xks
         .iter()
         .filter(|r| r.body.operation == "XksInvalidPath")

@@ -425,6 +425,15 @@ impl Xks {
             sigv4::verify(&signed, &credentials, &self.inner.region, SystemTime::now())
                 .map_err(|e| XksError::AuthenticationFailed(e.to_string()))?;
         audit.caller = prefix.config.identity.clone();
+        // The prefix's tenant, so its auditors see its health checks too (authorization of
+        // key operations below still asks the policy for a grant).
+        let identity = Identity {
+            name: prefix.config.identity.clone(),
+            fingerprint: String::new(),
+        };
+        if let Some(tenant) = self.inner.policy.current().tenant_of(&identity) {
+            audit.tenant = tenant.as_str().to_owned();
+        }
         audit.fingerprint = if request.client_fingerprint.is_empty() {
             format!("sigv4:{}", credential.access_key_id)
         } else {
