@@ -98,7 +98,19 @@ on_both_backends!(
     wrap_reservations_only_grow,
     audit_batches_go_in_whole,
     approvals_allow_one_pending_request_per_version,
+    nodes_are_counted_by_their_last_heartbeat,
 );
+
+async fn nodes_are_counted_by_their_last_heartbeat(db: Db) {
+    let store = db.open().await;
+    assert_eq!(store.live_nodes(0).await.unwrap(), 0);
+    store.heartbeat("node-a", 100).await.unwrap();
+    store.heartbeat("node-b", 200).await.unwrap();
+    store.heartbeat("node-a", 300).await.unwrap();
+    assert_eq!(store.live_nodes(0).await.unwrap(), 2);
+    // node-b was last seen at 200.
+    assert_eq!(store.live_nodes(250).await.unwrap(), 1);
+}
 
 async fn the_installation_id_is_stable(db: Db) {
     let store = db.open().await;
