@@ -1069,7 +1069,9 @@ impl Custody {
         }
         authorize(grant, Role::Service, name)?;
         check_aad(aad)?;
-        // Fail on an unknown key before spending HSM randomness.
+        // Fail on an unknown key before spending HSM randomness (a key another node has just
+        // created is read first).
+        self.refresh_if_stale(name).await?;
         self.entry(name)?;
         let key = self.inner.hsm.random(len).await?;
         let wrapped = self
