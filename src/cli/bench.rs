@@ -116,6 +116,33 @@ async fn xks_call(
     aad: &[u8],
     blob: &[u8],
 ) -> Result<(), String> {
+    let (operation, body) = xks_body(op, payload, aad, blob)?;
+    let path = format!(
+        "{}/kms/xks/v1/keys/{}/{operation}",
+        target.path, target.external_key
+    );
+    let body = bytes::Bytes::from(body.to_string());
+    let (status, answer) = client
+        .send(xks_request(client, target, &path, body))
+        .await
+        .map_err(|_| "CONNECTION".to_owned())?;
+    if status == http::StatusCode::OK {
+        return Ok(());
+    }
+    let name = serde_json::from_slice::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|v| v["errorName"].as_str().map(str::to_owned));
+    Err(name.unwrap_or_else(|| format!("HTTP {}", status.as_u16())))
+}
+
+/// The operation and JSON body of an XKS Encrypt (wrap, datakey) or Decrypt (unwrap, rewrap;
+/// `blob` is an Encrypt answer).
+fn xks_body(
+    op: BenchOp,
+    payload: &[u8],
+    aad: &[u8],
+    blob: &[u8],
+) -> Result<(&'static str, serde_json::Value), String> {
     use base64::Engine;
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     let meta = json!({
@@ -124,7 +151,7 @@ async fn xks_call(
         "kmsOperation": "Encrypt",
         "kmsRequestId": "tresor-bench",
     });
-    let (operation, body) = match op {
+    Ok(match op {
         BenchOp::Unwrap | BenchOp::Rewrap => {
             let encrypted: serde_json::Value =
                 serde_json::from_slice(blob).map_err(|_| "no ciphertext to decrypt".to_owned())?;
@@ -150,23 +177,7 @@ async fn xks_call(
                 "encryptionAlgorithm": "AES_GCM",
             }),
         ),
-    };
-    let path = format!(
-        "{}/kms/xks/v1/keys/{}/{operation}",
-        target.path, target.external_key
-    );
-    let body = bytes::Bytes::from(body.to_string());
-    let (status, answer) = client
-        .send(xks_request(client, target, &path, body))
-        .await
-        .map_err(|_| "CONNECTION".to_owned())?;
-    if status == http::StatusCode::OK {
-        return Ok(());
-    }
-    let name = serde_json::from_slice::<serde_json::Value>(&answer)
-        .ok()
-        .and_then(|v| v["errorName"].as_str().map(str::to_owned));
-    Err(name.unwrap_or_else(|| format!("HTTP {}", status.as_u16())))
+    })
 }
 
 /// A request signed as AWS KMS signs it (SigV4, `host;x-amz-date`).
@@ -278,18 +289,8 @@ async fn make_blob(
             .into_inner()
             .ciphertext),
         Conn::Xks(client, target) => {
-            use base64::Engine;
-            let body = json!({
-                "requestMetadata": {
-                    "awsPrincipalArn": "arn:aws:iam::000000000000:user/tresor-bench",
-                    "kmsKeyArn": "arn:aws:kms:bench:000000000000:key/tresor-bench",
-                    "kmsOperation": "Encrypt",
-                    "kmsRequestId": "tresor-bench-setup",
-                },
-                "plaintext": base64::engine::general_purpose::STANDARD.encode(payload),
-                "additionalAuthenticatedData": base64::engine::general_purpose::STANDARD.encode(aad),
-                "encryptionAlgorithm": "AES_GCM",
-            });
+            let (_, body) = xks_body(BenchOp::Wrap, payload, aad, &[])
+                .map_err(|e| Failure::new(1, e, "report this"))?;
             let path = format!(
                 "{}/kms/xks/v1/keys/{}/encrypt",
                 target.path, target.external_key

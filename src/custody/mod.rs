@@ -525,17 +525,46 @@ impl Custody {
     /// PostgreSQL, finds the key of a version this node has not heard of yet (created on
     /// another node a moment ago). An id no node created costs one indexed read.
     async fn refresh_for_version(&self, id: &VersionId) -> Result<(), CustodyError> {
-        let known = read(&self.inner.cache).versions.get(id).cloned();
-        match known {
-            Some(name) => self.refresh_if_stale(&name).await,
-            None if self.inner.store.backend() == crate::store::Backend::Postgres => {
+        // One read lock and no allocation in the common case (known version, nothing stale):
+        // this runs on every Unwrap.
+        let lookup = {
+            let cache = read(&self.inner.cache);
+            match cache.versions.get(id) {
+                Some(name) if !cache.stale.is_empty() && cache.stale.contains(name) => {
+                    Some(Some(name.clone()))
+                }
+                Some(_) => None,
+                None => Some(None),
+            }
+        };
+        match lookup {
+            None => Ok(()),
+            Some(Some(name)) => self.refresh_if_stale(&name).await,
+            Some(None) if self.inner.store.backend() == crate::store::Backend::Postgres => {
                 if let Some((tenant, name)) = self.inner.store.key_of_version(id).await? {
                     self.refresh_key(&tenant, &name).await?;
                 }
                 Ok(())
             }
-            None => Ok(()),
+            Some(None) => Ok(()),
         }
+    }
+
+    /// The key's cache entry, re-read first if another node changed it (one read lock when
+    /// nothing is stale: this runs on every Wrap).
+    async fn fresh_entry(&self, name: &KeyName) -> Result<Arc<KeyEntry>, CustodyError> {
+        {
+            let cache = read(&self.inner.cache);
+            if cache.stale.is_empty() || !cache.stale.contains(name) {
+                return cache
+                    .keys
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| CustodyError::KeyNotFound(name.to_string()));
+            }
+        }
+        self.refresh_if_stale(name).await?;
+        self.entry(name)
     }
 
     /// [`Self::refresh_key`] for a caller that holds the admin lock.
@@ -1071,8 +1100,7 @@ impl Custody {
         check_aad(aad)?;
         // Fail on an unknown key before spending HSM randomness (a key another node has just
         // created is read first).
-        self.refresh_if_stale(name).await?;
-        self.entry(name)?;
+        self.fresh_entry(name).await?;
         let key = self.inner.hsm.random(len).await?;
         let wrapped = self
             .wrap_authorized(name, Zeroizing::new(key.to_vec()), aad)
@@ -1130,9 +1158,8 @@ impl Custody {
         plaintext: Zeroizing<Vec<u8>>,
         aad_for: impl FnOnce(&VersionEntry) -> Vec<u8>,
     ) -> Result<(Arc<VersionEntry>, [u8; IV_LEN], Vec<u8>), CustodyError> {
-        self.refresh_if_stale(name).await?;
         let version = {
-            let entry = self.entry(name)?;
+            let entry = self.fresh_entry(name).await?;
             if !entry.usage.encrypts() {
                 return Err(CustodyError::UsageForbidden {
                     key: name.to_string(),
@@ -1256,8 +1283,7 @@ impl Custody {
         name: &KeyName,
     ) -> Result<(KeyUsage, bool), CustodyError> {
         authorize(grant, Role::Service, name)?;
-        self.refresh_if_stale(name).await?;
-        let entry = self.entry(name)?;
+        let entry = self.fresh_entry(name).await?;
         let enabled = entry.primary_version().is_some_and(|v| usable(v).is_ok());
         Ok((entry.usage, enabled))
     }

@@ -92,6 +92,16 @@ struct Prefix {
     credentials: SharedCredentials,
 }
 
+impl Prefix {
+    /// The policy identity AWS KMS acts as on this prefix.
+    fn identity(&self) -> Identity {
+        Identity {
+            name: self.config.identity.clone(),
+            fingerprint: String::new(),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct HealthSnapshot {
     ok: bool,
@@ -134,8 +144,7 @@ impl Operation {
     }
 }
 
-/// A request as the transport hands it over.
-#[derive(Debug)]
+/// A request as the transport hands it over. `Debug` leaves out the body (plaintext, AAD).
 pub struct Incoming {
     /// The HTTP method.
     pub method: http::Method,
@@ -151,8 +160,8 @@ pub struct Incoming {
     pub client_fingerprint: String,
 }
 
-/// What goes back: status, JSON body.
-#[derive(Debug)]
+/// What goes back: status, JSON body. `Debug` leaves out the body (a Decrypt answer holds
+/// plaintext).
 pub struct Outgoing {
     /// HTTP status.
     pub status: http::StatusCode,
@@ -160,6 +169,24 @@ pub struct Outgoing {
     pub body: Zeroizing<String>,
     /// `Content-Type`.
     pub content_type: &'static str,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("method", &self.method)
+            .field("uri", &self.uri)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Outgoing {
@@ -427,11 +454,7 @@ impl Xks {
         audit.caller = prefix.config.identity.clone();
         // The prefix's tenant, so its auditors see its health checks too (authorization of
         // key operations below still asks the policy for a grant).
-        let identity = Identity {
-            name: prefix.config.identity.clone(),
-            fingerprint: String::new(),
-        };
-        if let Some(tenant) = self.inner.policy.current().tenant_of(&identity) {
+        if let Some(tenant) = self.inner.policy.current().tenant_of(&prefix.identity()) {
             audit.tenant = tenant.as_str().to_owned();
         }
         audit.fingerprint = if request.client_fingerprint.is_empty() {
@@ -509,15 +532,11 @@ impl Xks {
                 )));
             }
         }
-        let identity = Identity {
-            name: prefix.config.identity.clone(),
-            fingerprint: String::new(),
-        };
         let grant = self
             .inner
             .policy
             .current()
-            .grant(&identity, Role::Service)
+            .grant(&prefix.identity(), Role::Service)
             .map_err(|d| XksError::AccessDenied(d.to_string()))?;
         audit.tenant = grant.tenant().as_str().to_owned();
         let key_name = match &prefix.config.keys {

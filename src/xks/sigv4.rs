@@ -9,7 +9,6 @@
 use std::time::{Duration, SystemTime};
 
 use ring::hmac;
-use sha2_free::{hex, sha256_hex};
 
 /// The SigV4 service name of the XKS proxy API.
 pub const SERVICE: &str = "kms-xks-proxy";
@@ -174,18 +173,16 @@ pub fn sign(
     let signed = ["host", "x-amz-date"];
     let canonical = canonical_request(&request, &signed).unwrap_or_default();
     let date = &amz_date[..8];
-    let sig = signature(
-        &credential.secret,
-        &amz_date,
-        &scope(date, region),
-        &canonical,
+    let sig = hmac::sign(
+        &signing_key(&credential.secret, date, region),
+        string_to_sign(&amz_date, &scope(date, region), &canonical).as_bytes(),
     );
     (
         format!(
             "{ALGORITHM} Credential={}/{}, SignedHeaders=host;x-amz-date, Signature={}",
             credential.access_key_id,
             scope(date, region),
-            hex(&sig)
+            hex(sig.as_ref())
         ),
         amz_date,
     )
@@ -346,17 +343,6 @@ fn signing_key(secret: &str, date: &str, region: &str) -> hmac::Key {
     hmac::Key::new(hmac::HMAC_SHA256, k_signing.as_ref())
 }
 
-fn signature(secret: &str, amz_date: &str, scope: &str, canonical: &str) -> Vec<u8> {
-    let date = scope.split('/').next().unwrap_or_default();
-    let region = scope.split('/').nth(1).unwrap_or_default();
-    hmac::sign(
-        &signing_key(secret, date, region),
-        string_to_sign(amz_date, scope, canonical).as_bytes(),
-    )
-    .as_ref()
-    .to_vec()
-}
-
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if s.len() != 64 {
         return None;
@@ -416,15 +402,13 @@ fn format_amz_date(t: SystemTime) -> String {
     )
 }
 
-/// SHA-256 and hex with ring, under a name that says no other hash crate is involved.
-mod sha2_free {
-    pub fn sha256_hex(data: &[u8]) -> String {
-        hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
-    }
+/// SHA-256, lower-case hex.
+fn sha256_hex(data: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
 
-    pub fn hex(bytes: &[u8]) -> String {
-        crate::model::to_hex(bytes)
-    }
+fn hex(bytes: &[u8]) -> String {
+    crate::model::to_hex(bytes)
 }
 
 #[cfg(test)]

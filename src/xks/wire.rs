@@ -62,8 +62,8 @@ pub struct MetadataOnly {
     pub request_metadata: Option<RequestMetadata>,
 }
 
-/// Encrypt's body.
-#[derive(Debug, Deserialize)]
+/// Encrypt's body. `Debug` shows neither plaintext nor AAD.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptRequest {
     pub request_metadata: Option<RequestMetadata>,
@@ -73,8 +73,8 @@ pub struct EncryptRequest {
     pub ciphertext_data_integrity_value_algorithm: Option<String>,
 }
 
-/// Decrypt's body.
-#[derive(Debug, Deserialize)]
+/// Decrypt's body. `Debug` does not show the AAD.
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DecryptRequest {
     pub request_metadata: Option<RequestMetadata>,
@@ -84,6 +84,24 @@ pub struct DecryptRequest {
     pub additional_authenticated_data: Option<String>,
     pub initialization_vector: Option<String>,
     pub authentication_tag: Option<String>,
+}
+
+impl std::fmt::Debug for EncryptRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptRequest")
+            .field("request_metadata", &self.request_metadata)
+            .field("encryption_algorithm", &self.encryption_algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for DecryptRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecryptRequest")
+            .field("request_metadata", &self.request_metadata)
+            .field("encryption_algorithm", &self.encryption_algorithm)
+            .finish_non_exhaustive()
+    }
 }
 
 /// GetKeyMetadata's answer.
@@ -285,6 +303,23 @@ mod tests {
         assert_eq!(
             XksError::DependencyTimeout(String::new()).status().as_u16(),
             503
+        );
+    }
+
+    #[test]
+    fn debug_output_shows_no_plaintext_or_aad() {
+        let r: EncryptRequest = serde_json::from_str(
+            r#"{"plaintext": "U0VDUkVULVBMQUlOVEVYVA==", "additionalAuthenticatedData": "QUFELU1BUktFUg==", "encryptionAlgorithm": "AES_GCM"}"#,
+        )
+        .unwrap();
+        let d: DecryptRequest = serde_json::from_str(
+            r#"{"ciphertext": "AA==", "additionalAuthenticatedData": "QUFELU1BUktFUg=="}"#,
+        )
+        .unwrap();
+        let shown = format!("{r:?} {d:?}");
+        assert!(
+            !shown.contains("U0VDUkVU") && !shown.contains("QUFELU1B"),
+            "{shown}"
         );
     }
 
