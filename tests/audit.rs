@@ -687,3 +687,69 @@ fn no_plaintext_aad_or_pin_in_the_database_exports_or_debug_log() {
         );
     }
 }
+
+/// A checkpoint is signed off the commit path: while the HSM takes seconds over a signature,
+/// records keep being committed and their callers answered; `checkpoint_now` waits for a
+/// checkpoint that covers the head as it was when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_commit_while_a_checkpoint_is_being_signed() {
+    use tresor::audit::record::RecordBody;
+    use tresor::audit::{AuditLog, AuditOptions};
+
+    let token = TestToken::with(Backend::HsmSim);
+    let hsm = token.open();
+    let store = tresor::store::Store::open(&token.db_url()).await.unwrap();
+    let audit = AuditLog::open(
+        hsm,
+        store.clone(),
+        AuditOptions {
+            checkpoint_every: 10,
+            ..AuditOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let record = |i: usize| RecordBody {
+        request_id: format!("r{i}"),
+        operation: "Wrap".into(),
+        outcome: "OK".into(),
+        ..RecordBody::default()
+    };
+
+    // Every PKCS#11 call now takes a second: a signature is at least three of them.
+    token.faults(&hsm_sim::Faults {
+        latency_ms: 1000,
+        ..hsm_sim::Faults::default()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for i in 0..10 {
+        audit.append("a", record(i)).await.unwrap();
+    }
+    // The tenth record made a checkpoint due; these commit while it is being signed.
+    for i in 10..30 {
+        assert_eq!(audit.append("a", record(i)).await.unwrap(), i as u64 + 1);
+    }
+    assert_eq!(
+        store.audit_latest_checkpoint().await.unwrap(),
+        None,
+        "records waited for the checkpoint's signature"
+    );
+
+    let c = audit.checkpoint_now().await.unwrap().unwrap();
+    assert_eq!(c.seq, 30);
+    assert_eq!(
+        store.audit_latest_checkpoint().await.unwrap(),
+        Some(c.clone())
+    );
+    assert_eq!(store.audit_head().await.unwrap().unwrap().hash, c.hash);
+    let (_, point) = store.audit_key("signing").await.unwrap().unwrap();
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_FIXED,
+        tresor::model::from_hex(&point).unwrap(),
+    )
+    .verify(
+        &record::checkpoint_message(c.seq, &c.hash, c.time_ms),
+        &c.signature,
+    )
+    .expect("the checkpoint is signed by the audit key");
+}

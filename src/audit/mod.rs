@@ -11,7 +11,8 @@
 //! record queued at that moment (up to [`MAX_BATCH`]), chains them, commits them in one
 //! transaction, and only then answers each caller. So concurrent requests share one commit
 //! (group commit) without any added delay, and no caller learns of success before its record
-//! is durable (fail closed).
+//! is durable (fail closed). Checkpoints are signed by a task of their own, so a batch never
+//! waits for the HSM.
 
 pub mod file;
 pub mod record;
@@ -82,7 +83,7 @@ struct Pending {
 enum Command {
     Append(Pending),
     /// Sign the current head now (if not yet signed) and answer with the latest checkpoint.
-    Checkpoint(oneshot::Sender<Result<Option<Checkpoint>, String>>),
+    Checkpoint(CheckpointReply),
 }
 
 /// The audit log handle: cheap to clone.
@@ -198,11 +199,14 @@ impl AuditLog {
         let writer = Writer {
             store: store.clone(),
             hsm: hsm.clone(),
-            signing,
+            signing_key: signing,
             options,
             head: head.unwrap_or(ChainHead::GENESIS),
             checkpointed,
             last_checkpoint: tokio::time::Instant::now(),
+            signing: None,
+            waiting: Vec::new(),
+            retry_at: None,
         };
         tokio::spawn(writer.run(rx));
         Ok(Self {
@@ -389,7 +393,7 @@ impl ExportFilter {
 struct Writer {
     store: Store,
     hsm: Hsm,
-    signing: ObjectId,
+    signing_key: ObjectId,
     options: AuditOptions,
     /// The chain head as this writer last committed it. Another node may have extended the
     /// chain since (PostgreSQL); the store then continues from the database's head instead.
@@ -397,6 +401,31 @@ struct Writer {
     /// Highest sequence number covered by a checkpoint.
     checkpointed: u64,
     last_checkpoint: tokio::time::Instant,
+    /// The checkpoint being signed and stored, at most one at a time.
+    signing: Option<tokio::task::JoinHandle<Result<Checkpoint, String>>>,
+    /// `checkpoint_now` callers and the sequence number their checkpoint must cover.
+    waiting: Vec<(u64, CheckpointReply)>,
+    /// After a failed signature, the next due one waits until then.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+type CheckpointReply = oneshot::Sender<Result<Option<Checkpoint>, String>>;
+
+/// A failed checkpoint is tried again after this long (or at once for a waiting caller).
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+
+/// The outcome of the signature in progress; never ready while there is none.
+async fn signed(
+    task: &mut Option<tokio::task::JoinHandle<Result<Checkpoint, String>>>,
+) -> Result<Checkpoint, String> {
+    let Some(running) = task else {
+        return std::future::pending().await;
+    };
+    let result = running
+        .await
+        .unwrap_or_else(|e| Err(format!("checkpoint task failed: {e}")));
+    *task = None;
+    result
 }
 
 impl Writer {
@@ -426,20 +455,102 @@ impl Writer {
                     if !batch.is_empty() {
                         self.commit(batch).await;
                     }
-                    if self.head.seq >= self.checkpointed + self.options.checkpoint_every {
-                        // Failures are logged inside; the next batch or tick tries again.
-                        let _ = self.checkpoint().await;
-                    }
                     for reply in checkpoint_requests {
-                        let result = self.checkpoint().await;
-                        let _ = reply.send(result);
+                        self.checkpoint_wanted(reply).await;
                     }
                 }
-                _ = tick.tick() => {
-                    if self.head.seq > self.checkpointed && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval {
-                        // Failures are logged inside; the next tick tries again.
-                        let _ = self.checkpoint().await;
+                signed = signed(&mut self.signing) => self.signed(signed),
+                _ = tick.tick() => {}
+            }
+            self.start_checkpoint_if_due();
+        }
+        // The HSM stays in use until an unfinished signature is done.
+        if let Some(task) = self.signing.take() {
+            let result = task
+                .await
+                .unwrap_or_else(|e| Err(format!("checkpoint task failed: {e}")));
+            self.signed(result);
+        }
+    }
+
+    /// Answers a `checkpoint_now` caller at once if the head is signed, or once it is.
+    async fn checkpoint_wanted(&mut self, reply: CheckpointReply) {
+        if self.head.seq == 0 {
+            let _ = reply.send(Ok(None));
+        } else if self.head.seq == self.checkpointed {
+            let latest = self.store.audit_latest_checkpoint().await;
+            let _ = reply.send(latest.map_err(|e| e.to_string()));
+        } else {
+            self.waiting.push((self.head.seq, reply));
+        }
+    }
+
+    /// Starts signing the head, off the commit path, when it is due: every
+    /// `checkpoint_every` records, after `checkpoint_interval`, or when a caller waits. In the
+    /// writer itself, the signature (an HSM call, seconds on a slow HSM) and the checkpoint's
+    /// own commit held up every batch queued behind them.
+    fn start_checkpoint_if_due(&mut self) {
+        if self.signing.is_some() || self.head.seq <= self.checkpointed {
+            return;
+        }
+        let caller_waits = !self.waiting.is_empty();
+        let retry_allowed = self
+            .retry_at
+            .is_none_or(|at| tokio::time::Instant::now() >= at);
+        let due = self.head.seq >= self.checkpointed + self.options.checkpoint_every
+            || self.last_checkpoint.elapsed() >= self.options.checkpoint_interval;
+        if !(caller_waits || (due && retry_allowed)) {
+            return;
+        }
+        let (hsm, store, key, head) = (
+            self.hsm.clone(),
+            self.store.clone(),
+            self.signing_key,
+            self.head,
+        );
+        self.signing = Some(tokio::spawn(async move {
+            let time_ms = now_millis().max(head.time_ms);
+            let message = checkpoint_message(head.seq, &head.hash, time_ms);
+            let signature = hsm
+                .sign_p256(key, message)
+                .await
+                .map_err(|e| e.to_string())?;
+            let c = Checkpoint {
+                seq: head.seq,
+                hash: head.hash,
+                time_ms,
+                signature,
+            };
+            store
+                .insert_checkpoint(&c)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(c)
+        }));
+    }
+
+    /// Takes the outcome of a signature: answers the callers it covers (all of them on failure).
+    fn signed(&mut self, result: Result<Checkpoint, String>) {
+        match result {
+            Ok(c) => {
+                self.checkpointed = self.checkpointed.max(c.seq);
+                self.last_checkpoint = tokio::time::Instant::now();
+                self.retry_at = None;
+                let waiting = std::mem::take(&mut self.waiting);
+                for (seq, reply) in waiting {
+                    if seq <= c.seq {
+                        let _ = reply.send(Ok(Some(c.clone())));
+                    } else {
+                        self.waiting.push((seq, reply));
                     }
+                }
+            }
+            Err(e) => {
+                // The records are durable; a later checkpoint will cover them.
+                tracing::error!(error = %e, seq = self.head.seq, "audit checkpoint could not be signed; retrying later");
+                self.retry_at = Some(tokio::time::Instant::now() + CHECKPOINT_RETRY);
+                for (_, reply) in self.waiting.drain(..) {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
@@ -497,53 +608,6 @@ impl Writer {
                 for done in waiting {
                     let _ = done.send(Err(e.to_string()));
                 }
-            }
-        }
-    }
-
-    /// Signs the head if it is not yet covered; returns the latest checkpoint.
-    async fn checkpoint(&mut self) -> Result<Option<Checkpoint>, String> {
-        if self.head.seq == 0 {
-            return Ok(None);
-        }
-        if self.head.seq == self.checkpointed {
-            return self
-                .store
-                .audit_latest_checkpoint()
-                .await
-                .map_err(|e| e.to_string());
-        }
-        let time_ms = now_millis().max(self.head.time_ms);
-        let message = checkpoint_message(self.head.seq, &self.head.hash, time_ms);
-        let signed = async {
-            let signature = self
-                .hsm
-                .sign_p256(self.signing, message)
-                .await
-                .map_err(|e| e.to_string())?;
-            let c = Checkpoint {
-                seq: self.head.seq,
-                hash: self.head.hash,
-                time_ms,
-                signature,
-            };
-            self.store
-                .insert_checkpoint(&c)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(c)
-        }
-        .await;
-        match signed {
-            Ok(c) => {
-                self.checkpointed = c.seq;
-                self.last_checkpoint = tokio::time::Instant::now();
-                Ok(Some(c))
-            }
-            Err(e) => {
-                // The records are durable; the next checkpoint will cover them.
-                tracing::error!(error = %e, seq = self.head.seq, "audit checkpoint could not be signed; retrying later");
-                Err(e)
             }
         }
     }
