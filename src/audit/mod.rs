@@ -415,7 +415,7 @@ type CheckpointReply = oneshot::Sender<Result<Option<Checkpoint>, String>>;
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 /// The outcome of the signature in progress; never ready while there is none.
-async fn signed(
+async fn signature_finished(
     task: &mut Option<tokio::task::JoinHandle<Result<Checkpoint, String>>>,
 ) -> Result<Checkpoint, String> {
     let Some(running) = task else {
@@ -459,7 +459,7 @@ impl Writer {
                         self.checkpoint_wanted(reply).await;
                     }
                 }
-                signed = signed(&mut self.signing) => self.signed(signed),
+                result = signature_finished(&mut self.signing) => self.checkpoint_signed(result),
                 _ = tick.tick() => {}
             }
             self.start_checkpoint_if_due();
@@ -469,7 +469,7 @@ impl Writer {
             let result = task
                 .await
                 .unwrap_or_else(|e| Err(format!("checkpoint task failed: {e}")));
-            self.signed(result);
+            self.checkpoint_signed(result);
         }
     }
 
@@ -530,7 +530,7 @@ impl Writer {
     }
 
     /// Takes the outcome of a signature: answers the callers it covers (all of them on failure).
-    fn signed(&mut self, result: Result<Checkpoint, String>) {
+    fn checkpoint_signed(&mut self, result: Result<Checkpoint, String>) {
         match result {
             Ok(c) => {
                 self.checkpointed = self.checkpointed.max(c.seq);
