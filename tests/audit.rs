@@ -53,14 +53,7 @@ async fn a_mixed_workload_yields_one_verifiable_record_per_call_in_order() {
     let auditor = server.client(AUDITOR_A).await;
     let anonymous = server.client_with(None, Validity::default()).await;
 
-    officer
-        .admin()
-        .create_key(proto::CreateKeyRequest {
-            key: KEY.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_key(&officer, KEY).await;
     let blob = service
         .keys()
         .wrap(proto::WrapRequest {
@@ -260,14 +253,7 @@ async fn exports_verify_offline_and_every_tampering_is_named() {
     let server = TestServer::start().await;
     let officer = server.client(OFFICER_A).await;
     let service = server.client(SERVICE_A).await;
-    officer
-        .admin()
-        .create_key(proto::CreateKeyRequest {
-            key: KEY.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_key(&officer, KEY).await;
     for i in 0..30u8 {
         service
             .keys()
@@ -451,14 +437,7 @@ async fn when_the_audit_store_fails_nothing_is_returned() {
     let server = TestServer::start().await;
     let officer = server.client(OFFICER_A).await;
     let service = server.client(SERVICE_A).await;
-    officer
-        .admin()
-        .create_key(proto::CreateKeyRequest {
-            key: KEY.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_key(&officer, KEY).await;
     let blob = service
         .keys()
         .wrap(proto::WrapRequest {

@@ -24,14 +24,7 @@ async fn ten_thousand_blobs_over_three_versions_interrupted_and_resumed() {
     let server = TestServer::start().await;
     let officer = server.client(OFFICER_A).await;
     let service = server.client(SERVICE_A).await;
-    officer
-        .admin()
-        .create_key(proto::CreateKeyRequest {
-            key: KEY.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_key(&officer, KEY).await;
     let b64 = base64::engine::general_purpose::STANDARD;
 
     // 10,000 blobs, a third under each of versions 1, 2 and 3, each with its own AAD.

@@ -41,14 +41,7 @@ async fn sixty_seconds_of_chaos_lose_nothing() {
     ))
     .await;
     let officer = server.client(OFFICER_A).await;
-    officer
-        .admin()
-        .create_key(proto::CreateKeyRequest {
-            key: KEY.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_key(&officer, KEY).await;
     let service = server.client(SERVICE_A).await;
 
     let counts = Arc::new(Counts::default());

@@ -20,14 +20,7 @@ async fn server(extra_server: &str, extra_hsm: &str) -> TestServer {
     let server =
         TestServer::start_on(Deployment::with(Backend::HsmSim, extra_server, extra_hsm)).await;
     let officer = server.client(OFFICER_A).await;
-    officer
-        .admin()
-        .create_key(proto::CreateKeyRequest {
-            key: KEY.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_key(&officer, KEY).await;
     server
 }
 

@@ -71,14 +71,7 @@ impl Proxy {
     async fn start(d: Deployment) -> Self {
         let server = TestServer::start_on(d).await;
         let officer = server.client(OFFICER_A).await;
-        officer
-            .admin()
-            .create_key(proto::CreateKeyRequest {
-                key: KEY.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        create_key(&officer, KEY).await;
         Self { server }
     }
 
@@ -487,14 +480,7 @@ async fn each_error_name_comes_from_the_input_that_should_produce_it() {
     .await;
     // A ciphertext of another key (same tenant) is refused for this one.
     let officer = proxy.officer().await;
-    officer
-        .admin()
-        .create_key(proto::CreateKeyRequest {
-            key: "tenants/a/keys/pacs".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_key(&officer, "tenants/a/keys/pacs").await;
     let of_pacs = ok(
         &mut c,
         "/keys/pacs/encrypt",

@@ -769,6 +769,18 @@ impl Drop for PgServer {
     }
 }
 
+/// Creates `key` with default settings, as `officer`.
+pub async fn create_key(officer: &tresor::client::Client, key: &str) {
+    officer
+        .admin()
+        .create_key(tresor::api::proto::CreateKeyRequest {
+            key: key.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// The audit checkpoint public key (uncompressed P-256 point), as an auditor fetches it.
 pub async fn public_point(auditor: &tresor::client::Client) -> Vec<u8> {
     let pem = auditor
