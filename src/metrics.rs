@@ -103,6 +103,28 @@ pub struct Metrics {
     pub audit_commit: Histogram,
     /// Scheduler passes, by outcome.
     scheduler_runs: Mutex<BTreeMap<&'static str, u64>>,
+    /// Keys whose rows failed their integrity check (each load or re-read that found it).
+    pub metadata_integrity_failures: Counter,
+    /// Destructions the database called due that the HSM's evidence did not back.
+    pub destructions_refused: Counter,
+    /// Audit checkpoints refused because the database's chain does not extend the HSM anchor.
+    pub audit_anchor_failures: Counter,
+}
+
+/// A monotonic counter.
+#[derive(Debug, Default)]
+pub struct Counter(std::sync::atomic::AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The count so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Reads (sessions in use, pool size) from the back-end.
@@ -125,6 +147,9 @@ pub fn global() -> &'static Metrics {
         audit_batch: Histogram::new(&BATCH_BUCKETS),
         audit_commit: Histogram::new(&LATENCY_BUCKETS),
         scheduler_runs: Mutex::new(BTreeMap::new()),
+        metadata_integrity_failures: Counter::default(),
+        destructions_refused: Counter::default(),
+        audit_anchor_failures: Counter::default(),
     })
 }
 
@@ -188,6 +213,29 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "tresor_scheduler_runs_total{{outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        for (name, help, counter) in [
+            (
+                "tresor_metadata_integrity_failures_total",
+                "Keys found with database rows that fail their integrity check.",
+                &self.metadata_integrity_failures,
+            ),
+            (
+                "tresor_destructions_refused_total",
+                "Destructions the database called due without a destruction order in the HSM.",
+                &self.destructions_refused,
+            ),
+            (
+                "tresor_audit_anchor_failures_total",
+                "Audit checkpoints refused: the database's chain does not extend the HSM anchor.",
+                &self.audit_anchor_failures,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                counter.get()
             );
         }
         out

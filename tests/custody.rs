@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Fixture, grant, officer, service};
+use common::{Fixture, after_grace, grant, officer, schedule_by_two_officers, service};
 use tresor::auth::Role;
 use tresor::custody::{CustodyError, CustodyOptions, OrphanPolicy};
 use tresor::envelope;
@@ -209,16 +209,13 @@ async fn every_bad_blob_gets_its_own_error() {
     );
 
     // Scheduled for destruction, then destroyed.
-    f.custody
-        .schedule_destruction(&officer(&key), &key, 1, now_millis())
-        .await
-        .unwrap();
+    schedule_by_two_officers(&f.custody, &key, 1).await.unwrap();
     assert!(matches!(
         f.custody.unwrap(&service(&key), &blob, b"ctx", None).await,
         Err(CustodyError::VersionDestroyScheduled(_))
     ));
     assert_eq!(
-        f.custody.destroy_due(now_millis()).await.unwrap(),
+        f.custody.destroy_due(after_grace()).await.unwrap(),
         vec!["tenants/uksh/keys/pacs/versions/1"]
     );
     assert!(matches!(
@@ -359,9 +356,7 @@ async fn rotation_moves_the_primary_and_old_blobs_still_unwrap() {
         Err(CustodyError::PrimaryVersion(_))
     ));
     assert!(matches!(
-        f.custody
-            .schedule_destruction(&officer(&key), &key, 2, 0)
-            .await,
+        schedule_by_two_officers(&f.custody, &key, 2).await,
         Err(CustodyError::PrimaryVersion(_))
     ));
     assert!(matches!(
@@ -413,14 +408,13 @@ async fn the_state_machine_allows_only_designed_transitions() {
         .unwrap();
     assert_eq!(state(&f.custody), VersionState::Enabled);
 
-    let due = now_millis() + 86_400_000;
-    let info = f
-        .custody
-        .schedule_destruction(&officer(&key), &key, 1, due)
-        .await
-        .unwrap();
+    let before = now_millis();
+    let approval = schedule_by_two_officers(&f.custody, &key, 1).await.unwrap();
+    let info = f.custody.get_key(&officer(&key), &key).unwrap();
     assert_eq!(info.versions[0].state, VersionState::DestroyScheduled);
-    assert_eq!(info.versions[0].destroy_at, Some(due));
+    let due = info.versions[0].destroy_at.unwrap();
+    assert!(due >= before + 7 * tresor::custody::DAY_MS, "{due}");
+    assert_eq!(approval.destroy_at, Some(due));
     assert!(matches!(
         f.custody.enable_version(&officer(&key), &key, 1).await,
         Err(CustodyError::InvalidTransition { .. })
@@ -444,20 +438,17 @@ async fn the_state_machine_allows_only_designed_transitions() {
         Err(CustodyError::InvalidTransition { .. })
     ));
 
-    f.custody
-        .schedule_destruction(&officer(&key), &key, 1, now_millis())
-        .await
-        .unwrap();
-    f.custody.destroy_due(now_millis()).await.unwrap();
+    schedule_by_two_officers(&f.custody, &key, 1).await.unwrap();
+    f.custody.destroy_due(after_grace()).await.unwrap();
     let v1 = &f.custody.get_key(&officer(&key), &key).unwrap().versions[0];
     assert_eq!(v1.state, VersionState::Destroyed);
     assert!(v1.destroyed_at.is_some());
     for r in [
         f.custody.enable_version(&officer(&key), &key, 1).await,
         f.custody.disable_version(&officer(&key), &key, 1).await,
-        f.custody
-            .schedule_destruction(&officer(&key), &key, 1, 0)
-            .await,
+        schedule_by_two_officers(&f.custody, &key, 1)
+            .await
+            .map(|_| f.custody.get_key(&officer(&key), &key).unwrap()),
     ] {
         assert!(
             matches!(
@@ -552,7 +543,12 @@ async fn concurrent_wraps_and_unwraps_survive_twenty_rotations() {
         );
     }
     // Every version row has exactly one HSM object behind it.
-    assert_eq!(f.hsm.list_secret_keys().await.unwrap().len(), 21);
+    assert_eq!(
+        common::version_objects(&f.hsm, f.store.installation_id())
+            .await
+            .len(),
+        21
+    );
 }
 
 #[tokio::test]
@@ -577,7 +573,7 @@ async fn version_keys_are_sensitive_and_never_extractable_in_the_token() {
     assert!(!a.modifiable && !a.copyable, "{a:?}");
     assert!(a.aes && a.value_len == 32, "{a:?}");
     assert!(!a.value_readable, "the token handed out CKA_VALUE");
-    let label = &f.hsm.list_secret_keys().await.unwrap()[0].label;
+    let label = &common::version_objects(&f.hsm, f.store.installation_id()).await[0].label;
     assert_eq!(
         label,
         &format!("tresor/{}/{}", f.store.installation_id(), id.to_hex())
@@ -600,12 +596,19 @@ async fn a_crash_between_hsm_object_and_row_is_cleaned_up_at_start() {
         .ciphertext;
 
     // What a crash after step one of create/rotate leaves: an object with this installation's
-    // label and no row. Next to it, an object of another installation and one of another
-    // application, which must survive.
+    // label, its creation journal, and no row. Next to it, an object of another installation,
+    // one of another application, and one with our label but no journal (its row was deleted
+    // in the database), all of which must survive.
     let prefix = format!("tresor/{}/", f.store.installation_id());
     let orphan = ObjectId([0xa1; 16]);
     f.hsm
         .generate_version_key(orphan, format!("{prefix}{orphan}"))
+        .await
+        .unwrap();
+    common::write_creation_journal(&f.hsm, f.store.installation_id(), orphan).await;
+    let unjournaled = ObjectId([0xa2; 16]);
+    f.hsm
+        .generate_version_key(unjournaled, format!("{prefix}{unjournaled}"))
         .await
         .unwrap();
     let foreign = ObjectId([0xb2; 16]);
@@ -629,11 +632,24 @@ async fn a_crash_between_hsm_object_and_row_is_cleaned_up_at_start() {
     assert_eq!(report.orphans_kept, vec![format!("{prefix}{orphan}")]);
     assert!(f.hsm.secret_key_exists(orphan).await.unwrap());
 
+    assert_eq!(
+        report.orphans_unaccounted,
+        vec![format!("{prefix}{unjournaled}")]
+    );
+
     let (custody, report) = f.restart(CustodyOptions::default()).await;
     assert_eq!(report.orphans_removed, vec![format!("{prefix}{orphan}")]);
+    assert_eq!(
+        report.orphans_unaccounted,
+        vec![format!("{prefix}{unjournaled}")]
+    );
     assert_eq!(report.foreign_objects, 2);
     assert!(report.lost.is_empty());
     assert!(!f.hsm.secret_key_exists(orphan).await.unwrap());
+    assert!(f.hsm.secret_key_exists(unjournaled).await.unwrap());
+    // The journal went with its object: a second start finds nothing to remove.
+    let (_, report) = f.restart(CustodyOptions::default()).await;
+    assert!(report.orphans_removed.is_empty(), "{report:?}");
     assert!(f.hsm.secret_key_exists(foreign).await.unwrap());
     assert!(f.hsm.secret_key_exists(other_app).await.unwrap());
     assert_eq!(
@@ -1106,6 +1122,7 @@ async fn a_starting_node_leaves_another_nodes_uncommitted_object_alone() {
     // Node A has created the object of a new version and not yet committed its row.
     let in_flight = ObjectId([0xd4; 16]);
     let label = format!("tresor/{}/{in_flight}", store_a.installation_id());
+    common::write_creation_journal(&hsm, store_a.installation_id(), in_flight).await;
     hsm.generate_version_key(in_flight, label.clone())
         .await
         .unwrap();

@@ -12,7 +12,12 @@ use tresor::audit::record::{Checkpoint, Record, RecordBody};
 use tresor::envelope::VersionId;
 use tresor::model::VersionState::{self, *};
 use tresor::store::changes::Change;
-use tresor::store::{ApprovalRow, ChainHead, KeyRow, Store, StoreError, VersionRow};
+use tresor::store::{ApprovalRow, ChainHead, KeyRow, Reseal, Store, StoreError, VersionRow};
+
+/// The compare-and-set pair of a key's integrity value (the store only compares them).
+fn seal<'a>(before: &'a str, after: &'a str) -> Reseal<'a> {
+    Reseal { before, after }
+}
 
 fn key_row() -> KeyRow {
     KeyRow {
@@ -27,6 +32,7 @@ fn key_row() -> KeyRow {
         next_rotation_at: None,
         min_decryption_version: 1,
         usage: Default::default(),
+        integrity: "s0".into(),
     }
 }
 
@@ -175,16 +181,27 @@ async fn transitions_are_compare_and_set(db: Db) {
 
     // Rotation moves the primary only from the expected version.
     store
-        .add_primary_version(&version_row(2, 2), 1)
+        .add_primary_version(&version_row(2, 2), 1, &seal("s0", "s1"))
         .await
         .unwrap();
     assert!(matches!(
-        store.add_primary_version(&version_row(3, 3), 1).await,
+        store
+            .add_primary_version(&version_row(3, 3), 1, &seal("s1", "s2"))
+            .await,
         Err(StoreError::Conflict)
     ));
     // The same number twice is a conflict, not a second version 2.
     assert!(matches!(
-        store.add_primary_version(&version_row(2, 4), 2).await,
+        store
+            .add_primary_version(&version_row(2, 4), 2, &seal("s1", "s2"))
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    // So is a write that read the key before its last change (integrity value moved on).
+    assert!(matches!(
+        store
+            .add_primary_version(&version_row(3, 3), 2, &seal("s0", "s2"))
+            .await,
         Err(StoreError::Conflict)
     ));
     assert_eq!(store.load_keys().await.unwrap()[0].primary_version, 2);
@@ -192,23 +209,41 @@ async fn transitions_are_compare_and_set(db: Db) {
     let v1 = VersionId([1; 16]);
     let v2 = VersionId([2; 16]);
     store
-        .transition(&v1, &[Enabled], Disabled, 5, None, true)
+        .transition(&v1, &[Enabled], Disabled, 5, None, true, &seal("s1", "s2"))
         .await
         .unwrap();
     // Not in the expected state any more.
     assert!(matches!(
         store
-            .transition(&v1, &[Enabled], Disabled, 6, None, true)
+            .transition(&v1, &[Enabled], Disabled, 6, None, true, &seal("s2", "s3"))
             .await,
         Err(StoreError::Conflict)
     ));
     // The primary version is protected in SQL, not only by the caller.
     assert!(matches!(
         store
-            .transition(&v2, &[Enabled], Disabled, 6, None, true)
+            .transition(&v2, &[Enabled], Disabled, 6, None, true, &seal("s2", "s3"))
             .await,
         Err(StoreError::Conflict)
     ));
+    // A stale integrity value undoes the version's change too (one transaction).
+    assert!(matches!(
+        store
+            .transition(&v1, &[Disabled], Enabled, 6, None, false, &seal("s1", "s3"))
+            .await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        store
+            .load_versions()
+            .await
+            .unwrap()
+            .iter()
+            .find(|r| r.id == v1)
+            .unwrap()
+            .state,
+        Disabled
+    );
 
     store
         .transition(
@@ -218,13 +253,23 @@ async fn transitions_are_compare_and_set(db: Db) {
             7,
             Some(100),
             true,
+            &seal("s2", "s3"),
         )
         .await
         .unwrap();
     store
-        .transition(&v1, &[DestroyScheduled], Destroyed, 8, None, false)
+        .transition(
+            &v1,
+            &[DestroyScheduled],
+            Destroyed,
+            8,
+            None,
+            false,
+            &seal("s3", "s4"),
+        )
         .await
         .unwrap();
+    assert_eq!(store.load_keys().await.unwrap()[0].integrity, "s4");
     let rows = store.load_versions().await.unwrap();
     let row = rows.iter().find(|r| r.id == v1).unwrap();
     assert_eq!(
@@ -326,25 +371,32 @@ async fn key_updates_are_compare_and_set(db: Db) {
     let mut row = key_row();
     row.description = "first".into();
     row.updated_at = 2;
-    store.update_key(&row, 1).await.unwrap();
+    row.integrity = "s1".into();
+    store.update_key(&row, 1, "s0").await.unwrap();
     // A writer that read the key before that change is refused instead of undoing it.
     let mut stale = key_row();
     stale.description = "stale".into();
     stale.updated_at = 3;
+    stale.integrity = "s2".into();
     assert!(matches!(
-        store.update_key(&stale, 1).await,
+        store.update_key(&stale, 1, "s1").await,
+        Err(StoreError::Conflict)
+    ));
+    assert!(matches!(
+        store.update_key(&stale, 2, "s0").await,
         Err(StoreError::Conflict)
     ));
     // So is one that checked against a primary version that has moved on.
     store
-        .add_primary_version(&version_row(2, 2), 1)
+        .add_primary_version(&version_row(2, 2), 1, &seal("s1", "s2"))
         .await
         .unwrap();
     let updated_at = store.load_keys().await.unwrap()[0].updated_at;
     let mut old_primary = key_row();
     old_primary.updated_at = updated_at + 1;
+    old_primary.integrity = "s3".into();
     assert!(matches!(
-        store.update_key(&old_primary, updated_at).await,
+        store.update_key(&old_primary, updated_at, "s2").await,
         Err(StoreError::Conflict)
     ));
     let (key, versions) = store.load_key("t", "k").await.unwrap().unwrap();
@@ -373,6 +425,7 @@ async fn approvals_allow_one_pending_request_per_version(db: Db) {
         expires_at: 100,
         state: "PENDING".into(),
         decided_by: String::new(),
+        integrity: "p1".into(),
     };
     store.insert_approval(&a, 10).await.unwrap();
     let again = ApprovalRow {
@@ -384,22 +437,30 @@ async fn approvals_allow_one_pending_request_per_version(db: Db) {
         Err(StoreError::Conflict)
     ));
     store
-        .decide_approval("a1", "APPROVED", "officer-b", 30)
+        .decide_approval("a1", "APPROVED", "officer-b", 30, "p2")
         .await
         .unwrap();
     assert!(matches!(
         store
-            .decide_approval("a1", "REJECTED", "officer-c", 31)
+            .decide_approval("a1", "REJECTED", "officer-c", 31, "p3")
             .await,
         Err(StoreError::Conflict)
     ));
     let stored = store.get_approval("a1").await.unwrap().unwrap();
     assert_eq!(
-        (stored.state.as_str(), stored.decided_by.as_str()),
-        ("APPROVED", "officer-b")
+        (
+            stored.state.as_str(),
+            stored.decided_by.as_str(),
+            stored.integrity.as_str()
+        ),
+        ("APPROVED", "officer-b", "p2")
     );
     store.insert_approval(&again, 40).await.unwrap();
-    assert_eq!(store.expire_approvals(101).await.unwrap(), 1);
+    let expired = store.expired_approvals(101).await.unwrap();
+    assert_eq!(
+        expired.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+        ["a2"]
+    );
     assert_eq!(store.list_approvals("t").await.unwrap().len(), 2);
 }
 
@@ -530,16 +591,38 @@ async fn a_committed_key_change_is_announced_to_every_node_and_a_rolled_back_one
     };
     assert_eq!(next(&mut feed).await, created);
     // A failed compare-and-set sends nothing; the next real change is the next notification.
-    assert!(a.add_primary_version(&version_row(3, 3), 7).await.is_err());
+    assert!(
+        a.add_primary_version(&version_row(3, 3), 7, &seal("s0", "s1"))
+            .await
+            .is_err()
+    );
     // (version 1 is the primary, which stays enabled)
-    a.transition(&VersionId([1; 16]), &[Enabled], Disabled, 5, None, true)
-        .await
-        .unwrap_err();
-    a.add_primary_version(&version_row(2, 2), 1).await.unwrap();
-    assert_eq!(next(&mut feed).await, created);
-    a.transition(&VersionId([1; 16]), &[Enabled], Disabled, 5, None, true)
+    a.transition(
+        &VersionId([1; 16]),
+        &[Enabled],
+        Disabled,
+        5,
+        None,
+        true,
+        &seal("s0", "s1"),
+    )
+    .await
+    .unwrap_err();
+    a.add_primary_version(&version_row(2, 2), 1, &seal("s0", "s1"))
         .await
         .unwrap();
+    assert_eq!(next(&mut feed).await, created);
+    a.transition(
+        &VersionId([1; 16]),
+        &[Enabled],
+        Disabled,
+        5,
+        None,
+        true,
+        &seal("s1", "s2"),
+    )
+    .await
+    .unwrap();
     assert_eq!(next(&mut feed).await, created);
 
     // SQLite has no other nodes to tell.

@@ -693,6 +693,9 @@ impl Sim {
             return Ok(match class {
                 Some(CKO_SECRET_KEY) | Some(CKO_PRIVATE_KEY) if hidden => AttrOut::Sensitive,
                 Some(CKO_SECRET_KEY) => AttrOut::Value(obj.secret.to_vec()),
+                Some(CKO_DATA) => {
+                    AttrOut::Value(obj.attrs.get(&CKA_VALUE).cloned().unwrap_or_default())
+                }
                 _ => AttrOut::Invalid,
             });
         }
@@ -839,6 +842,56 @@ impl Sim {
             attrs,
             secret: Zeroizing::new(Vec::new()),
         })
+    }
+
+    /// `C_CreateObject`, for data objects (`CKO_DATA`) only: Tresor keeps small records in the
+    /// token this way (creation journals, destruction orders, the audit anchor). Keys can only
+    /// be generated inside the token, never imported.
+    pub(crate) fn create_object(
+        &mut self,
+        h: CK_SESSION_HANDLE,
+        template: &[(CK_ATTRIBUTE_TYPE, Vec<u8>)],
+    ) -> Result<CK_OBJECT_HANDLE, Rv> {
+        self.session(h)?;
+        let mut attrs: BTreeMap<CK_ATTRIBUTE_TYPE, Vec<u8>> = BTreeMap::new();
+        for (t, v) in template {
+            let ok = match *t {
+                CKA_TOKEN | CKA_PRIVATE | CKA_MODIFIABLE | CKA_COPYABLE | CKA_DESTROYABLE => {
+                    v.len() == 1
+                }
+                CKA_CLASS => v.len() == std::mem::size_of::<CK_ULONG>(),
+                CKA_LABEL | CKA_APPLICATION | CKA_VALUE | CKA_OBJECT_ID => true,
+                _ => return Err(CKR_ATTRIBUTE_TYPE_INVALID),
+            };
+            if !ok {
+                return Err(CKR_ATTRIBUTE_VALUE_INVALID);
+            }
+            attrs.insert(*t, v.clone());
+        }
+        match attrs.get(&CKA_CLASS) {
+            Some(c) if *c == ulong_bytes(CKO_DATA) => {}
+            Some(_) => return Err(CKR_TEMPLATE_INCONSISTENT),
+            None => return Err(CKR_TEMPLATE_INCOMPLETE),
+        }
+        for (t, default) in [
+            (CKA_TOKEN, false),
+            (CKA_PRIVATE, true),
+            (CKA_MODIFIABLE, true),
+            (CKA_COPYABLE, true),
+            (CKA_DESTROYABLE, true),
+        ] {
+            attrs.entry(t).or_insert_with(|| bool_bytes(default));
+        }
+        for t in [CKA_LABEL, CKA_APPLICATION, CKA_VALUE] {
+            attrs.entry(t).or_default();
+        }
+        self.store(
+            h,
+            Object {
+                attrs,
+                secret: Zeroizing::new(Vec::new()),
+            },
+        )
     }
 
     pub(crate) fn generate_key(

@@ -41,7 +41,10 @@ pub(crate) fn from_custody(e: &CustodyError, request_id: &str) -> Status {
         | E::VersionExhausted(_)
         | E::PrimaryVersion(_)
         | E::InvalidTransition { .. } => (Code::FailedPrecondition, e.to_string()),
-        E::VersionLost(_) => (Code::DataLoss, e.to_string()),
+        E::VersionLost(_) | E::MetadataIntegrity { .. } | E::ApprovalIntegrity(_) => {
+            (Code::DataLoss, e.to_string())
+        }
+        E::IntegrityKeyMissing(_) => (Code::Unavailable, e.to_string()),
         E::VersionBelowMinimum(_)
         | E::UsageForbidden { .. }
         | E::ApprovalClosed { .. }

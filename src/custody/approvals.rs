@@ -4,10 +4,15 @@
 //! officer who asked cannot approve; a request expires after `approval_ttl_ms`; approval
 //! schedules the destruction `destruction_grace_ms` later, which can still be cancelled until
 //! the scheduler destroys the HSM object.
+//!
+//! Every approval row is sealed ([`super::integrity`]): a request that no officer made, or a
+//! decision that no officer took, fails its check and cannot be decided. Approval is the only
+//! place that puts a destruction order into the HSM ([`super::evidence`]).
 
 use std::fmt;
 
-use super::{Custody, CustodyError, authorize};
+use super::evidence::DestructionOrder;
+use super::{Custody, CustodyError, authorize, integrity};
 use crate::auth::{Grant, Role};
 use crate::model::{KeyName, Millis, VersionState};
 use crate::store::{ApprovalRow, StoreError};
@@ -135,7 +140,7 @@ impl Custody {
         let mut raw = [0u8; 12];
         ring::rand::SecureRandom::fill(&self.inner.rng, &mut raw)
             .map_err(|_| CustodyError::Internal("no system randomness".into()))?;
-        let row = ApprovalRow {
+        let mut row = ApprovalRow {
             id: crate::model::to_hex(&raw),
             tenant: name.tenant().as_str().to_owned(),
             key_name: name.key().to_owned(),
@@ -146,7 +151,9 @@ impl Custody {
             expires_at: now + self.inner.options.approval_ttl_ms,
             state: ApprovalState::Pending.as_str().into(),
             decided_by: String::new(),
+            integrity: String::new(),
         };
+        row.integrity = self.inner.sealer.seal_approval(&row).await?;
         match self.inner.store.insert_approval(&row, now).await {
             Ok(()) => {}
             Err(StoreError::Conflict) => {
@@ -166,10 +173,45 @@ impl Custody {
             .store
             .list_approvals(grant.tenant().as_str())
             .await?;
-        rows.into_iter()
-            .map(|r| self.approval_info(r))
-            .filter(|a| a.as_ref().map_or(true, |a| grant.allows_key(&a.key)))
-            .collect()
+        let mut shown = Vec::with_capacity(rows.len());
+        for row in rows {
+            if !self.approval_sealed(&row).await? {
+                continue;
+            }
+            let info = self.approval_info(row)?;
+            if grant.allows_key(&info.key) {
+                shown.push(info);
+            }
+        }
+        Ok(shown)
+    }
+
+    /// Whether an approval row matches its integrity value; a mismatch is logged and counted.
+    async fn approval_sealed(&self, row: &ApprovalRow) -> Result<bool, CustodyError> {
+        let expected = self.inner.sealer.seal_approval(row).await?;
+        let sealed = !row.integrity.is_empty() && integrity::same(&expected, &row.integrity);
+        if !sealed {
+            crate::metrics::global().metadata_integrity_failures.inc();
+            tracing::error!(approval = %row.id, tenant = %row.tenant, key = %row.key_name, version = row.version,
+                "approval row fails its integrity check (changed or inserted outside Tresor); ignored");
+        }
+        Ok(sealed)
+    }
+
+    /// Expires pending approvals past their time; returns how many.
+    pub(super) async fn expire_approvals(&self, now: Millis) -> Result<u64, CustodyError> {
+        let mut expired = 0;
+        for row in self.inner.store.expired_approvals(now).await? {
+            if !self.approval_sealed(&row).await? {
+                continue;
+            }
+            match self.decide_row(&row, ApprovalState::Expired, "", now).await {
+                Ok(()) => expired += 1,
+                Err(CustodyError::ApprovalClosed { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(expired)
     }
 
     /// Loads an approval of the caller's tenant that may still be decided.
@@ -184,6 +226,9 @@ impl Custody {
             .filter(|r| r.tenant == grant.tenant().as_str())
             .ok_or_else(|| CustodyError::ApprovalNotFound(id.to_owned()))?;
         grant.check_key(&KeyName::new(&row.tenant, &row.key_name)?)?;
+        if !self.approval_sealed(&row).await? {
+            return Err(CustodyError::ApprovalIntegrity(id.to_owned()));
+        }
         let state = ApprovalState::parse(&row.state).unwrap_or(ApprovalState::Expired);
         if state != ApprovalState::Pending {
             return Err(CustodyError::ApprovalClosed {
@@ -192,9 +237,7 @@ impl Custody {
             });
         }
         if self.now() > row.expires_at {
-            self.inner
-                .store
-                .decide_approval(id, ApprovalState::Expired.as_str(), "", self.now())
+            self.decide_row(&row, ApprovalState::Expired, "", self.now())
                 .await?;
             return Err(CustodyError::ApprovalClosed {
                 id: id.to_owned(),
@@ -204,29 +247,62 @@ impl Custody {
         Ok(row)
     }
 
-    /// A second officer approves: the version becomes `DESTROY_SCHEDULED`, destroyed after the
-    /// grace period unless cancelled.
+    /// A second officer approves: the HSM receives a destruction order for exactly that
+    /// version, and the version becomes `DESTROY_SCHEDULED`, destroyed after the grace period
+    /// unless cancelled.
     pub async fn approve(&self, grant: &Grant, id: &str) -> Result<ApprovalInfo, CustodyError> {
         let row = self.open_approval(grant, id).await?;
         if row.requested_by == grant.identity() {
             return Err(CustodyError::SelfApproval(row.requested_by));
         }
+        if row.operation != DESTROY {
+            return Err(CustodyError::InvalidArgument(format!(
+                "approval {id} asks for {}, which this build cannot carry out",
+                row.operation
+            )));
+        }
         let key = KeyName::new(&row.tenant, &row.key_name)?;
+        let version = self
+            .entry(&key)?
+            .version(row.version)
+            .cloned()
+            .ok_or_else(|| CustodyError::VersionNotFound(key.version(row.version)))?;
         // Decide first, so a concurrent rejection either wins (and nothing is scheduled) or
         // loses; never "REJECTED" on the approval while the version is scheduled anyway.
-        self.decide(grant, id, ApprovalState::Approved).await?;
-        let destroy_at = self.now() + self.inner.options.destruction_grace_ms;
-        if let Err(e) = self
-            .transition(
-                &key,
-                row.version,
-                VersionState::DestroyScheduled,
-                Some(destroy_at),
-            )
-            .await
-        {
+        let now = self.now();
+        self.decide_row(&row, ApprovalState::Approved, grant.identity(), now)
+            .await?;
+        let destroy_at = now + self.inner.options.destruction_grace_ms;
+        let order = DestructionOrder {
+            id: version.id,
+            destroy_at,
+            version: key.version(row.version),
+            approval: row.id.clone(),
+            requested_by: row.requested_by.clone(),
+            approved_by: grant.identity().to_owned(),
+        };
+        let scheduled = match self.place_order(&order).await {
+            Ok(()) => {
+                let scheduled = self
+                    .transition(
+                        &key,
+                        row.version,
+                        VersionState::DestroyScheduled,
+                        Some(destroy_at),
+                    )
+                    .await;
+                if scheduled.is_err()
+                    && let Err(e) = self.withdraw_order(&version.id).await
+                {
+                    tracing::error!(version = %order.version, error = %e, "a destruction order whose scheduling failed could not be withdrawn; it stays harmless while the version is not DESTROY_SCHEDULED, and start-up removes it");
+                }
+                scheduled.map(|_| ())
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = scheduled {
             // Nothing was scheduled: put the request back so the record tells the truth.
-            self.inner.store.reopen_approval(id).await?;
+            self.inner.store.reopen_approval(id, &row.integrity).await?;
             return Err(e);
         }
         tracing::warn!(key = %key, version = row.version, approved_by = %grant.identity(), requested_by = %row.requested_by, destroy_at, "key version destruction approved and scheduled");
@@ -241,8 +317,9 @@ impl Custody {
 
     /// Rejects (or, by the officer who asked, withdraws) a request.
     pub async fn reject(&self, grant: &Grant, id: &str) -> Result<ApprovalInfo, CustodyError> {
-        self.open_approval(grant, id).await?;
-        self.decide(grant, id, ApprovalState::Rejected).await?;
+        let row = self.open_approval(grant, id).await?;
+        self.decide_row(&row, ApprovalState::Rejected, grant.identity(), self.now())
+            .await?;
         let row = self
             .inner
             .store
@@ -252,18 +329,23 @@ impl Custody {
         self.approval_info(row)
     }
 
-    /// Records the decision unless another one got there first; then the error names the state
-    /// that won.
-    async fn decide(
+    /// Records the decision, sealed, unless another one got there first; then the error names
+    /// the state that won.
+    async fn decide_row(
         &self,
-        grant: &Grant,
-        id: &str,
+        row: &ApprovalRow,
         decision: ApprovalState,
+        decided_by: &str,
+        at: Millis,
     ) -> Result<(), CustodyError> {
+        let mut decided = row.clone();
+        decided.state = decision.as_str().to_owned();
+        decided.decided_by = decided_by.to_owned();
+        let sealed = self.inner.sealer.seal_approval(&decided).await?;
         match self
             .inner
             .store
-            .decide_approval(id, decision.as_str(), grant.identity(), self.now())
+            .decide_approval(&row.id, decision.as_str(), decided_by, at, &sealed)
             .await
         {
             Ok(()) => Ok(()),
@@ -271,12 +353,12 @@ impl Custody {
                 let state = self
                     .inner
                     .store
-                    .get_approval(id)
+                    .get_approval(&row.id)
                     .await?
                     .and_then(|r| ApprovalState::parse(&r.state))
                     .unwrap_or(ApprovalState::Rejected);
                 Err(CustodyError::ApprovalClosed {
-                    id: id.to_owned(),
+                    id: row.id.clone(),
                     state,
                 })
             }

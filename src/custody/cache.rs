@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::CustodyError;
+use super::integrity::Seal;
 use crate::envelope::VersionId;
 use crate::model::{KeyName, Millis, VersionState};
 use crate::store::{KeyRow, Store, StoreError, VersionRow};
@@ -44,9 +46,22 @@ pub(crate) struct KeyEntry {
     pub(crate) usage: crate::model::KeyUsage,
     /// Index `n - 1` holds version `n`; versions are never deleted.
     pub(crate) versions: Vec<Arc<VersionEntry>>,
+    /// Whether the state above matched its integrity value.
+    pub(crate) seal: Seal,
 }
 
 impl KeyEntry {
+    /// [`CustodyError::MetadataIntegrity`] for a broken entry.
+    pub(crate) fn check_seal(&self) -> Result<(), CustodyError> {
+        match &self.seal {
+            Seal::Valid(_) => Ok(()),
+            Seal::Broken(reason) => Err(CustodyError::MetadataIntegrity {
+                key: self.name.to_string(),
+                reason: reason.to_string(),
+            }),
+        }
+    }
+
     pub(crate) fn version(&self, number: u32) -> Option<&Arc<VersionEntry>> {
         let index = usize::try_from(number.checked_sub(1)?).ok()?;
         self.versions.get(index)
@@ -106,7 +121,12 @@ impl VersionEntry {
 }
 
 impl KeyEntry {
-    pub(crate) fn from_rows(name: KeyName, key: &KeyRow, mut versions: Vec<VersionEntry>) -> Self {
+    pub(crate) fn from_rows(
+        name: KeyName,
+        key: &KeyRow,
+        mut versions: Vec<VersionEntry>,
+        seal: Seal,
+    ) -> Self {
         versions.sort_by_key(|v| v.number);
         Self {
             name,
@@ -120,6 +140,7 @@ impl KeyEntry {
             min_decryption_version: key.min_decryption_version,
             usage: key.usage,
             versions: versions.into_iter().map(Arc::new).collect(),
+            seal,
         }
     }
 }

@@ -19,6 +19,8 @@
 mod approvals;
 mod cache;
 mod clock;
+mod evidence;
+mod integrity;
 mod reconcile;
 
 use std::future::Future;
@@ -32,11 +34,12 @@ use crate::envelope::{self, EnvelopeError, IV_LEN, MAX_AAD_LEN, MAX_PLAINTEXT_LE
 use crate::hsm::{Hsm, HsmError, ObjectId};
 use crate::model::{KeyName, KeyUsage, Millis, NameError, VersionState};
 use crate::store::changes::Change;
-use crate::store::{KeyRow, Store, StoreError, VersionRow};
+use crate::store::{KeyRow, Reseal, Store, StoreError, VersionRow};
 use crate::sync::{read, write};
 pub use approvals::{ApprovalInfo, ApprovalState};
 use cache::{Cache, KeyEntry, Take, VersionEntry};
 pub use clock::{Clock, ManualClock, SystemClock};
+use integrity::{Seal, Sealer};
 pub use reconcile::{OrphanPolicy, ReconcileReport};
 
 /// Longest key description accepted, in bytes.
@@ -145,6 +148,28 @@ pub enum CustodyError {
         /// Requested state.
         to: VersionState,
     },
+    /// The key's rows in the database do not match their integrity value: they were changed
+    /// outside Tresor. The key refuses every operation until its rows are restored.
+    #[error(
+        "metadata integrity check failed for {key}: {reason}; the key refuses service until its database rows are restored"
+    )]
+    MetadataIntegrity {
+        /// The key.
+        key: String,
+        /// What did not match.
+        reason: String,
+    },
+    /// An approval row does not match its integrity value.
+    #[error(
+        "metadata integrity check failed for approval {0}: it was changed outside Tresor and cannot be decided"
+    )]
+    ApprovalIntegrity(String),
+    /// The HSM holds no integrity key for this installation although the database holds
+    /// sealed rows: the database belongs to another token, or its installation id was changed.
+    #[error(
+        "metadata integrity: the HSM holds no integrity key for installation {0}, but the database has sealed rows; this database does not belong to this token (or its installation id was changed)"
+    )]
+    IntegrityKeyMissing(String),
     /// Another writer changed the key at the same time; retry.
     #[error("{0} was changed concurrently; retry")]
     Conflict(String),
@@ -366,6 +391,8 @@ impl std::fmt::Debug for Custody {
 struct Inner {
     hsm: Hsm,
     store: Store,
+    /// MACs key state and approvals under the HSM's metadata integrity key ([`integrity`]).
+    sealer: Sealer,
     cache: RwLock<Cache>,
     /// Serialises metadata writes in this process, so each sees the previous one's cache
     /// update. Across processes the store's compare-and-set statements decide.
@@ -388,10 +415,12 @@ impl Custody {
         options: CustodyOptions,
     ) -> Result<(Self, ReconcileReport), CustodyError> {
         let label_prefix = format!("tresor/{}/", store.installation_id());
+        let (sealer, first_seal) = Sealer::open(hsm.clone(), store.installation_id()).await?;
         let custody = Self {
             inner: Arc::new(Inner {
                 hsm,
                 store,
+                sealer,
                 cache: RwLock::new(Cache::default()),
                 admin: Arc::new(tokio::sync::Mutex::new(())),
                 rng: SystemRandom::new(),
@@ -400,6 +429,9 @@ impl Custody {
                 options: options.clone(),
             }),
         };
+        if first_seal {
+            custody.seal_unsealed_rows().await?;
+        }
         custody.load().await?;
         let report = custody.reconcile(options.orphans).await?;
         Ok((custody, report))
@@ -443,7 +475,16 @@ impl Custody {
             let rows = by_key
                 .remove(&(key.tenant.clone(), key.name.clone()))
                 .unwrap_or_default();
-            entries.push(self.entry_from_rows(key, &rows)?);
+            if let Some(entry) = self.checked_entry(key, &rows).await? {
+                entries.push(entry);
+            }
+        }
+        // Versions whose key row is gone: their blobs must meet a refusal that names the
+        // problem, not look like blobs of a key that never existed.
+        for ((tenant, name), rows) in by_key {
+            if let Some(entry) = self.keyless_entry(&tenant, &name, &rows) {
+                entries.push(entry);
+            }
         }
         let mut cache = Cache::default();
         for entry in entries {
@@ -456,10 +497,20 @@ impl Custody {
         Ok(())
     }
 
-    /// A cache entry from committed rows. A version this process already knows keeps its wrap
-    /// budget (the blocks it reserved are its own to use up).
-    fn entry_from_rows(&self, key: &KeyRow, rows: &[VersionRow]) -> Result<KeyEntry, CustodyError> {
-        let name = KeyName::new(&key.tenant, &key.name)?;
+    /// A cache entry from committed rows, checked against the key's integrity value: a key
+    /// whose rows do not match (or do not form a key: versions not numbered 1 to the primary)
+    /// becomes a broken entry that refuses service. A version this process already knows keeps
+    /// its wrap budget (the blocks it reserved are its own to use up). `None` only for a row
+    /// whose name breaks the naming rules (logged).
+    async fn checked_entry(
+        &self,
+        key: &KeyRow,
+        rows: &[VersionRow],
+    ) -> Result<Option<KeyEntry>, CustodyError> {
+        let Ok(name) = KeyName::new(&key.tenant, &key.name) else {
+            tracing::error!(tenant = %key.tenant, key = %key.name, "key row with an invalid name ignored (metadata integrity)");
+            return Ok(None);
+        };
         let known = read(&self.inner.cache).keys.get(&name).cloned();
         let entries: Vec<VersionEntry> = rows
             .iter()
@@ -473,21 +524,111 @@ impl Custody {
                 e
             })
             .collect();
-        let entry = KeyEntry::from_rows(name.clone(), key, entries);
-        if entry
+        let mut entry = KeyEntry::from_rows(
+            name.clone(),
+            key,
+            entries,
+            Seal::Valid(Arc::from(key.integrity.as_str())),
+        );
+        let numbered = entry
             .versions
             .iter()
             .enumerate()
-            .any(|(i, v)| usize::try_from(v.number).ok() != Some(i + 1))
-            || entry.primary_version().is_none()
-        {
-            return Err(StoreError::Corrupt {
-                table: "key_versions",
-                what: format!("versions of {name} are not numbered 1..n with a primary"),
-            }
-            .into());
+            .all(|(i, v)| usize::try_from(v.number).ok() == Some(i + 1))
+            && usize::try_from(entry.primary).ok() == Some(entry.versions.len());
+        let broken = if key.integrity.is_empty() {
+            Some("the key's rows carry no integrity value".to_owned())
+        } else if !numbered {
+            Some(format!(
+                "its versions are not numbered 1 to the primary version {}",
+                entry.primary
+            ))
+        } else {
+            let expected = self.inner.sealer.seal_key(&entry).await?;
+            (!integrity::same(&expected, &key.integrity))
+                .then(|| "its rows do not match their integrity value".to_owned())
+        };
+        if let Some(reason) = broken {
+            integrity_failure(&name, &reason);
+            entry.seal = Seal::Broken(Arc::from(reason.as_str()));
         }
-        Ok(entry)
+        Ok(Some(entry))
+    }
+
+    /// A broken entry for version rows whose key row is missing.
+    fn keyless_entry(&self, tenant: &str, name: &str, rows: &[VersionRow]) -> Option<KeyEntry> {
+        let name = KeyName::new(tenant, name).ok()?;
+        let reason = "versions exist but the key's row is missing";
+        integrity_failure(&name, reason);
+        let row = KeyRow {
+            tenant: tenant.to_owned(),
+            name: name.key().to_owned(),
+            description: String::new(),
+            labels: Default::default(),
+            primary_version: 0,
+            created_at: 0,
+            updated_at: 0,
+            rotation_period_ms: None,
+            next_rotation_at: None,
+            min_decryption_version: u32::MAX,
+            usage: KeyUsage::None,
+            integrity: String::new(),
+        };
+        let versions = rows
+            .iter()
+            .map(|r| VersionEntry::from_row(&name, r))
+            .collect();
+        Some(KeyEntry::from_rows(
+            name,
+            &row,
+            versions,
+            Seal::Broken(Arc::from(reason)),
+        ))
+    }
+
+    /// First start with an integrity key: seals every key and approval as the database holds
+    /// them now (rows written by a build before integrity values). Runs only when the key was
+    /// created in this start; refuses if any row is sealed already, because then the rows were
+    /// sealed under a key this token does not have.
+    async fn seal_unsealed_rows(&self) -> Result<(), CustodyError> {
+        let store = &self.inner.store;
+        let keys = store.load_keys().await?;
+        let approvals = store.all_approvals().await?;
+        if keys.iter().any(|k| !k.integrity.is_empty())
+            || approvals.iter().any(|a| !a.integrity.is_empty())
+        {
+            return Err(CustodyError::IntegrityKeyMissing(
+                store.installation_id().to_owned(),
+            ));
+        }
+        let versions = store.load_versions().await?;
+        for key in &keys {
+            let Ok(name) = KeyName::new(&key.tenant, &key.name) else {
+                continue;
+            };
+            let rows: Vec<VersionEntry> = versions
+                .iter()
+                .filter(|v| v.tenant == key.tenant && v.key_name == key.name)
+                .map(|v| VersionEntry::from_row(&name, v))
+                .collect();
+            let entry = KeyEntry::from_rows(name, key, rows, Seal::Valid(Arc::from("")));
+            let sealed = self.inner.sealer.seal_key(&entry).await?;
+            let seal = Reseal {
+                before: "",
+                after: &sealed,
+            };
+            store.reseal_key(&key.tenant, &key.name, &seal).await?;
+        }
+        for a in &approvals {
+            let sealed = self.inner.sealer.seal_approval(a).await?;
+            store.reseal_approval(&a.id, "", &sealed).await?;
+        }
+        tracing::warn!(
+            keys = keys.len(),
+            approvals = approvals.len(),
+            "metadata integrity: sealed the rows written before integrity values existed"
+        );
+        Ok(())
     }
 
     /// Re-reads one key from the database into the cache: another node changed it, or a
@@ -556,11 +697,13 @@ impl Custody {
         {
             let cache = read(&self.inner.cache);
             if cache.stale.is_empty() || !cache.stale.contains(name) {
-                return cache
+                let entry = cache
                     .keys
                     .get(name)
                     .cloned()
-                    .ok_or_else(|| CustodyError::KeyNotFound(name.to_string()));
+                    .ok_or_else(|| CustodyError::KeyNotFound(name.to_string()))?;
+                entry.check_seal()?;
+                return Ok(entry);
             }
         }
         self.refresh_if_stale(name).await?;
@@ -570,10 +713,21 @@ impl Custody {
     /// [`Self::refresh_key`] for a caller that holds the admin lock.
     async fn refresh_locked(&self, tenant: &str, name: &str) -> Result<(), CustodyError> {
         let Some((key, versions)) = self.inner.store.load_key(tenant, name).await? else {
+            // Tresor never deletes a key row: one that vanished was deleted outside it.
+            if let Ok(name) = KeyName::new(tenant, name)
+                && let Some(known) = read(&self.inner.cache).keys.get(&name).cloned()
+            {
+                let reason = "the key's row is missing from the database";
+                integrity_failure(&name, reason);
+                let mut broken = (*known).clone();
+                broken.seal = Seal::Broken(Arc::from(reason));
+                self.publish(broken);
+            }
             return Ok(());
         };
-        let entry = self.entry_from_rows(&key, &versions)?;
-        self.publish(entry);
+        if let Some(entry) = self.checked_entry(&key, &versions).await? {
+            self.publish(entry);
+        }
         Ok(())
     }
 
@@ -648,7 +802,7 @@ impl Custody {
             }
             let now = c.now();
             let version = c.new_version_object(&name, 1, now).await?;
-            let row = KeyRow {
+            let mut row = KeyRow {
                 tenant: name.tenant().as_str().to_owned(),
                 name: name.key().to_owned(),
                 description,
@@ -660,7 +814,23 @@ impl Custody {
                 next_rotation_at: None,
                 min_decryption_version: 1,
                 usage: KeyUsage::default(),
+                integrity: String::new(),
             };
+            let mut entry = KeyEntry::from_rows(
+                name.clone(),
+                &row,
+                vec![VersionEntry::from_row(&name, &version)],
+                Seal::Valid(Arc::from("")),
+            );
+            let sealed = match c.inner.sealer.seal_key(&entry).await {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    c.discard_object(&version.id).await;
+                    return Err(e.into());
+                }
+            };
+            row.integrity.clone_from(&sealed);
+            entry.seal = Seal::Valid(Arc::from(sealed.as_str()));
             if let Err(e) = c.inner.store.create_key(&row, &version).await {
                 c.discard_object(&version.id).await;
                 return Err(match e {
@@ -668,11 +838,7 @@ impl Custody {
                     e => e.into(),
                 });
             }
-            let entry = KeyEntry::from_rows(
-                name.clone(),
-                &row,
-                vec![VersionEntry::from_row(&name, &version)],
-            );
+            c.clear_journal(&version.id).await;
             Ok(c.publish(entry))
         })
         .await
@@ -697,7 +863,11 @@ impl Custody {
         let mut keys: Vec<&Arc<KeyEntry>> = cache
             .keys
             .values()
-            .filter(|k| grant.allows_key(&k.name) && after.is_none_or(|a| k.name.key() > a))
+            .filter(|k| {
+                k.check_seal().is_ok()
+                    && grant.allows_key(&k.name)
+                    && after.is_none_or(|a| k.name.key() > a)
+            })
             .collect();
         keys.sort_by(|a, b| a.name.key().cmp(b.name.key()));
         Ok(keys.into_iter().take(limit).map(|k| info(k)).collect())
@@ -720,10 +890,23 @@ impl Custody {
                 .map_err(|_| CustodyError::InvalidArgument("too many versions".into()))?;
             let now = c.now();
             let version = c.new_version_object(&name, number, now).await?;
+            let mut next = (*entry).clone();
+            next.versions
+                .push(Arc::new(VersionEntry::from_row(&name, &version)));
+            next.primary = number;
+            next.updated_at = now;
+            next.next_rotation_at = next.rotation_period_ms.map(|p| now + p);
+            let sealed = match c.reseal(&entry, &mut next).await {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    c.discard_object(&version.id).await;
+                    return Err(e);
+                }
+            };
             if let Err(e) = c
                 .inner
                 .store
-                .add_primary_version(&version, entry.primary)
+                .add_primary_version(&version, entry.primary, &sealed.as_reseal())
                 .await
             {
                 c.discard_object(&version.id).await;
@@ -737,12 +920,7 @@ impl Custody {
                     e => e.into(),
                 });
             }
-            let mut next = (*entry).clone();
-            next.versions
-                .push(Arc::new(VersionEntry::from_row(&name, &version)));
-            next.primary = number;
-            next.updated_at = now;
-            next.next_rotation_at = next.rotation_period_ms.map(|p| now + p);
+            c.clear_journal(&version.id).await;
             Ok(c.publish(next))
         })
         .await
@@ -772,7 +950,8 @@ impl Custody {
         let name = name.clone();
         let changed = name.clone();
         self.admin_key(&changed, move |c| async move {
-            let mut next = (*c.entry(&name)?).clone();
+            let entry = c.entry(&name)?;
+            let mut next = (*entry).clone();
             let read_at = next.updated_at;
             let now = c.now();
             if let Some(d) = update.description {
@@ -800,6 +979,7 @@ impl Custody {
             // Strictly later than the change it replaces, so `updated_at` tells every change
             // apart (the store's compare-and-set relies on it).
             next.updated_at = now.max(read_at + 1);
+            let sealed = c.reseal(&entry, &mut next).await?;
             let row = KeyRow {
                 tenant: name.tenant().as_str().to_owned(),
                 name: name.key().to_owned(),
@@ -812,8 +992,14 @@ impl Custody {
                 next_rotation_at: next.next_rotation_at,
                 min_decryption_version: next.min_decryption_version,
                 usage: next.usage,
+                integrity: sealed.after.clone(),
             };
-            match c.inner.store.update_key(&row, read_at).await {
+            match c
+                .inner
+                .store
+                .update_key(&row, read_at, &sealed.before)
+                .await
+            {
                 Ok(()) => Ok(c.publish(next)),
                 Err(StoreError::Conflict) => {
                     c.refresh_after_conflict(&name).await;
@@ -835,6 +1021,9 @@ impl Custody {
             .keys
             .values()
             .filter(|k| {
+                if k.check_seal().is_err() {
+                    return false;
+                }
                 let period_due = k.next_rotation_at.is_some_and(|t| t <= now);
                 let worn_out = k
                     .primary_version()
@@ -855,7 +1044,7 @@ impl Custody {
             }
         }
         report.destroyed = self.destroy_due(now).await?;
-        report.expired_approvals = self.inner.store.expire_approvals(now).await?;
+        report.expired_approvals = self.expire_approvals(now).await?;
         Ok(report)
     }
 
@@ -884,25 +1073,6 @@ impl Custody {
             .await
     }
 
-    /// `ENABLED|DISABLED` → `DESTROY_SCHEDULED`, due at `destroy_at`; not for the primary
-    /// version. The approval and grace-period rules sit above this call.
-    pub async fn schedule_destruction(
-        &self,
-        grant: &Grant,
-        name: &KeyName,
-        number: u32,
-        destroy_at: Millis,
-    ) -> Result<KeyInfo, CustodyError> {
-        authorize(grant, Role::Officer, name)?;
-        self.transition(
-            name,
-            number,
-            VersionState::DestroyScheduled,
-            Some(destroy_at),
-        )
-        .await
-    }
-
     /// `DESTROY_SCHEDULED` → `DISABLED`.
     pub async fn cancel_destruction(
         &self,
@@ -922,6 +1092,9 @@ impl Custody {
                 to: VersionState::Disabled,
             });
         }
+        // The order first: once it is gone nothing can destroy the object, whatever happens
+        // to the row afterwards.
+        self.withdraw_order(&version.id).await?;
         self.transition(name, number, VersionState::Disabled, None)
             .await
     }
@@ -963,10 +1136,25 @@ impl Custody {
                 return Err(CustodyError::PrimaryVersion(name.version(number)));
             }
             let now = c.now();
+            let mut next = entry.with_version(number, |v| VersionEntry {
+                state: to,
+                state_changed_at: now,
+                destroy_at,
+                ..v.clone()
+            });
+            let sealed = c.reseal(&entry, &mut next).await?;
             match c
                 .inner
                 .store
-                .transition(&version.id, allowed, to, now, destroy_at, unless_primary)
+                .transition(
+                    &version.id,
+                    allowed,
+                    to,
+                    now,
+                    destroy_at,
+                    unless_primary,
+                    &sealed.as_reseal(),
+                )
                 .await
             {
                 Ok(()) => {}
@@ -976,24 +1164,22 @@ impl Custody {
                 }
                 Err(e) => return Err(e.into()),
             }
-            let next = entry.with_version(number, |v| VersionEntry {
-                state: to,
-                state_changed_at: now,
-                destroy_at,
-                ..v.clone()
-            });
             Ok(c.publish(next))
         })
         .await
     }
 
-    /// Destroys every version whose scheduled destruction is due at `now`: commits
-    /// `DESTROYED`, then destroys the HSM object. Returns the destroyed versions' names.
+    /// Destroys every version whose scheduled destruction is due at `now` and for which the
+    /// HSM holds a destruction order that is due too ([`evidence`]): commits `DESTROYED`, then
+    /// destroys the HSM object, then withdraws the order. A version the database calls due
+    /// without such an order is left alone and reported (ERROR log, metric). Returns the
+    /// destroyed versions' names.
     pub async fn destroy_due(&self, now: Millis) -> Result<Vec<String>, CustodyError> {
         self.admin(move |c| async move {
             let due: Vec<(KeyName, u32, VersionId)> = read(&c.inner.cache)
                 .keys
                 .values()
+                .filter(|k| k.check_seal().is_ok())
                 .flat_map(|k| {
                     k.versions
                         .iter()
@@ -1001,29 +1187,60 @@ impl Custody {
                         .map(|v| (k.name.clone(), v.number, v.id))
                 })
                 .collect();
+            if due.is_empty() {
+                return Ok(Vec::new());
+            }
+            let orders = c.destruction_orders().await?;
             let mut destroyed = Vec::with_capacity(due.len());
             for (name, number, id) in due {
-                let at = c.now();
-                match c.inner.store.transition(&id, &[VersionState::DestroyScheduled], VersionState::Destroyed, at, None, false).await {
-                    Ok(()) => {}
-                    // Cancelled or destroyed elsewhere since the cache was read.
-                    Err(StoreError::Conflict) => continue,
-                    Err(e) => return Err(e.into()),
+                let version_name = name.version(number);
+                match orders.get(&id) {
+                    Some(order) if order.destroy_at <= now => {}
+                    Some(order) => {
+                        tracing::warn!(version = %version_name, order_due = order.destroy_at,
+                            "the database says this destruction is due, the HSM's destruction order says later; waiting for the order");
+                        continue;
+                    }
+                    None => {
+                        crate::metrics::global().destructions_refused.inc();
+                        tracing::error!(version = %version_name,
+                            "version is DESTROY_SCHEDULED in the database, but the HSM holds no destruction order for it; not destroyed (metadata integrity)");
+                        continue;
+                    }
                 }
                 let entry = c.entry(&name)?;
-                c.publish(entry.with_version(number, |v| VersionEntry {
+                let at = c.now();
+                let mut next = entry.with_version(number, |v| VersionEntry {
                     state: VersionState::Destroyed,
                     state_changed_at: at,
                     destroy_at: None,
                     destroyed_at: Some(at),
                     ..v.clone()
-                }));
-                if let Err(e) = c.inner.hsm.destroy_secret_key(ObjectId(id.0)).await {
-                    tracing::error!(version = %name.version(number), error = %e,
-                        "version is DESTROYED but its HSM object could not be destroyed; start-up reconciliation will retry");
+                });
+                let sealed = c.reseal(&entry, &mut next).await?;
+                match c.inner.store.transition(&id, &[VersionState::DestroyScheduled], VersionState::Destroyed, at, None, false, &sealed.as_reseal()).await {
+                    Ok(()) => {}
+                    // Cancelled or destroyed elsewhere since the cache was read.
+                    Err(StoreError::Conflict) => {
+                        c.refresh_after_conflict(&name).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                tracing::info!(version = %name.version(number), "key version destroyed");
-                destroyed.push(name.version(number));
+                c.publish(next);
+                match c.inner.hsm.destroy_secret_key(ObjectId(id.0)).await {
+                    Ok(_) => {
+                        if let Err(e) = c.withdraw_order(&id).await {
+                            tracing::warn!(version = %version_name, error = %e, "version destroyed; its spent destruction order stays until the next start-up");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(version = %version_name, error = %e,
+                            "version is DESTROYED but its HSM object could not be destroyed; start-up reconciliation will retry");
+                    }
+                }
+                tracing::info!(version = %version_name, "key version destroyed");
+                destroyed.push(version_name);
             }
             Ok(destroyed)
         })
@@ -1249,6 +1466,7 @@ impl Custody {
             }
             grant.check_key(key)?;
             let entry = cache.keys.get(key).ok_or(CustodyError::UnknownVersion)?;
+            entry.check_seal()?;
             if !entry.usage.decrypts() {
                 return Err(CustodyError::UsageForbidden {
                     key: key.to_string(),
@@ -1432,12 +1650,35 @@ impl Custody {
         .map_err(|e| CustodyError::Internal(format!("metadata write task failed: {e}")))?
     }
 
+    /// The key's cache entry; a broken one is [`CustodyError::MetadataIntegrity`].
     fn entry(&self, name: &KeyName) -> Result<Arc<KeyEntry>, CustodyError> {
-        read(&self.inner.cache)
+        let entry = read(&self.inner.cache)
             .keys
             .get(name)
             .cloned()
-            .ok_or_else(|| CustodyError::KeyNotFound(name.to_string()))
+            .ok_or_else(|| CustodyError::KeyNotFound(name.to_string()))?;
+        entry.check_seal()?;
+        Ok(entry)
+    }
+
+    /// Seals `next`, the state a write of `entry` is about to commit; returns the
+    /// compare-and-set pair for the store.
+    async fn reseal(
+        &self,
+        entry: &KeyEntry,
+        next: &mut KeyEntry,
+    ) -> Result<SealChange, CustodyError> {
+        let Seal::Valid(before) = &entry.seal else {
+            return Err(entry.check_seal().err().unwrap_or_else(|| {
+                CustodyError::Internal("a broken entry passed its seal check".into())
+            }));
+        };
+        let after = self.inner.sealer.seal_key(next).await?;
+        next.seal = Seal::Valid(Arc::from(after.as_str()));
+        Ok(SealChange {
+            before: before.to_string(),
+            after,
+        })
     }
 
     /// Replaces a key's cache entry after its change was committed (or read).
@@ -1470,10 +1711,16 @@ impl Custody {
             .map_err(|_| CustodyError::Internal("no system randomness".into()))?;
         let id = VersionId(id);
         let hsm_label = format!("{}{}", self.inner.label_prefix, id.to_hex());
-        self.inner
+        self.journal_creation(&id).await?;
+        if let Err(e) = self
+            .inner
             .hsm
             .generate_version_key(ObjectId(id.0), hsm_label.clone())
-            .await?;
+            .await
+        {
+            self.clear_journal(&id).await;
+            return Err(e.into());
+        }
         Ok(VersionRow {
             id,
             tenant: name.tenant().as_str().to_owned(),
@@ -1490,11 +1737,15 @@ impl Custody {
         })
     }
 
-    /// Destroys the object of a version whose row could not be committed.
+    /// Destroys the object of a version whose row could not be committed (its creation
+    /// journal is still there, which is what allows this), then the journal.
     async fn discard_object(&self, id: &VersionId) {
-        if let Err(e) = self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await {
-            tracing::error!(version_id = %id, error = %e,
-                "could not destroy the HSM object of an uncommitted version; start-up reconciliation will remove it");
+        match self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await {
+            Ok(_) => self.clear_journal(id).await,
+            Err(e) => {
+                tracing::error!(version_id = %id, error = %e,
+                    "could not destroy the HSM object of an uncommitted version; start-up reconciliation will remove it");
+            }
         }
     }
 }
@@ -1503,6 +1754,28 @@ impl Inner {
     fn cache_key_of(&self, id: &VersionId) -> Option<KeyName> {
         read(&self.cache).versions.get(id).cloned()
     }
+}
+
+/// The integrity values around one write: the stored one it replaces, the one it writes.
+struct SealChange {
+    before: String,
+    after: String,
+}
+
+impl SealChange {
+    fn as_reseal(&self) -> Reseal<'_> {
+        Reseal {
+            before: &self.before,
+            after: &self.after,
+        }
+    }
+}
+
+/// Reports a key whose rows failed their integrity check (ERROR log and metric; the calls it
+/// refuses are audited by the front-ends, start-up's findings by the composition root).
+fn integrity_failure(name: &KeyName, reason: &str) {
+    crate::metrics::global().metadata_integrity_failures.inc();
+    tracing::error!(key = %name, reason, "metadata integrity check failed: the key refuses service until its database rows are restored");
 }
 
 /// Every caller-facing operation starts here: the grant must be for `role` and cover `key`.

@@ -4,12 +4,21 @@
 //! `CKA_LABEL` carries this installation's prefix (`tresor/{installation id}/`); objects of
 //! other applications or other Tresor installations on the same token are never touched.
 //!
-//! | token object | row | meaning | action |
-//! | --- | --- | --- | --- |
-//! | present | none | crash between object creation and row commit | removed (or only reported, with [`OrphanPolicy::Report`]); on PostgreSQL only after [`ORPHAN_GRACE`] |
-//! | present | `DESTROYED` | crash between the commit and the object's destruction | destroyed |
-//! | missing | not `DESTROYED` | destroyed or lost behind Tresor's back | version marked lost, logged as an error |
-//! | present | marked lost | object restored | lost mark cleared |
+//! The database is not trusted ([`super::evidence`]): no row, and no absence of a row, is
+//! reason enough to destroy an object.
+//!
+//! | token object | row | HSM evidence | meaning | action |
+//! | --- | --- | --- | --- | --- |
+//! | present | none | creation journal | crash between object creation and row commit | removed (or only reported, with [`OrphanPolicy::Report`]); on PostgreSQL only after [`ORPHAN_GRACE`] |
+//! | present | none | no journal | its row was deleted, or the database restored from an older backup | kept, reported as an error |
+//! | present | `DESTROYED` | due destruction order | crash between the commit and the object's destruction | destroyed |
+//! | present | `DESTROYED` | no due order | the row was forged | kept, reported as an error |
+//! | missing | not `DESTROYED` | | destroyed or lost behind Tresor's back | version marked lost, logged as an error |
+//! | present | marked lost | | object restored | lost mark cleared |
+//!
+//! Leftover evidence is cleared: the journal of a committed version, the order of a destroyed
+//! one, and (SQLite) an order whose version is not scheduled for destruction (an approval that
+//! crashed between the order and the commit: it must not authorise a later, rolled-back row).
 //!
 //! With several nodes (PostgreSQL) another node may be between creating a version's object and
 //! committing its row while this node reconciles, or may commit or destroy a version after this
@@ -37,12 +46,12 @@ pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(600
 /// no row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OrphanPolicy {
-    /// Destroy it. Safe when the database is the live one: such an object never wrapped
-    /// anything, because wrapping needs the committed row.
+    /// Destroy it if its creation journal is still in the token: the object was created and
+    /// its row never committed, so it never wrapped anything. Objects without a journal are
+    /// never destroyed, whatever this says.
     #[default]
     Remove,
-    /// Only report it. Use this after restoring the database from a backup: objects created
-    /// after the backup have wrapped blobs whose rows the restore lost.
+    /// Only report it, journal or not.
     Report,
 }
 
@@ -56,8 +65,14 @@ pub struct ReconcileReport {
     /// Labels of orphan objects to be removed after [`ORPHAN_GRACE`] if still without a row
     /// (PostgreSQL).
     pub orphans_deferred: Vec<String>,
+    /// Labels of objects without a row and without a creation journal: their row existed and
+    /// is gone (deleted, or lost to a restored backup). Kept.
+    pub orphans_unaccounted: Vec<String>,
     /// Versions whose interrupted destruction was completed.
     pub destructions_completed: Vec<String>,
+    /// Versions whose row says `DESTROYED` while their object is present and the HSM holds no
+    /// due destruction order for them. Kept.
+    pub destroyed_without_order: Vec<String>,
     /// Versions newly found without their HSM object.
     pub lost: Vec<String>,
     /// Versions whose HSM object is back.
@@ -82,8 +97,15 @@ impl Custody {
                 .collect()
         };
 
+        let mut journals = self.creation_journals().await?;
+        let mut orders = self.destruction_orders().await?;
+        let postgres = self.inner.store.backend() == crate::store::Backend::Postgres;
         let mut present = std::collections::HashSet::new();
+        let integrity_key = super::integrity::key_label(self.inner.store.installation_id());
         for object in objects {
+            if object.label == integrity_key {
+                continue;
+            }
             let Some(id_hex) = object.label.strip_prefix(&self.inner.label_prefix) else {
                 report.foreign_objects += 1;
                 continue;
@@ -98,18 +120,24 @@ impl Custody {
                 }
             };
             present.insert(id);
+            let journaled = journals.remove(&id);
             if !versions.contains_key(&id)
                 && let Some((tenant, key)) = self.inner.store.key_of_version(&id).await?
             {
                 // Committed (by another node) after this node loaded its rows.
                 self.refresh_key(&tenant, &key).await?;
+                if journaled {
+                    self.clear_journal(&id).await;
+                }
                 continue;
             }
             match versions.get(&id) {
-                None if policy == OrphanPolicy::Remove
-                    && self.inner.store.backend() == crate::store::Backend::Postgres =>
-                {
-                    tracing::warn!(label = %object.label, "HSM object has no metadata row; it is removed in 10 minutes if it still has none (another node may be creating it)");
+                None if !journaled => {
+                    tracing::error!(label = %object.label, "HSM object has no metadata row and no creation journal: its row was deleted or the database restored from an older backup; kept (restore its row)");
+                    report.orphans_unaccounted.push(object.label);
+                }
+                None if policy == OrphanPolicy::Remove && postgres => {
+                    tracing::warn!(label = %object.label, "HSM object has no metadata row but a creation journal; it is removed in 10 minutes if it still has none (another node may be creating it)");
                     let custody = self.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(ORPHAN_GRACE).await;
@@ -120,7 +148,8 @@ impl Custody {
                 None => match policy {
                     OrphanPolicy::Remove => {
                         self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await?;
-                        tracing::warn!(label = %object.label, "removed an HSM object with no metadata row (left by an interrupted key creation or rotation)");
+                        self.clear_journal(&id).await;
+                        tracing::warn!(label = %object.label, "removed an HSM object whose creation never committed (its creation journal was still in the token)");
                         report.orphans_removed.push(object.label);
                     }
                     OrphanPolicy::Report => {
@@ -129,20 +158,60 @@ impl Custody {
                     }
                 },
                 Some(v) if v.state == VersionState::Destroyed => {
-                    self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await?;
-                    tracing::warn!(version = %v.full_name, "completed an interrupted destruction: HSM object destroyed");
-                    report.destructions_completed.push(v.full_name.to_string());
+                    if journaled {
+                        self.clear_journal(&id).await;
+                    }
+                    match orders.remove(&id) {
+                        Some(order) if order.destroy_at <= self.now() => {
+                            self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await?;
+                            self.withdraw_order(&id).await?;
+                            tracing::warn!(version = %v.full_name, approved_by = %order.approved_by, "completed an interrupted destruction: HSM object destroyed");
+                            report.destructions_completed.push(v.full_name.to_string());
+                        }
+                        _ => {
+                            crate::metrics::global().destructions_refused.inc();
+                            tracing::error!(version = %v.full_name, "the database says DESTROYED, but the HSM holds no due destruction order for this version; its object is kept (metadata integrity)");
+                            report.destroyed_without_order.push(v.full_name.to_string());
+                        }
+                    }
                 }
-                Some(v) if v.lost_at.is_some() => {
-                    self.inner.store.set_lost(&id, None).await?;
-                    self.update_version(&id, |v| VersionEntry {
-                        lost_at: None,
-                        ..v.clone()
-                    });
-                    tracing::warn!(version = %v.full_name, "HSM object of a version marked lost is present again; lost mark cleared");
-                    report.found_again.push(v.full_name.to_string());
+                Some(v) => {
+                    if journaled {
+                        self.clear_journal(&id).await;
+                    }
+                    if v.lost_at.is_some() {
+                        self.inner.store.set_lost(&id, None).await?;
+                        self.update_version(&id, |v| VersionEntry {
+                            lost_at: None,
+                            ..v.clone()
+                        });
+                        tracing::warn!(version = %v.full_name, "HSM object of a version marked lost is present again; lost mark cleared");
+                        report.found_again.push(v.full_name.to_string());
+                    }
+                    if v.state != VersionState::DestroyScheduled
+                        && !postgres
+                        && orders.remove(&id).is_some()
+                    {
+                        self.withdraw_order(&id).await?;
+                        tracing::warn!(version = %v.full_name, "removed a destruction order of a version that is not scheduled for destruction (an approval interrupted before its commit)");
+                    }
                 }
-                Some(_) => {}
+            }
+        }
+        // Evidence whose object is gone: a creation that failed before its object existed,
+        // or a destruction that completed before its order was withdrawn.
+        if !postgres {
+            for id in journals {
+                self.clear_journal(&id).await;
+            }
+        }
+        for (id, _) in orders {
+            if !present.contains(&id)
+                && versions
+                    .get(&id)
+                    .is_some_and(|v| v.state == VersionState::Destroyed)
+            {
+                self.withdraw_order(&id).await?;
             }
         }
 
@@ -185,14 +254,25 @@ impl Custody {
         Ok(destroyed)
     }
 
-    /// Removes an orphan object found at start-up if it still has no row.
+    /// Removes an orphan object found at start-up if it still has no row and still has its
+    /// creation journal.
     async fn remove_orphan(&self, id: VersionId) {
         match self.inner.store.key_of_version(&id).await {
             Ok(Some(_)) => {
                 tracing::info!(version_id = %id, "an HSM object without a row at start-up has one now; kept");
+                self.clear_journal(&id).await;
+            }
+            Ok(None)
+                if !self
+                    .creation_journals()
+                    .await
+                    .is_ok_and(|j| j.contains(&id)) =>
+            {
+                tracing::info!(version_id = %id, "an HSM object without a row has no creation journal any more; kept");
             }
             Ok(None) => match self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await {
                 Ok(_) => {
+                    self.clear_journal(&id).await;
                     tracing::warn!(version_id = %id, "removed an HSM object that stayed without a metadata row")
                 }
                 Err(e) => {

@@ -36,6 +36,7 @@
 //!   configuration; its default ([`DEFAULT_SESSIONS`]) was chosen by measurement.
 
 mod ckr;
+mod data;
 mod dispatch;
 mod pin;
 mod raw;
@@ -62,6 +63,7 @@ use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use ckr::{Call, Recovery, classify, login_succeeded};
+pub use data::DataObject;
 pub use dispatch::{Dispatch, FAST_CALL};
 pub use pin::{Pin, PinError, PinSource};
 pub use raw::{RawReport, raw_gcm_encrypt};

@@ -20,7 +20,9 @@
 //! the server's memory with its index, grew without bound (`audit_batches_...` in tests/store.rs).
 //! PostgreSQL's durability is its own `synchronous_commit` (on by default; keep it on).
 
+mod approvals;
 mod audit;
+pub use approvals::ApprovalRow;
 pub use audit::{AUDIT_CHAIN_LOCK, ChainHead};
 pub mod changes;
 
@@ -152,6 +154,9 @@ pub struct KeyRow {
     pub min_decryption_version: u32,
     /// What the key may be used for.
     pub usage: crate::model::KeyUsage,
+    /// Hex HMAC of the key's whole state under the HSM's metadata integrity key (custody
+    /// computes and checks it; empty in rows no integrity-checking build has written).
+    pub integrity: String,
 }
 
 /// A key version's metadata row.
@@ -181,6 +186,16 @@ pub struct VersionRow {
     pub lost_at: Option<Millis>,
     /// Upper bound of blobs wrapped.
     pub wraps_reserved: u64,
+}
+
+/// A key's integrity value as read (`before`, compared in SQL) and as it must be after the
+/// write (`after`): the compare-and-set that serialises every change of one key across nodes.
+#[derive(Debug, Clone, Copy)]
+pub struct Reseal<'a> {
+    /// The value the write expects to replace.
+    pub before: &'a str,
+    /// The value over the state after the write.
+    pub after: &'a str,
 }
 
 /// Which database a store runs on.
@@ -346,8 +361,8 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO keys (tenant, name, description, labels, primary_version, created_at, updated_at, usage) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO keys (tenant, name, description, labels, primary_version, created_at, updated_at, usage, integrity) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&key.tenant)
         .bind(&key.name)
@@ -357,6 +372,7 @@ impl Store {
         .bind(key.created_at)
         .bind(key.updated_at)
         .bind(key.usage.as_str())
+        .bind(&key.integrity)
         .execute(&mut *tx)
         .await?;
         insert_version(&mut tx, first).await?;
@@ -366,23 +382,27 @@ impl Store {
     }
 
     /// Adds `version` and makes it primary, provided the primary is still
-    /// `previous_primary` ([`StoreError::Conflict`] otherwise, e.g. a concurrent rotation).
+    /// `previous_primary` and the key's integrity value still `seal.before`
+    /// ([`StoreError::Conflict`] otherwise, e.g. a concurrent rotation or change).
     pub async fn add_primary_version(
         &self,
         version: &VersionRow,
         previous_primary: u32,
+        seal: &Reseal<'_>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let moved = sqlx::query(
             "UPDATE keys SET primary_version = $1, updated_at = $2, \
-             next_rotation_at = CASE WHEN rotation_period_ms IS NULL THEN NULL ELSE $2 + rotation_period_ms END \
-             WHERE tenant = $3 AND name = $4 AND primary_version = $5",
+             next_rotation_at = CASE WHEN rotation_period_ms IS NULL THEN NULL ELSE $2 + rotation_period_ms END, \
+             integrity = $6 WHERE tenant = $3 AND name = $4 AND primary_version = $5 AND integrity = $7",
         )
         .bind(i64::from(version.version))
         .bind(version.created_at)
         .bind(&version.tenant)
         .bind(&version.key_name)
         .bind(i64::from(previous_primary))
+        .bind(seal.after)
+        .bind(seal.before)
         .execute(&mut *tx)
         .await?;
         if moved.rows_affected() != 1 {
@@ -402,12 +422,18 @@ impl Store {
     /// provided the key is still as the caller read it: primary version `key.primary_version`
     /// and last change at `read_at` ([`StoreError::Conflict`] otherwise: another node changed
     /// it meanwhile, and this write would undo that change or check against a stale primary).
-    pub async fn update_key(&self, key: &KeyRow, read_at: Millis) -> Result<(), StoreError> {
+    /// `key.integrity` replaces `integrity_before`, which must still be the stored value.
+    pub async fn update_key(
+        &self,
+        key: &KeyRow,
+        read_at: Millis,
+        integrity_before: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE keys SET description = $1, labels = $2, updated_at = $3, rotation_period_ms = $4, \
-             next_rotation_at = $5, min_decryption_version = $6, usage = $11 WHERE tenant = $7 AND name = $8 \
-             AND primary_version = $9 AND updated_at = $10",
+             next_rotation_at = $5, min_decryption_version = $6, usage = $11, integrity = $12 \
+             WHERE tenant = $7 AND name = $8 AND primary_version = $9 AND updated_at = $10 AND integrity = $13",
         )
         .bind(&key.description)
         .bind(labels_json(&key.labels)?)
@@ -420,6 +446,8 @@ impl Store {
         .bind(i64::from(key.primary_version))
         .bind(read_at)
         .bind(key.usage.as_str())
+        .bind(&key.integrity)
+        .bind(integrity_before)
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
@@ -436,9 +464,10 @@ impl Store {
         Ok(())
     }
 
-    /// Moves a version from one of `from` (one or two states) to `to` atomically; with
-    /// `unless_primary`, only if it is not its key's primary version. [`StoreError::Conflict`]
-    /// if the row did not match.
+    /// Moves a version from one of `from` (one or two states) to `to` atomically, and its
+    /// key's integrity value from `seal.before` to `seal.after`; with `unless_primary`, only if
+    /// it is not its key's primary version. [`StoreError::Conflict`] if a row did not match.
+    #[allow(clippy::too_many_arguments)]
     pub async fn transition(
         &self,
         id: &VersionId,
@@ -447,6 +476,7 @@ impl Store {
         at: Millis,
         destroy_at: Option<Millis>,
         unless_primary: bool,
+        seal: &Reseal<'_>,
     ) -> Result<(), StoreError> {
         let (first, second) = match from {
             [one] => (one, one),
@@ -471,8 +501,46 @@ impl Store {
         let Some(row) = moved else {
             return Err(StoreError::Conflict);
         };
-        self.key_changed(&mut tx, row.try_get("tenant")?, row.try_get("key_name")?)
-            .await?;
+        let (tenant, key): (String, String) = (row.try_get("tenant")?, row.try_get("key_name")?);
+        let sealed = sqlx::query(
+            "UPDATE keys SET integrity = $1 WHERE tenant = $2 AND name = $3 AND integrity = $4",
+        )
+        .bind(seal.after)
+        .bind(&tenant)
+        .bind(&key)
+        .bind(seal.before)
+        .execute(&mut *tx)
+        .await?;
+        if sealed.rows_affected() != 1 {
+            return Err(StoreError::Conflict);
+        }
+        self.key_changed(&mut tx, &tenant, &key).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces a key's integrity value if it is still `seal.before` (sealing rows written
+    /// before integrity values existed). [`StoreError::Conflict`] otherwise.
+    pub async fn reseal_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        seal: &Reseal<'_>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE keys SET integrity = $1 WHERE tenant = $2 AND name = $3 AND integrity = $4",
+        )
+        .bind(seal.after)
+        .bind(tenant)
+        .bind(name)
+        .bind(seal.before)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Conflict);
+        }
+        self.key_changed(&mut tx, tenant, name).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -686,7 +754,7 @@ async fn insert_version(
 }
 
 const KEY_COLUMNS: &str = "tenant, name, description, labels, primary_version, created_at, updated_at, \
-     rotation_period_ms, next_rotation_at, min_decryption_version, usage";
+     rotation_period_ms, next_rotation_at, min_decryption_version, usage, integrity";
 
 const VERSION_COLUMNS: &str = "id, tenant, key_name, version, state, hsm_label, created_at, \
      state_changed_at, destroy_at, destroyed_at, lost_at, wraps_reserved";
@@ -710,6 +778,7 @@ fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
                 what: format!("usage {usage:?}"),
             })?
         },
+        integrity: r.try_get("integrity")?,
     })
 }
 
@@ -839,144 +908,4 @@ async fn installation_id(pool: &AnyPool) -> Result<String, StoreError> {
     Ok(sqlx::query_scalar("SELECT id FROM installation")
         .fetch_one(pool)
         .await?)
-}
-
-/// A four-eyes approval row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApprovalRow {
-    /// Random id.
-    pub id: String,
-    /// Tenant segment.
-    pub tenant: String,
-    /// Key segment.
-    pub key_name: String,
-    /// Version number.
-    pub version: u32,
-    /// What is asked for.
-    pub operation: String,
-    /// Who asked.
-    pub requested_by: String,
-    /// When.
-    pub requested_at: Millis,
-    /// Until when it can be decided.
-    pub expires_at: Millis,
-    /// `PENDING`, `APPROVED`, `REJECTED` or `EXPIRED`.
-    pub state: String,
-    /// Who decided.
-    pub decided_by: String,
-}
-
-fn approval_row(r: &AnyRow) -> Result<ApprovalRow, StoreError> {
-    Ok(ApprovalRow {
-        id: r.try_get("id")?,
-        tenant: r.try_get("tenant")?,
-        key_name: r.try_get("key_name")?,
-        version: to_u32("approvals", r.try_get("version")?)?,
-        operation: r.try_get("operation")?,
-        requested_by: r.try_get("requested_by")?,
-        requested_at: r.try_get("requested_at")?,
-        expires_at: r.try_get("expires_at")?,
-        state: r.try_get("state")?,
-        decided_by: r.try_get("decided_by")?,
-    })
-}
-
-const APPROVAL_COLUMNS: &str = "id, tenant, key_name, version, operation, requested_by, requested_at, expires_at, state, decided_by";
-
-impl Store {
-    /// Inserts a pending approval, unless one for the same version is already pending and
-    /// unexpired at `now` ([`StoreError::Conflict`]).
-    pub async fn insert_approval(&self, a: &ApprovalRow, now: Millis) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let pending: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM approvals WHERE tenant = $1 AND key_name = $2 AND version = $3 AND state = 'PENDING' AND expires_at >= $4",
-        )
-        .bind(&a.tenant)
-        .bind(&a.key_name)
-        .bind(i64::from(a.version))
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if pending.is_some() {
-            return Err(StoreError::Conflict);
-        }
-        sqlx::query(
-            "INSERT INTO approvals (id, tenant, key_name, version, operation, requested_by, requested_at, expires_at, state) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'PENDING')",
-        )
-        .bind(&a.id)
-        .bind(&a.tenant)
-        .bind(&a.key_name)
-        .bind(i64::from(a.version))
-        .bind(&a.operation)
-        .bind(&a.requested_by)
-        .bind(a.requested_at)
-        .bind(a.expires_at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// One approval.
-    pub async fn get_approval(&self, id: &str) -> Result<Option<ApprovalRow>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(approval_row).transpose()
-    }
-
-    /// A tenant's approvals, newest first (at most 1,000).
-    pub async fn list_approvals(&self, tenant: &str) -> Result<Vec<ApprovalRow>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant = $1 ORDER BY requested_at DESC LIMIT 1000"
-        )))
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(approval_row).collect()
-    }
-
-    /// Moves a pending approval to `state` ([`StoreError::Conflict`] if it was not pending).
-    pub async fn decide_approval(
-        &self,
-        id: &str,
-        state: &str,
-        decided_by: &str,
-        at: Millis,
-    ) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE approvals SET state = $1, decided_by = $2, decided_at = $3 WHERE id = $4 AND state = 'PENDING'")
-            .bind(state)
-            .bind(decided_by)
-            .bind(at)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict)
-        }
-    }
-
-    /// Puts an approval that was just approved back to pending (its action failed).
-    pub async fn reopen_approval(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE approvals SET state = 'PENDING', decided_by = '', decided_at = NULL WHERE id = $1 AND state = 'APPROVED'")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// Marks pending approvals past their expiry as expired; returns how many.
-    pub async fn expire_approvals(&self, now: Millis) -> Result<u64, StoreError> {
-        let done = sqlx::query("UPDATE approvals SET state = 'EXPIRED', decided_at = $1 WHERE state = 'PENDING' AND expires_at < $1")
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
-    }
 }

@@ -824,6 +824,7 @@ fn map_custody(e: CustodyError) -> XksError {
         | E::VersionExhausted(_)
         | E::VersionBelowMinimum(_)
         | E::VersionLost(_)
+        | E::MetadataIntegrity { .. }
         | E::VersionNotFound(_) => XksError::InvalidState(e.to_string()),
         E::MalformedCiphertext(_)
         | E::Unauthentic

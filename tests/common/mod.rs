@@ -241,6 +241,65 @@ pub fn officer(key: &tresor::model::KeyName) -> tresor::auth::Grant {
     grant(key.tenant().as_str(), tresor::auth::Role::Officer)
 }
 
+/// An officer grant for `tenant` held by identity `who`.
+pub fn officer_named(tenant: &str, who: &str) -> tresor::auth::Grant {
+    let policy = tresor::auth::Policy::from_toml(
+        &format!("[[identity]]\nname = \"{who}\"\ntenant = \"{tenant}\"\nroles = [\"officer\"]\n"),
+        "test policy",
+    )
+    .unwrap();
+    let who = tresor::auth::Identity {
+        name: who.into(),
+        fingerprint: String::new(),
+    };
+    policy.grant(&who, tresor::auth::Role::Officer).unwrap()
+}
+
+/// Schedules the destruction of a version the only way there is: one officer of the tenant
+/// asks, a second one approves (the HSM then holds a destruction order).
+pub async fn schedule_by_two_officers(
+    custody: &Custody,
+    key: &tresor::model::KeyName,
+    number: u32,
+) -> Result<tresor::custody::ApprovalInfo, tresor::custody::CustodyError> {
+    let tenant = key.tenant().as_str();
+    let asked = custody
+        .request_destruction(&officer_named(tenant, "officer-one"), key, number)
+        .await?;
+    custody
+        .approve(&officer_named(tenant, "officer-two"), &asked.id)
+        .await
+}
+
+/// What step zero of a version's creation leaves in the token (SECURITY.md "Crash safety"):
+/// its creation journal, so that a crash before the row commits leaves a removable object.
+pub async fn write_creation_journal(hsm: &Hsm, installation: &str, id: tresor::hsm::ObjectId) {
+    let mut value = b"tresor/creation-journal/v1\0".to_vec();
+    value.extend_from_slice(&id.0);
+    hsm.create_data_object(format!("tresor/{installation}/creating/{id}"), value)
+        .await
+        .unwrap();
+}
+
+/// The version objects in the token (this installation's label prefix).
+pub async fn version_objects(hsm: &Hsm, installation: &str) -> Vec<tresor::hsm::TokenObject> {
+    let prefix = format!("tresor/{installation}/");
+    let mut objects: Vec<_> = hsm
+        .list_secret_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.label.starts_with(&prefix))
+        .collect();
+    objects.sort_by(|a, b| a.label.cmp(&b.label));
+    objects
+}
+
+/// Later than any grace period a test uses: pass it to `destroy_due` to run due destructions.
+pub fn after_grace() -> tresor::model::Millis {
+    tresor::model::now_millis() + 8 * tresor::custody::DAY_MS
+}
+
 /// A service grant for the key's tenant.
 pub fn service(key: &tresor::model::KeyName) -> tresor::auth::Grant {
     grant(key.tenant().as_str(), tresor::auth::Role::Service)

@@ -45,7 +45,7 @@ static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
     C_SetOperationState: Some(unsupported::C_SetOperationState),
     C_Login: Some(C_Login),
     C_Logout: Some(C_Logout),
-    C_CreateObject: Some(unsupported::C_CreateObject),
+    C_CreateObject: Some(C_CreateObject),
     C_CopyObject: Some(unsupported::C_CopyObject),
     C_DestroyObject: Some(C_DestroyObject),
     C_GetObjectSize: Some(unsupported::C_GetObjectSize),
@@ -577,6 +577,21 @@ unsafe extern "C" fn C_GenerateKeyPair(
             write(public_key, pub_h)?;
             write(private_key, priv_h)
         }
+    })
+}
+
+unsafe extern "C" fn C_CreateObject(
+    session: CK_SESSION_HANDLE,
+    template: *mut CK_ATTRIBUTE,
+    count: CK_ULONG,
+    object: *mut CK_OBJECT_HANDLE,
+) -> CK_RV {
+    guard(|| {
+        // SAFETY: the template is the caller's input argument of `count` attributes.
+        let template = unsafe { read_template(template, count)? };
+        let h = with_sim(CallKind::Session, |s| s.create_object(session, &template))?;
+        // SAFETY: `object` is the caller's output argument for one handle.
+        unsafe { write(object, h) }
     })
 }
 
