@@ -250,18 +250,23 @@ async fn the_other_node_runs_due_rotations_when_the_scheduler_lock_holder_dies()
     nodes[holder] = None;
 
     // The hour passes: the due time is moved into the past in the database, as the period
-    // elapsing would, and the nodes are told as after any change.
+    // elapsing would, sealed as Tresor seals key state (which takes the HSM: a database
+    // administrator alone cannot do this), and the nodes are told as after any change.
     {
-        use sqlx::Connection;
-        let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
-        sqlx::query("UPDATE keys SET next_rotation_at = 0 WHERE tenant = 'a' AND name = 'ehr'")
-            .execute(&mut db)
+        let hsm = d.token.open();
+        let store = tresor::store::Store::open(&url).await.unwrap();
+        store
+            .execute_raw_for_tests(
+                "UPDATE keys SET next_rotation_at = 0 WHERE tenant = 'a' AND name = 'ehr'",
+            )
             .await
             .unwrap();
-        sqlx::query("SELECT pg_notify('tresor_keys', 'a/ehr')")
-            .execute(&mut db)
+        reseal_key(&hsm, &store, "a", "ehr").await;
+        store
+            .execute_raw_for_tests("SELECT pg_notify('tresor_keys', 'a/ehr')")
             .await
             .unwrap();
+        store.close().await;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

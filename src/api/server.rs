@@ -93,6 +93,7 @@ pub struct Server {
     config: Config,
     api: Api,
     custody: Custody,
+    audit: AuditLog,
     policy: Arc<SharedPolicy>,
     tls: Arc<ServerConfig>,
     /// The metrics listener, bound by [`Server::bind`] and served by [`Server::serve`].
@@ -184,6 +185,7 @@ impl Server {
             },
         )
         .await?;
+        record_integrity_failures(&custody, &audit, &config.node_id).await?;
         let xks = match &config.xks {
             None => None,
             Some(x) => {
@@ -222,7 +224,7 @@ impl Server {
         };
         let api = Api::new(
             custody.clone(),
-            audit,
+            audit.clone(),
             authenticator,
             Arc::clone(&policy),
             config.max_concurrent_requests,
@@ -231,6 +233,7 @@ impl Server {
             config,
             api,
             custody,
+            audit,
             policy,
             tls: Arc::new(tls),
             metrics: std::sync::Mutex::new(None),
@@ -362,6 +365,7 @@ impl Server {
         };
         let health_task = tokio::spawn(watch_health(
             self.custody.clone(),
+            self.audit.clone(),
             reporter,
             self.config.health_check_interval,
         ));
@@ -511,9 +515,39 @@ async fn run_scheduler(custody: Custody, every: Duration) {
     }
 }
 
-/// Keeps `grpc.health.v1.Health` true: NOT_SERVING while the HSM or the database fails.
+/// One audit record per key that start-up found with rows failing their integrity check, in
+/// the key's tenant, so its auditors see it (SECURITY.md "Metadata integrity").
+async fn record_integrity_failures(
+    custody: &Custody,
+    audit: &AuditLog,
+    node: &str,
+) -> Result<(), AuditError> {
+    for (key, reason) in custody.integrity_failures() {
+        tracing::error!(key = %key, reason = %reason, "start-up: key refuses service (metadata integrity)");
+        audit
+            .append(
+                key.tenant().as_str(),
+                crate::audit::record::RecordBody {
+                    request_id: super::new_request_id(),
+                    caller: format!("tresor/{node}"),
+                    role: "system".into(),
+                    operation: "MetadataIntegrityCheck".into(),
+                    key: key.to_string(),
+                    outcome: "FAILED".into(),
+                    status_code: tonic::Code::DataLoss as i32,
+                    ..Default::default()
+                },
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Keeps `grpc.health.v1.Health` true: NOT_SERVING while the HSM or the database fails, or
+/// while the audit log refuses to go on (its chain does not extend the HSM anchor).
 async fn watch_health(
     custody: Custody,
+    audit: AuditLog,
     reporter: tonic_health::server::HealthReporter,
     every: Duration,
 ) {
@@ -525,7 +559,11 @@ async fn watch_health(
     ];
     let mut serving = None;
     loop {
-        let healthy = match custody.check_dependencies().await {
+        let checked = match custody.check_dependencies().await {
+            Ok(()) => audit.check_chain(),
+            Err(e) => Err(e.to_string()),
+        };
+        let healthy = match checked {
             Ok(()) => true,
             Err(e) => {
                 if serving != Some(false) {

@@ -12,8 +12,12 @@
 //! transaction, and only then answers each caller. So concurrent requests share one commit
 //! (group commit) without any added delay, and no caller learns of success before its record
 //! is durable (fail closed). Checkpoints are signed by a task of their own, so a batch never
-//! waits for the HSM.
+//! waits for the HSM. Before each signature the database's chain must extend the HSM's audit
+//! anchor ([`anchor`]); a node whose database does not refuses to sign and to append (every
+//! call then fails `UNAVAILABLE` and health is `NOT_SERVING`) until the records are restored.
 
+pub mod anchor;
+pub mod continuity;
 pub mod file;
 pub mod record;
 
@@ -70,6 +74,9 @@ pub enum AuditError {
     /// An audit key is recorded in the database but missing from the HSM.
     #[error("the audit {0} key is recorded but missing from the HSM; restore it before starting")]
     KeyMissing(&'static str),
+    /// The HSM's audit anchor could not be read, or the database's chain does not extend it.
+    #[error("{0}")]
+    Anchor(#[from] anchor::AnchorError),
 }
 
 struct Pending {
@@ -95,6 +102,9 @@ pub struct AuditLog {
 struct Inner {
     commands: mpsc::Sender<Command>,
     store: Store,
+    /// Why the writer refuses to append and sign (the chain does not extend the anchor);
+    /// `None` while it works. Written by the writer, read by health checks.
+    refused: Arc<std::sync::RwLock<Option<String>>>,
     /// The AAD HMAC key, derived in the HSM at start-up (see [`AAD_KEY_LABEL`]).
     aad_key: ring::hmac::Key,
     public_point: Vec<u8>,
@@ -190,6 +200,8 @@ impl AuditLog {
             ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived)
         };
         let head = store.audit_head().await?;
+        check_anchor(&hsm, &store, signing, head.unwrap_or(ChainHead::GENESIS)).await?;
+        let refused = Arc::new(std::sync::RwLock::new(None));
         let checkpointed = store
             .audit_latest_checkpoint()
             .await?
@@ -207,12 +219,14 @@ impl AuditLog {
             signing: None,
             waiting: Vec::new(),
             retry_at: None,
+            refused: Arc::clone(&refused),
         };
         tokio::spawn(writer.run(rx));
         Ok(Self {
             inner: Arc::new(Inner {
                 commands,
                 store,
+                refused,
                 aad_key,
                 public_point,
                 #[cfg(feature = "bench-unaudited")]
@@ -229,10 +243,20 @@ impl AuditLog {
             inner: Arc::new(Inner {
                 commands: self.inner.commands.clone(),
                 store: self.inner.store.clone(),
+                refused: Arc::clone(&self.inner.refused),
                 aad_key: self.inner.aad_key.clone(),
                 public_point: self.inner.public_point.clone(),
                 noop: true,
             }),
+        }
+    }
+
+    /// `Err` with the reason while the writer refuses to append and sign because the
+    /// database's chain does not extend the HSM's audit anchor (for the health service).
+    pub fn check_chain(&self) -> Result<(), String> {
+        match crate::sync::read(&self.inner.refused).as_ref() {
+            None => Ok(()),
+            Some(why) => Err(why.clone()),
         }
     }
 
@@ -402,28 +426,86 @@ struct Writer {
     checkpointed: u64,
     last_checkpoint: tokio::time::Instant,
     /// The checkpoint being signed and stored, at most one at a time.
-    signing: Option<tokio::task::JoinHandle<Result<Checkpoint, String>>>,
+    signing: Option<SignatureTask>,
     /// `checkpoint_now` callers and the sequence number their checkpoint must cover.
     waiting: Vec<(u64, CheckpointReply)>,
     /// After a failed signature, the next due one waits until then.
     retry_at: Option<tokio::time::Instant>,
+    /// Set when the database's chain does not extend the HSM anchor: appends are refused
+    /// and checkpoints retried until it does again.
+    refused: Arc<std::sync::RwLock<Option<String>>>,
+}
+
+/// Why a checkpoint was not made.
+#[derive(Debug, Clone)]
+enum CheckpointFailure {
+    /// The HSM or the database failed: try again later.
+    Transient(String),
+    /// The database's chain does not extend the HSM anchor: refuse to go on.
+    Refused(String),
+}
+
+impl std::fmt::Display for CheckpointFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Transient(e) | Self::Refused(e) => f.write_str(e),
+        }
+    }
+}
+
+fn failure(e: anchor::AnchorError) -> CheckpointFailure {
+    match e {
+        e @ (anchor::AnchorError::Mismatch { .. } | anchor::AnchorError::Conflicting(..)) => {
+            CheckpointFailure::Refused(e.to_string())
+        }
+        e => CheckpointFailure::Transient(e.to_string()),
+    }
+}
+
+/// At open: the database's chain must extend the HSM anchor. Without an anchor (the first start
+/// of a build that keeps one, or a fresh log), the latest stored checkpoint becomes the anchor.
+async fn check_anchor(
+    hsm: &Hsm,
+    store: &Store,
+    signing: ObjectId,
+    head: ChainHead,
+) -> Result<(), AuditError> {
+    let anchors = anchor::read(hsm, signing).await?;
+    match anchors.latest {
+        Some(a) => anchor::extends(store, a, head).await?,
+        None => {
+            if let Some(c) = store.audit_latest_checkpoint().await? {
+                let a = anchor::Anchor {
+                    seq: c.seq,
+                    hash: c.hash,
+                };
+                anchor::extends(store, a, head).await?;
+                anchor::advance(hsm, signing, &anchors, a).await?;
+                tracing::warn!(anchor = %a, "no audit anchor in the HSM yet: the latest stored checkpoint becomes the anchor");
+            }
+        }
+    }
+    Ok(())
 }
 
 type CheckpointReply = oneshot::Sender<Result<Option<Checkpoint>, String>>;
+type SignatureTask = tokio::task::JoinHandle<Result<Checkpoint, CheckpointFailure>>;
 
 /// A failed checkpoint is tried again after this long (or at once for a waiting caller).
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 /// The outcome of the signature in progress; never ready while there is none.
 async fn signature_finished(
-    task: &mut Option<tokio::task::JoinHandle<Result<Checkpoint, String>>>,
-) -> Result<Checkpoint, String> {
+    task: &mut Option<SignatureTask>,
+) -> Result<Checkpoint, CheckpointFailure> {
     let Some(running) = task else {
         return std::future::pending().await;
     };
-    let result = running
-        .await
-        .unwrap_or_else(|e| Err(format!("checkpoint task failed: {e}")));
+    let result = running.await.unwrap_or_else(|e| {
+        Err(CheckpointFailure::Transient(format!(
+            "checkpoint task failed: {e}"
+        )))
+    });
     *task = None;
     result
 }
@@ -466,16 +548,20 @@ impl Writer {
         }
         // The HSM stays in use until an unfinished signature is done.
         if let Some(task) = self.signing.take() {
-            let result = task
-                .await
-                .unwrap_or_else(|e| Err(format!("checkpoint task failed: {e}")));
+            let result = task.await.unwrap_or_else(|e| {
+                Err(CheckpointFailure::Transient(format!(
+                    "checkpoint task failed: {e}"
+                )))
+            });
             self.checkpoint_signed(result);
         }
     }
 
     /// Answers a `checkpoint_now` caller at once if the head is signed, or once it is.
     async fn checkpoint_wanted(&mut self, reply: CheckpointReply) {
-        if self.head.seq == 0 {
+        if let Some(why) = crate::sync::read(&self.refused).clone() {
+            let _ = reply.send(Err(why));
+        } else if self.head.seq == 0 {
             let _ = reply.send(Ok(None));
         } else if self.head.seq == self.checkpointed {
             let latest = self.store.audit_latest_checkpoint().await;
@@ -498,7 +584,8 @@ impl Writer {
             .retry_at
             .is_none_or(|at| tokio::time::Instant::now() >= at);
         let due = self.head.seq >= self.checkpointed + self.options.checkpoint_every
-            || self.last_checkpoint.elapsed() >= self.options.checkpoint_interval;
+            || self.last_checkpoint.elapsed() >= self.options.checkpoint_interval
+            || crate::sync::read(&self.refused).is_some();
         if !(caller_waits || (due && retry_allowed)) {
             return;
         }
@@ -509,12 +596,18 @@ impl Writer {
             self.head,
         );
         self.signing = Some(tokio::spawn(async move {
+            let transient = |e: &dyn std::fmt::Display| CheckpointFailure::Transient(e.to_string());
+            // Never sign a head that does not extend what the HSM last anchored.
+            let anchored = anchor::read(&hsm, key).await.map_err(failure)?;
+            if let Some(a) = anchored.latest {
+                anchor::extends(&store, a, head).await.map_err(failure)?;
+            }
             let time_ms = now_millis().max(head.time_ms);
             let message = checkpoint_message(head.seq, &head.hash, time_ms);
             let signature = hsm
                 .sign_p256(key, message)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| transient(&e))?;
             let c = Checkpoint {
                 seq: head.seq,
                 hash: head.hash,
@@ -524,15 +617,28 @@ impl Writer {
             store
                 .insert_checkpoint(&c)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| transient(&e))?;
+            let a = anchor::Anchor {
+                seq: head.seq,
+                hash: head.hash,
+            };
+            anchor::advance(&hsm, key, &anchored, a)
+                .await
+                .map_err(failure)?;
             Ok(c)
         }));
     }
 
     /// Takes the outcome of a signature: answers the callers it covers (all of them on failure).
-    fn checkpoint_signed(&mut self, result: Result<Checkpoint, String>) {
+    fn checkpoint_signed(&mut self, result: Result<Checkpoint, CheckpointFailure>) {
         match result {
             Ok(c) => {
+                if crate::sync::write(&self.refused).take().is_some() {
+                    tracing::warn!(
+                        seq = c.seq,
+                        "the audit chain extends the HSM anchor again; appending resumes"
+                    );
+                }
                 self.checkpointed = self.checkpointed.max(c.seq);
                 self.last_checkpoint = tokio::time::Instant::now();
                 self.retry_at = None;
@@ -546,11 +652,17 @@ impl Writer {
                 }
             }
             Err(e) => {
-                // The records are durable; a later checkpoint will cover them.
-                tracing::error!(error = %e, seq = self.head.seq, "audit checkpoint could not be signed; retrying later");
+                if let CheckpointFailure::Refused(why) = &e {
+                    crate::metrics::global().audit_anchor_failures.inc();
+                    tracing::error!(error = %why, "audit log refuses to sign and append: health is NOT_SERVING");
+                    *crate::sync::write(&self.refused) = Some(why.clone());
+                } else {
+                    // The records are durable; a later checkpoint will cover them.
+                    tracing::error!(error = %e, seq = self.head.seq, "audit checkpoint could not be signed; retrying later");
+                }
                 self.retry_at = Some(tokio::time::Instant::now() + CHECKPOINT_RETRY);
                 for (_, reply) in self.waiting.drain(..) {
-                    let _ = reply.send(Err(e.clone()));
+                    let _ = reply.send(Err(e.to_string()));
                 }
             }
         }
@@ -558,6 +670,12 @@ impl Writer {
 
     /// Chains and commits one batch; answers every caller only after the commit.
     async fn commit(&mut self, batch: Vec<Pending>) {
+        if let Some(why) = crate::sync::read(&self.refused).clone() {
+            for p in batch {
+                let _ = p.done.send(Err(why.clone()));
+            }
+            return;
+        }
         let count = batch.len();
         let mut entries = Vec::with_capacity(count);
         let mut waiting = Vec::with_capacity(count);
@@ -591,6 +709,22 @@ impl Writer {
         metrics.audit_commit.observe_duration(started.elapsed());
         metrics.audit_batch.observe(count as f64);
         match committed {
+            Ok(rows) if rows.first().is_some_and(|(r, _)| r.seq <= self.head.seq) => {
+                // The database's head was behind what this writer had committed: records were
+                // removed underneath it (PostgreSQL continues from the database's head). These
+                // records are on a shortened chain; their callers get no success.
+                let why = format!(
+                    "the audit chain in the database went back from record {} to record {}: records were removed in the database; restore them",
+                    self.head.seq,
+                    rows.first().map_or(0, |(r, _)| r.seq - 1)
+                );
+                crate::metrics::global().audit_anchor_failures.inc();
+                tracing::error!(error = %why, "audit log refuses to sign and append: health is NOT_SERVING");
+                *crate::sync::write(&self.refused) = Some(why.clone());
+                for done in waiting {
+                    let _ = done.send(Err(why.clone()));
+                }
+            }
             Ok(rows) => {
                 if let Some((last, hash)) = rows.last() {
                     self.head = ChainHead {

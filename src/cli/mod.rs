@@ -293,13 +293,20 @@ enum AuditCommand {
         #[arg(short = 'o', long = "out")]
         out: PathBuf,
     },
-    /// Verify an export offline: every hash link and checkpoint signature.
+    /// Verify an export offline: every hash link and checkpoint signature; with `--since`,
+    /// also that it extends an earlier export (no record of it removed or rewritten).
     Verify {
         /// The export (JSON Lines or CSV).
         file: PathBuf,
         /// The checkpoint public key, PEM (`tresor audit public-key`).
         #[arg(long)]
         public_key: PathBuf,
+        /// An earlier export (verified too) that this one must extend.
+        #[arg(long, conflicts_with = "since_checkpoint")]
+        since: Option<PathBuf>,
+        /// A checkpoint kept from earlier, `SEQ:HASH`, that this export must extend.
+        #[arg(long)]
+        since_checkpoint: Option<crate::audit::continuity::Since>,
     },
     /// Print the checkpoint public key (PEM), or write it to a file.
     PublicKey {
@@ -726,9 +733,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let out = Output::new(cli.output);
     match cli.command {
         Command::Serve { config } => serve(&config).await,
-        Command::Audit(AuditCommand::Verify { file, public_key }) => {
-            verify_export(&file, &public_key, &out)
-        }
+        Command::Audit(AuditCommand::Verify {
+            file,
+            public_key,
+            since,
+            since_checkpoint,
+        }) => verify_export(&file, &public_key, since.as_deref(), since_checkpoint, &out),
         Command::Bench(a) => {
             let (threads_arg, payload, aad_len) = (a.threads, a.payload, a.aad);
             let raw = move |config: &Path, duration| {
@@ -1400,8 +1410,14 @@ async fn audit_command(
 }
 
 /// `tresor audit verify`: offline, no server.
-fn verify_export(path: &Path, public_key: &Path, out: &Output) -> Result<(), Failure> {
-    use crate::audit::{file, record};
+fn verify_export(
+    path: &Path,
+    public_key: &Path,
+    since: Option<&Path>,
+    since_checkpoint: Option<crate::audit::continuity::Since>,
+    out: &Output,
+) -> Result<(), Failure> {
+    use crate::audit::{continuity, record};
     let pem = std::fs::read(public_key).map_err(|e| {
         Failure::new(
             64,
@@ -1423,6 +1439,52 @@ fn verify_export(path: &Path, public_key: &Path, out: &Output) -> Result<(), Fai
             "use the key `tresor audit public-key` prints",
         )
     })?;
+    let (items, verified) = verified_items(path, &point)?;
+    let old = since.map(|p| verified_items(p, &point)).transpose()?;
+    let anchor = match (&old, since_checkpoint) {
+        (Some((old_items, _)), _) => {
+            Some(continuity::last_checkpoint(old_items).ok_or_else(|| {
+                Failure::new(
+                    8,
+                    format!(
+                        "{}: {}",
+                        since.unwrap_or(path).display(),
+                        continuity::ContinuityError::NoCheckpoint
+                    ),
+                    "give an export that `tresor audit verify` accepted",
+                )
+            })?)
+        }
+        (None, given) => given,
+    };
+    if let Some(anchor) = anchor {
+        continuity::extends(&items, old.as_ref().map(|(o, _)| o.as_slice()), anchor).map_err(
+            |e| {
+                Failure::new(
+                    8,
+                    format!(
+                        "{} does not extend the earlier history (checkpoint {}): {e}",
+                        path.display(),
+                        anchor.seq
+                    ),
+                    "records the earlier export showed were removed or rewritten in the log; keep both files as evidence",
+                )
+            },
+        )?;
+    }
+    out.verified(&verified);
+    Ok(())
+}
+
+/// An export's items with their stated hashes, and what verifying it found.
+type VerifiedExport = (
+    Vec<(crate::audit::record::ExportItem, Option<[u8; 32]>)>,
+    crate::audit::record::Verified,
+);
+
+/// Reads an export and verifies it on its own (exit code 8 naming the first failure).
+fn verified_items(path: &Path, point: &[u8]) -> Result<VerifiedExport, Failure> {
+    use crate::audit::{file, record};
     let text = std::fs::read_to_string(path).map_err(|e| {
         Failure::new(
             5,
@@ -1448,11 +1510,8 @@ fn verify_export(path: &Path, public_key: &Path, out: &Output) -> Result<(), Fai
                 "the file is not a Tresor audit export, or was damaged",
             )
         })?;
-    match record::verify(&items, &point) {
-        Ok(v) => {
-            out.verified(&v);
-            Ok(())
-        }
+    match record::verify(&items, point) {
+        Ok(v) => Ok((items, v)),
         Err(e) => Err(Failure::new(
             8,
             format!("{} does not verify: {e}", path.display()),

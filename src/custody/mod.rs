@@ -437,6 +437,21 @@ impl Custody {
         Ok((custody, report))
     }
 
+    /// Keys whose database rows failed their integrity check, and why, in name order.
+    pub fn integrity_failures(&self) -> Vec<(KeyName, String)> {
+        let cache = read(&self.inner.cache);
+        let mut failed: Vec<(KeyName, String)> = cache
+            .keys
+            .values()
+            .filter_map(|k| match &k.seal {
+                Seal::Broken(why) => Some((k.name.clone(), why.to_string())),
+                Seal::Valid(_) => None,
+            })
+            .collect();
+        failed.sort_by_key(|(k, _)| k.to_string());
+        failed
+    }
+
     /// The time custody works with.
     pub fn now(&self) -> Millis {
         self.inner.options.clock.now()
@@ -797,7 +812,11 @@ impl Custody {
         let description = description.to_owned();
         let changed = name.clone();
         self.admin_key(&changed, move |c| async move {
-            if c.entry(&name).is_ok() {
+            // A broken entry keeps its name: its versions' blobs must not become another
+            // key's.
+            let existing = read(&c.inner.cache).keys.get(&name).cloned();
+            if let Some(existing) = existing {
+                existing.check_seal()?;
                 return Err(CustodyError::KeyExists(name.to_string()));
             }
             let now = c.now();

@@ -889,3 +889,70 @@ pub async fn verified_export(
     .unwrap();
     items
 }
+
+/// Seals a key's rows as they are in the database now, computed independently of Tresor's
+/// code from the format SECURITY.md "Metadata integrity" documents (so a test that needs it is
+/// also a check that the documentation is exact). Needs the HSM: this is what only a holder of
+/// the PIN can do; tests use it to stand in for time passing, where moving a due time in the
+/// database is the only way.
+pub async fn reseal_key(hsm: &Hsm, store: &Store, tenant: &str, name: &str) {
+    fn str_(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    fn opt(out: &mut Vec<u8>, v: Option<i64>) {
+        match v {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&v.to_be_bytes());
+            }
+        }
+    }
+    let installation = store.installation_id().to_owned();
+    let (key, mut versions) = store.load_key(tenant, name).await.unwrap().unwrap();
+    versions.sort_by_key(|v| v.version);
+    let mut m = b"tresor/metadata/key/v1\0".to_vec();
+    for s in [&installation, &key.tenant, &key.name, &key.description] {
+        str_(&mut m, s);
+    }
+    m.extend_from_slice(&(key.labels.len() as u32).to_be_bytes());
+    for (k, v) in &key.labels {
+        str_(&mut m, k);
+        str_(&mut m, v);
+    }
+    m.extend_from_slice(&key.primary_version.to_be_bytes());
+    m.extend_from_slice(&key.created_at.to_be_bytes());
+    m.extend_from_slice(&key.updated_at.to_be_bytes());
+    opt(&mut m, key.rotation_period_ms);
+    opt(&mut m, key.next_rotation_at);
+    m.extend_from_slice(&key.min_decryption_version.to_be_bytes());
+    str_(&mut m, key.usage.as_str());
+    m.extend_from_slice(&(versions.len() as u32).to_be_bytes());
+    for v in &versions {
+        m.extend_from_slice(&v.id.0);
+        m.extend_from_slice(&v.version.to_be_bytes());
+        str_(&mut m, v.state.as_str());
+        m.extend_from_slice(&v.created_at.to_be_bytes());
+        m.extend_from_slice(&v.state_changed_at.to_be_bytes());
+        opt(&mut m, v.destroy_at);
+        opt(&mut m, v.destroyed_at);
+    }
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("tresor metadata integrity key v1\0{installation}").as_bytes(),
+    );
+    let id = tresor::hsm::ObjectId(digest.as_ref()[..16].try_into().unwrap());
+    let seal = tresor::model::to_hex(&hsm.hmac_sha256(id, m).await.unwrap());
+    store
+        .reseal_key(
+            tenant,
+            name,
+            &tresor::store::Reseal {
+                before: &key.integrity,
+                after: &seal,
+            },
+        )
+        .await
+        .unwrap();
+}
