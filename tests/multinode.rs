@@ -368,3 +368,127 @@ async fn restarting_postgresql_under_load_fails_calls_cleanly_and_loses_nothing_
     }
     server.stop().await;
 }
+
+/// Two custody nodes on one PostgreSQL database and one token; node B follows changes. Returns
+/// both, B's store, and a blob of version 1 of the key (version 2 is the primary).
+async fn two_custody_nodes(
+    url: &str,
+    hsm: &tresor::hsm::Hsm,
+) -> (
+    tresor::custody::Custody,
+    tresor::custody::Custody,
+    tresor::store::Store,
+    Vec<u8>,
+) {
+    use tresor::custody::{Custody, CustodyOptions};
+    use tresor::store::Store;
+    let key: tresor::model::KeyName = KEY.parse().unwrap();
+    let (a, _) = Custody::open(
+        hsm.clone(),
+        Store::open(url).await.unwrap(),
+        CustodyOptions::default(),
+    )
+    .await
+    .unwrap();
+    a.create_key(&officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
+    let blob = a
+        .wrap(
+            &service(&key),
+            &key,
+            zeroize::Zeroizing::new(b"v1".to_vec()),
+            b"",
+        )
+        .await
+        .unwrap()
+        .ciphertext;
+    a.rotate_key(&officer(&key), &key).await.unwrap();
+    let store_b = Store::open(url).await.unwrap();
+    let (b, _) = Custody::open(hsm.clone(), store_b.clone(), CustodyOptions::default())
+        .await
+        .unwrap();
+    for node in [&a, &b] {
+        let node = node.clone();
+        tokio::spawn(async move { node.follow_changes().await });
+    }
+    (a, b, store_b, blob)
+}
+
+/// A node whose notification listener goes quiet without closing (a NAT or load balancer
+/// dropping the idle flow) still obeys a revocation made on another node within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_silent_listener_obeys_a_revocation_within_the_bound() {
+    use tresor::custody::{CHANGE_BOUND_MS, CustodyError};
+    let url = postgres_database().await;
+    let token = TestToken::new();
+    let hsm = token.open();
+    let (a, b, store_b, blob) = two_custody_nodes(&url, &hsm).await;
+    let key: tresor::model::KeyName = KEY.parse().unwrap();
+    b.unwrap(&service(&key), &blob, b"", None).await.unwrap();
+
+    store_b.silence_change_notifications_for_tests(true);
+    let revoked = Instant::now();
+    a.disable_version(&officer(&key), &key, 1).await.unwrap();
+    loop {
+        match b.unwrap(&service(&key), &blob, b"", None).await {
+            Err(CustodyError::VersionDisabled(_)) => break,
+            Ok(_) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_millis(CHANGE_BOUND_MS as u64),
+            "node B still unwraps with the revoked version after {:?}",
+            revoked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the other way round: an enable is seen as well, without a notification.
+    a.enable_version(&officer(&key), &key, 1).await.unwrap();
+    let enabled = Instant::now();
+    while b.unwrap(&service(&key), &blob, b"", None).await.is_err() {
+        assert!(enabled.elapsed() < Duration::from_millis(CHANGE_BOUND_MS as u64));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A node that cannot reach the database cannot learn of revocations: it stops serving keys
+/// once the bound passes (it would otherwise go on unwrapping from its cache), and serves
+/// again when the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_database_stops_serving_keys_after_the_bound() {
+    use tresor::custody::{CHANGE_BOUND_MS, CustodyError};
+    let pg = PgServer::start();
+    let token = TestToken::new();
+    let hsm = token.open();
+    let (_a, b, _store_b, blob) = two_custody_nodes(&pg.url(), &hsm).await;
+    let key: tresor::model::KeyName = KEY.parse().unwrap();
+    b.unwrap(&service(&key), &blob, b"", None).await.unwrap();
+
+    pg.stop();
+    let cut = Instant::now();
+    loop {
+        match b.unwrap(&service(&key), &blob, b"", None).await {
+            Err(CustodyError::NotCurrent) => break,
+            Ok(_) => {}
+            Err(e) => panic!("{e:?}"),
+        }
+        assert!(
+            cut.elapsed() < Duration::from_millis(CHANGE_BOUND_MS as u64 + 1_000),
+            "node B still serves from its cache after {:?} without the database",
+            cut.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cut.elapsed() >= Duration::from_millis(CHANGE_BOUND_MS as u64 - 600));
+
+    pg.resume();
+    let back = Instant::now();
+    while b.unwrap(&service(&key), &blob, b"", None).await.is_err() {
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "node B did not serve again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -44,7 +44,7 @@ pub(crate) fn from_custody(e: &CustodyError, request_id: &str) -> Status {
         E::VersionLost(_) | E::MetadataIntegrity { .. } | E::ApprovalIntegrity(_) => {
             (Code::DataLoss, e.to_string())
         }
-        E::IntegrityKeyMissing(_) => (Code::Unavailable, e.to_string()),
+        E::IntegrityKeyMissing(_) | E::NotCurrent => (Code::Unavailable, e.to_string()),
         E::VersionBelowMinimum(_)
         | E::UsageForbidden { .. }
         | E::ApprovalClosed { .. }

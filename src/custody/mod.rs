@@ -170,6 +170,12 @@ pub enum CustodyError {
         "metadata integrity: the HSM holds no integrity key for installation {0}, but the database has sealed rows; this database does not belong to this token (or its installation id was changed)"
     )]
     IntegrityKeyMissing(String),
+    /// This node could not confirm within [`CHANGE_BOUND_MS`] that it has every key change
+    /// made on other nodes (its database connection is away): it serves no key until it has.
+    #[error(
+        "this node cannot confirm it has every recent key change (database unreachable); retry, or use another node"
+    )]
+    NotCurrent,
     /// Another writer changed the key at the same time; retry.
     #[error("{0} was changed concurrently; retry")]
     Conflict(String),
@@ -403,8 +409,24 @@ struct Inner {
     /// Key changes as this node's change listener receives them (PostgreSQL): a metadata
     /// write waits for its own change to come back before answering ([`Custody::admin_key`]).
     seen: tokio::sync::broadcast::Sender<KeyName>,
+    /// PostgreSQL, once [`Custody::follow_changes`] runs: when the last poll of the change log
+    /// that found this node up to date *started* (ms since `epoch`, a monotonic clock, so a
+    /// test's manual clock or a wall-clock step changes nothing). Keys are served only while
+    /// that is at most [`CHANGE_BOUND_MS`] ago; `i64::MIN` while nobody follows changes.
+    confirmed_at: std::sync::atomic::AtomicI64,
+    /// When the last full load of every key started (same clock): it confirms the node as
+    /// current as of then, before the first poll does.
+    loaded_at: std::sync::atomic::AtomicI64,
+    epoch: std::time::Instant,
     options: CustodyOptions,
 }
+
+/// A change committed on any node is obeyed by every other node within this long, or that node
+/// refuses to serve keys until it has caught up (PostgreSQL; SECURITY.md "Several nodes").
+pub const CHANGE_BOUND_MS: Millis = 2_000;
+
+/// How often a node polls the change log besides listening for notifications.
+const CHANGE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Custody {
     /// Loads all metadata, reconciles it with the token, and returns the service with what
@@ -426,6 +448,9 @@ impl Custody {
                 rng: SystemRandom::new(),
                 label_prefix,
                 seen: tokio::sync::broadcast::channel(64).0,
+                confirmed_at: std::sync::atomic::AtomicI64::new(i64::MIN),
+                loaded_at: std::sync::atomic::AtomicI64::new(i64::MIN),
+                epoch: std::time::Instant::now(),
                 options: options.clone(),
             }),
         };
@@ -475,6 +500,7 @@ impl Custody {
     }
 
     async fn load(&self) -> Result<(), CustodyError> {
+        let started = self.monotonic_ms();
         let keys = self.inner.store.load_keys().await?;
         let versions = self.inner.store.load_versions().await?;
         let mut by_key: std::collections::HashMap<(String, String), Vec<VersionRow>> =
@@ -509,6 +535,9 @@ impl Custody {
             cache.keys.insert(entry.name.clone(), Arc::new(entry));
         }
         *write(&self.inner.cache) = cache;
+        self.inner
+            .loaded_at
+            .fetch_max(started, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
 
@@ -672,6 +701,24 @@ impl Custody {
         .await
     }
 
+    /// [`CustodyError::NotCurrent`] while this node follows changes (PostgreSQL) and has not
+    /// confirmed within [`CHANGE_BOUND_MS`] that it has every change: it may be serving a key
+    /// another node has since disabled. One atomic load when nobody follows changes.
+    fn check_current(&self) -> Result<(), CustodyError> {
+        use std::sync::atomic::Ordering;
+        let confirmed = self.inner.confirmed_at.load(Ordering::Acquire);
+        if confirmed == i64::MIN || self.monotonic_ms().saturating_sub(confirmed) <= CHANGE_BOUND_MS
+        {
+            Ok(())
+        } else {
+            Err(CustodyError::NotCurrent)
+        }
+    }
+
+    fn monotonic_ms(&self) -> i64 {
+        i64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(i64::MAX)
+    }
+
     fn is_stale(&self, name: &KeyName) -> bool {
         let cache = read(&self.inner.cache);
         !cache.stale.is_empty() && cache.stale.contains(name)
@@ -709,6 +756,7 @@ impl Custody {
     /// The key's cache entry, re-read first if another node changed it (one read lock when
     /// nothing is stale: this runs on every Wrap).
     async fn fresh_entry(&self, name: &KeyName) -> Result<Arc<KeyEntry>, CustodyError> {
+        self.check_current()?;
         {
             let cache = read(&self.inner.cache);
             if cache.stale.is_empty() || !cache.stale.contains(name) {
@@ -752,7 +800,10 @@ impl Custody {
     }
 
     /// Keeps this node's cache in step with the other nodes' changes until the process ends
-    /// (PostgreSQL; returns at once on SQLite, where there are no other nodes).
+    /// (PostgreSQL; returns at once on SQLite, where there are no other nodes): listens for
+    /// notifications, and polls the change log every half second in case the listener went
+    /// quiet. From its first poll on, the node serves keys only while its last successful poll
+    /// is at most [`CHANGE_BOUND_MS`] old.
     pub async fn follow_changes(&self) {
         let mut feed = loop {
             match self.inner.store.changes().await {
@@ -764,6 +815,16 @@ impl Custody {
                 }
             }
         };
+        // From now on keys are served only while this node is known to be current: as of the
+        // last full load until the first poll confirms it again.
+        self.inner.confirmed_at.fetch_max(
+            self.inner
+                .loaded_at
+                .load(std::sync::atomic::Ordering::Acquire),
+            std::sync::atomic::Ordering::AcqRel,
+        );
+        let poller = self.clone();
+        let polling = tokio::spawn(async move { poller.poll_changes().await });
         // Changes made between start-up's load and the first LISTEN.
         let mut reload = true;
         loop {
@@ -779,18 +840,78 @@ impl Custody {
             }
             match feed.next().await {
                 Change::Key { tenant, name } => {
-                    // Marked at once, so calls from now on re-read it even before this
-                    // loop's own re-read below is done.
-                    if let Ok(key) = KeyName::new(&tenant, &name) {
-                        write(&self.inner.cache).stale.insert(key.clone());
-                        let _ = self.inner.seen.send(key);
-                    }
-                    if let Err(e) = self.refresh_key(&tenant, &name).await {
+                    if let Err(e) = self.changed_elsewhere(&tenant, &name).await {
                         tracing::warn!(error = %e, key = %format_args!("{tenant}/{name}"), "could not re-read a changed key; reloading all");
                         reload = true;
                     }
                 }
                 Change::Missed => reload = true,
+            }
+            if polling.is_finished() {
+                tracing::error!(
+                    "the change-log poller stopped; keys are refused once the change bound passes"
+                );
+            }
+        }
+    }
+
+    /// Marks a key changed on some node stale (calls from now on re-read it first), tells
+    /// writers waiting for their own change, and re-reads it.
+    async fn changed_elsewhere(&self, tenant: &str, name: &str) -> Result<(), CustodyError> {
+        if let Ok(key) = KeyName::new(tenant, name) {
+            write(&self.inner.cache).stale.insert(key.clone());
+            let _ = self.inner.seen.send(key);
+        }
+        self.refresh_key(tenant, name).await
+    }
+
+    /// Polls the change log every [`CHANGE_POLL`]; each poll that applied everything it found
+    /// confirms this node as current as of the poll's start.
+    async fn poll_changes(&self) {
+        use crate::store::changes::Logged;
+        use std::sync::atomic::Ordering;
+        let mut after = loop {
+            let started = self.monotonic_ms();
+            match self.inner.store.last_key_change().await {
+                // Everything up to here is in the cache: follow_changes reloads after this.
+                Ok(seq) => match self.reload().await {
+                    Ok(()) => {
+                        self.inner.confirmed_at.fetch_max(started, Ordering::AcqRel);
+                        break seq;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not reload key metadata; retrying"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot read the key-change log; retrying"),
+            }
+            tokio::time::sleep(CHANGE_POLL).await;
+        };
+        let mut tick = tokio::time::interval(CHANGE_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let started = self.monotonic_ms();
+            let applied = match self.inner.store.key_changes_after(after).await {
+                Ok(Logged::Changes(changes)) => {
+                    let mut result = Ok(());
+                    for (seq, tenant, name) in changes {
+                        if let Err(e) = self.changed_elsewhere(&tenant, &name).await {
+                            result = Err(e);
+                            break;
+                        }
+                        after = seq;
+                    }
+                    result
+                }
+                Ok(Logged::Gap(last)) => self.reload().await.map(|()| after = last),
+                Err(e) => Err(e.into()),
+            };
+            match applied {
+                Ok(()) => {
+                    self.inner.confirmed_at.fetch_max(started, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not poll or apply the key-change log; keys are refused if this lasts");
+                }
             }
         }
     }
@@ -1472,6 +1593,7 @@ impl Custody {
         id: &VersionId,
         expected_key: Option<&KeyName>,
     ) -> Result<(Arc<VersionEntry>, Arc<KeyEntry>), CustodyError> {
+        self.check_current()?;
         self.refresh_for_version(id).await?;
         let (version, entry) = {
             let cache = read(&self.inner.cache);

@@ -220,6 +220,9 @@ pub struct Store {
     /// so it is never printed).
     url: SecretString,
     installation_id: String,
+    /// Tests only: the change feed drops every notification, as a listener whose connection
+    /// went quiet without closing would ([`Store::silence_change_notifications_for_tests`]).
+    silenced: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -316,6 +319,7 @@ impl Store {
             backend,
             url: SecretString::from(url.to_owned()),
             installation_id,
+            silenced: Default::default(),
         })
     }
 
@@ -618,6 +622,7 @@ impl Store {
         key: &str,
     ) -> Result<(), StoreError> {
         if self.backend == Backend::Postgres {
+            changes::log_change(tx, tenant, key).await?;
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(changes::CHANNEL)
                 .bind(changes::payload(tenant, key))
@@ -692,6 +697,14 @@ impl Store {
             .await?;
         row.map(|r| Ok((r.try_get("tenant")?, r.try_get("key_name")?)))
             .transpose()
+    }
+
+    /// Makes this store's change feeds drop every notification (`true`) or deliver them again.
+    /// Exists for tests that show the change bound holds when a listener goes quiet.
+    #[doc(hidden)]
+    pub fn silence_change_notifications_for_tests(&self, silenced: bool) {
+        self.silenced
+            .store(silenced, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs raw SQL. Exists for tests that must break the database on purpose (for example a

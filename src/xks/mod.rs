@@ -838,7 +838,9 @@ fn map_custody(e: CustodyError) -> XksError {
             XksError::DependencyTimeout("the HSM did not answer in time; retry".into())
         }
         E::Hsm(_) => XksError::Internal("the HSM is unavailable; retry later".into()),
-        E::Store(_) => XksError::Internal("the key database is unavailable; retry later".into()),
+        E::Store(_) | E::NotCurrent => {
+            XksError::Internal("the key database is unavailable; retry later".into())
+        }
         _ => XksError::Internal("internal error".into()),
     }
 }
