@@ -437,6 +437,8 @@ impl Custody {
         options: CustodyOptions,
     ) -> Result<(Self, ReconcileReport), CustodyError> {
         let label_prefix = format!("tresor/{}/", store.installation_id());
+        // One node at a time may find the integrity key missing and create it.
+        let startup = store.startup_lock().await?;
         let (sealer, first_seal) = Sealer::open(hsm.clone(), store.installation_id()).await?;
         let custody = Self {
             inner: Arc::new(Inner {
@@ -457,6 +459,7 @@ impl Custody {
         if first_seal {
             custody.seal_unsealed_rows().await?;
         }
+        drop(startup);
         custody.load().await?;
         let report = custody.reconcile(options.orphans).await?;
         Ok((custody, report))

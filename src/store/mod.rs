@@ -44,6 +44,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/common");
 /// The advisory lock (PostgreSQL) whose holder runs the scheduled jobs.
 pub const SCHEDULER_LOCK: i64 = 0x7472_6573_6f72_0002;
 
+/// The advisory lock (PostgreSQL) a starting node holds while it creates installation-wide HSM
+/// objects ([`Store::startup_lock`]).
+pub const STARTUP_LOCK: i64 = 0x7472_6573_6f72_0004;
+
 /// The right to run scheduled jobs (rotation, destruction, approval expiry): on PostgreSQL a
 /// session advisory lock held on a connection of its own, so one node at a time runs them
 /// and, if that node dies, its connection closes, the lock is free and another node's next
@@ -585,6 +589,28 @@ impl Store {
             return Err(StoreError::Conflict);
         };
         to_u64("key_versions", row.try_get("wraps_reserved")?)
+    }
+
+    /// Waits for the start-up lock (PostgreSQL; at once on SQLite): held while a node creates
+    /// installation-wide HSM objects and seals rows, so nodes starting together after an
+    /// upgrade do not each create an integrity key. Released when the guard drops.
+    pub async fn startup_lock(&self) -> Result<SchedulerLock, StoreError> {
+        if self.backend == Backend::Sqlite {
+            return Ok(SchedulerLock { connection: None });
+        }
+        use secrecy::ExposeSecret;
+        use sqlx::Connection;
+        let connect = sqlx::AnyConnection::connect(self.url.expose_secret());
+        let mut connection = tokio::time::timeout(PG_ACQUIRE_TIMEOUT, connect)
+            .await
+            .map_err(|_| StoreError::Db(sqlx::Error::PoolTimedOut))??;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(STARTUP_LOCK)
+            .execute(&mut connection)
+            .await?;
+        Ok(SchedulerLock {
+            connection: Some(connection),
+        })
     }
 
     /// Takes the scheduler lock if no other node holds it ([`SchedulerLock`]).
