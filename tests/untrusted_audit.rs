@@ -399,3 +399,110 @@ fn rand_suffix() -> String {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
     to_hex(&b)
 }
+
+/// Through the server: a version the database administrator re-enabled while the server was
+/// stopped. The restarted server refuses the key over gRPC with DATA_LOSS naming it, and the
+/// tenant's auditors find both the start-up finding and the refused call in their export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_key_is_refused_over_grpc_and_shows_in_its_tenants_audit_log() {
+    const KEY: &str = "tenants/a/keys/ehr";
+    let server = TestServer::start().await;
+    let officer = server.client(OFFICER_A).await;
+    let service = server.client(SERVICE_A).await;
+    create_key(&officer, KEY).await;
+    let blob = service
+        .keys()
+        .wrap(proto::WrapRequest {
+            key: KEY.into(),
+            plaintext: b"dek".to_vec(),
+            aad: b"r1".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    officer
+        .admin()
+        .rotate_key(proto::RotateKeyRequest { key: KEY.into() })
+        .await
+        .unwrap();
+    officer
+        .admin()
+        .disable_key_version(proto::KeyVersionRequest {
+            key: KEY.into(),
+            version: 1,
+        })
+        .await
+        .unwrap();
+    let deployment = server.stop_keeping().await;
+    let store = Store::open(&deployment.token.db_url()).await.unwrap();
+    store
+        .execute_raw_for_tests("UPDATE key_versions SET state = 'ENABLED' WHERE version = 1")
+        .await
+        .unwrap();
+    store.close().await;
+
+    let server = TestServer::start_on(deployment).await;
+    let service = server.client(SERVICE_A).await;
+    let err = service
+        .keys()
+        .unwrap(proto::UnwrapRequest {
+            ciphertext: blob,
+            aad: b"r1".to_vec(),
+            key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
+    assert!(
+        err.message().contains(KEY) && err.message().contains("metadata integrity"),
+        "{}",
+        err.message()
+    );
+    let auditor = server.client(AUDITOR_A).await;
+    let items = audit_export(&auditor).await;
+    let shown: Vec<&Record> = items
+        .iter()
+        .filter_map(|i| match i {
+            ExportItem::Record(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        shown
+            .iter()
+            .any(|r| r.body.operation == "MetadataIntegrityCheck"
+                && r.body.key == KEY
+                && r.body.status_code == tonic::Code::DataLoss as i32),
+        "no start-up record of the broken key"
+    );
+    assert!(
+        shown
+            .iter()
+            .any(|r| r.body.operation == "Unwrap"
+                && r.body.status_code == tonic::Code::DataLoss as i32),
+        "the refused Unwrap is not audited"
+    );
+    server.stop().await;
+}
+
+async fn audit_export(auditor: &tresor::client::Client) -> Vec<ExportItem> {
+    let later = tresor::model::now_millis() + 3_600_000;
+    let mut stream = auditor
+        .audit()
+        .export_audit_log(proto::ExportAuditLogRequest {
+            to: Some(prost_types::Timestamp {
+                seconds: later / 1000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut items = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        items.push(tresor::client::audit_item(m).unwrap());
+    }
+    items
+}

@@ -200,7 +200,11 @@ impl AuditLog {
             ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived)
         };
         let head = store.audit_head().await?;
-        check_anchor(&hsm, &store, signing, head.unwrap_or(ChainHead::GENESIS)).await?;
+        let anchors =
+            check_anchor(&hsm, &store, signing, head.unwrap_or(ChainHead::GENESIS)).await?;
+        // One node (SQLite): only this writer moves the anchor, so it keeps it in memory instead
+        // of listing the token before every signature.
+        let anchors = (store.backend() == crate::store::Backend::Sqlite).then_some(anchors);
         let refused = Arc::new(std::sync::RwLock::new(None));
         let checkpointed = store
             .audit_latest_checkpoint()
@@ -216,10 +220,13 @@ impl AuditLog {
             head: head.unwrap_or(ChainHead::GENESIS),
             checkpointed,
             last_checkpoint: tokio::time::Instant::now(),
+            verified: head.map(|h| (h.seq, h.hash)),
+            anchored_at: None,
             signing: None,
             waiting: Vec::new(),
             retry_at: None,
             refused: Arc::clone(&refused),
+            anchors,
         };
         tokio::spawn(writer.run(rx));
         Ok(Self {
@@ -425,6 +432,11 @@ struct Writer {
     /// Highest sequence number covered by a checkpoint.
     checkpointed: u64,
     last_checkpoint: tokio::time::Instant,
+    /// The last chain head (sequence number, hash) this writer found extending the anchor: the
+    /// next check links from here, not from the anchor again.
+    verified: Option<(u64, [u8; 32])>,
+    /// When this writer last moved the anchor: at most once per [`ANCHOR_EVERY`].
+    anchored_at: Option<tokio::time::Instant>,
     /// The checkpoint being signed and stored, at most one at a time.
     signing: Option<SignatureTask>,
     /// `checkpoint_now` callers and the sequence number their checkpoint must cover.
@@ -434,7 +446,13 @@ struct Writer {
     /// Set when the database's chain does not extend the HSM anchor: appends are refused
     /// and checkpoints retried until it does again.
     refused: Arc<std::sync::RwLock<Option<String>>>,
+    /// The HSM's anchors as this writer last left them; `Some` only on SQLite, where no other
+    /// node moves them (on PostgreSQL they are read from the HSM before every signature).
+    anchors: Option<anchor::Anchors>,
 }
+
+/// A stored checkpoint and the anchors after it.
+type Signed = (Checkpoint, anchor::Anchors);
 
 /// Why a checkpoint was not made.
 #[derive(Debug, Clone)]
@@ -469,35 +487,39 @@ async fn check_anchor(
     store: &Store,
     signing: ObjectId,
     head: ChainHead,
-) -> Result<(), AuditError> {
+) -> Result<anchor::Anchors, AuditError> {
     let anchors = anchor::read(hsm, signing).await?;
     match anchors.latest {
-        Some(a) => anchor::extends(store, a, head).await?,
+        Some(a) => anchor::extends(store, a, head, anchor::Check::Content).await?,
         None => {
             if let Some(c) = store.audit_latest_checkpoint().await? {
                 let a = anchor::Anchor {
                     seq: c.seq,
                     hash: c.hash,
                 };
-                anchor::extends(store, a, head).await?;
-                anchor::advance(hsm, signing, &anchors, a).await?;
+                anchor::extends(store, a, head, anchor::Check::Content).await?;
                 tracing::warn!(anchor = %a, "no audit anchor in the HSM yet: the latest stored checkpoint becomes the anchor");
+                return Ok(anchor::advance(hsm, signing, &anchors, a).await?);
             }
         }
     }
-    Ok(())
+    Ok(anchors)
 }
 
 type CheckpointReply = oneshot::Sender<Result<Option<Checkpoint>, String>>;
-type SignatureTask = tokio::task::JoinHandle<Result<Checkpoint, CheckpointFailure>>;
+type SignatureTask = tokio::task::JoinHandle<Result<Signed, CheckpointFailure>>;
+
+/// Periodic checkpoints move the anchor forward at most this often (each move creates and
+/// destroys token objects, which slowed every other HSM call on SoftHSM by about a tenth at 18
+/// checkpoints a second), so it trails the latest checkpoint by at most this long; one that a
+/// caller waits for always moves it.
+const ANCHOR_EVERY: Duration = Duration::from_secs(1);
 
 /// A failed checkpoint is tried again after this long (or at once for a waiting caller).
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 
 /// The outcome of the signature in progress; never ready while there is none.
-async fn signature_finished(
-    task: &mut Option<SignatureTask>,
-) -> Result<Checkpoint, CheckpointFailure> {
+async fn signature_finished(task: &mut Option<SignatureTask>) -> Result<Signed, CheckpointFailure> {
     let Some(running) = task else {
         return std::future::pending().await;
     };
@@ -589,18 +611,43 @@ impl Writer {
         if !(caller_waits || (due && retry_allowed)) {
             return;
         }
-        let (hsm, store, key, head) = (
+        let (hsm, store, key, head, cached, verified) = (
             self.hsm.clone(),
             self.store.clone(),
             self.signing_key,
             self.head,
+            self.anchors.clone(),
+            self.verified,
         );
+        // A checkpoint someone waits for (an export, GetAuditCheckpoint) always moves it.
+        let move_anchor = caller_waits
+            || self
+                .anchored_at
+                .is_none_or(|at| at.elapsed() >= ANCHOR_EVERY);
         self.signing = Some(tokio::spawn(async move {
             let transient = |e: &dyn std::fmt::Display| CheckpointFailure::Transient(e.to_string());
             // Never sign a head that does not extend what the HSM last anchored.
-            let anchored = anchor::read(&hsm, key).await.map_err(failure)?;
+            let anchored = match cached {
+                Some(anchors) => anchors,
+                None => anchor::read(&hsm, key).await.map_err(failure)?,
+            };
             if let Some(a) = anchored.latest {
-                anchor::extends(&store, a, head).await.map_err(failure)?;
+                // The anchor's record is unchanged, and the chain links from the last head this
+                // writer verified (a later point of the same chain) to the head to sign.
+                let anchor_record = ChainHead {
+                    seq: a.seq,
+                    hash: a.hash,
+                    time_ms: 0,
+                };
+                anchor::extends(&store, a, anchor_record, anchor::Check::Links)
+                    .await
+                    .map_err(failure)?;
+                let from = verified
+                    .filter(|(seq, _)| *seq > a.seq && *seq <= head.seq)
+                    .map_or(a, |(seq, hash)| anchor::Anchor { seq, hash });
+                anchor::extends(&store, from, head, anchor::Check::Links)
+                    .await
+                    .map_err(failure)?;
             }
             let time_ms = now_millis().max(head.time_ms);
             let message = checkpoint_message(head.seq, &head.hash, time_ms);
@@ -622,17 +669,28 @@ impl Writer {
                 seq: head.seq,
                 hash: head.hash,
             };
-            anchor::advance(&hsm, key, &anchored, a)
-                .await
-                .map_err(failure)?;
-            Ok(c)
+            let anchors = if move_anchor {
+                anchor::advance(&hsm, key, &anchored, a)
+                    .await
+                    .map_err(failure)?
+            } else {
+                anchored
+            };
+            Ok((c, anchors))
         }));
     }
 
     /// Takes the outcome of a signature: answers the callers it covers (all of them on failure).
-    fn checkpoint_signed(&mut self, result: Result<Checkpoint, CheckpointFailure>) {
+    fn checkpoint_signed(&mut self, result: Result<Signed, CheckpointFailure>) {
         match result {
-            Ok(c) => {
+            Ok((c, anchors)) => {
+                if anchors.latest.is_some_and(|a| a.seq == c.seq) {
+                    self.anchored_at = Some(tokio::time::Instant::now());
+                }
+                self.verified = Some((c.seq, c.hash));
+                if self.anchors.is_some() {
+                    self.anchors = Some(anchors);
+                }
                 if crate::sync::write(&self.refused).take().is_some() {
                     tracing::warn!(
                         seq = c.seq,

@@ -78,9 +78,7 @@ impl Sealer {
             false
         } else {
             hsm.generate_hmac_key(key, key_label(installation)).await?;
-            tracing::warn!(
-                "metadata integrity key created in the HSM; rows found now are sealed as they are"
-            );
+            tracing::info!("metadata integrity key created in the HSM");
             true
         };
         Ok((

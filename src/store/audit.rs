@@ -267,6 +267,34 @@ impl Store {
         rows.iter().map(record_row).collect()
     }
 
+    /// The chain links of records with `from <= seq <= to`, in order, at most `limit`:
+    /// (sequence number, previous hash, stored hash), without the bodies.
+    pub async fn audit_links(
+        &self,
+        from: u64,
+        to: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, [u8; 32], [u8; 32])>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, prev_hash, hash FROM audit_records WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(seq_i64(from)?)
+        .bind(seq_i64(to)?)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let seq: i64 = r.try_get("seq")?;
+                Ok((
+                    u64::try_from(seq).map_err(|_| corrupt("negative sequence number"))?,
+                    hash32(&r.try_get::<String, _>("prev_hash")?)?,
+                    hash32(&r.try_get::<String, _>("hash")?)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Checkpoints with `from <= seq <= to`, in order.
     pub async fn audit_checkpoints(
         &self,
