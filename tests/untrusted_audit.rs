@@ -350,6 +350,11 @@ async fn a_later_export_is_proved_to_extend_an_earlier_one() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("extends the earlier history"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // The old export's last checkpoint, as an auditor would have written it down.
     let old_checkpoint = std::fs::read_to_string(&old)
         .unwrap()

@@ -219,6 +219,7 @@ on_both_backends!(
     a_version_set_destroyed_keeps_its_object,
     a_past_destroy_time_in_the_database_destroys_nothing,
     a_rolled_back_destruction_that_was_cancelled_destroys_nothing,
+    a_scheduled_version_forged_destroyed_is_not_destroyed_early_or_on_a_broken_key,
     a_deleted_version_row_leaves_its_object_and_breaks_the_key,
     a_deleted_key_row_leaves_its_objects_and_its_blobs_are_refused,
     an_approval_no_officer_gave_decides_nothing,
@@ -302,6 +303,36 @@ async fn a_rolled_back_destruction_that_was_cancelled_destroys_nothing(db: Db) {
     assert!(custody.destroy_due(after_grace()).await.unwrap().is_empty());
     assert!(custody.run_due().await.unwrap().destroyed.is_empty());
     assert_eq!(i.objects().await, before, "an HSM object was destroyed");
+}
+
+/// Two officers approved a destruction (so the HSM holds its order); during the grace period the
+/// administrator marks the version DESTROYED. A restart during the grace period destroys nothing
+/// (the order is not due); one after it destroys nothing either, because the key's rows no
+/// longer pass their check and its officers could not have cancelled.
+async fn a_scheduled_version_forged_destroyed_is_not_destroyed_early_or_on_a_broken_key(db: Db) {
+    let i = Install::new(db).await;
+    schedule_by_two_officers(&i.custody, &i.first, 1)
+        .await
+        .unwrap();
+    let before = i.objects().await;
+    i.sql("UPDATE key_versions SET state = 'DESTROYED', destroyed_at = 1 WHERE key_name = 'first' AND version = 1")
+        .await;
+    for at in [tresor::model::now_millis(), after_grace()] {
+        let (custody, report) = Custody::open(
+            i.hsm.clone(),
+            Store::open(&i.url).await.unwrap(),
+            CustodyOptions {
+                clock: std::sync::Arc::new(tresor::custody::ManualClock::new(at)),
+                ..CustodyOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(report.destructions_completed.is_empty(), "{report:?}");
+        assert!(custody.destroy_due(after_grace()).await.unwrap().is_empty());
+        assert_eq!(i.objects().await, before, "an HSM object was destroyed");
+        refused(i.unwrap(&custody, &i.blob_v2).await, &i.first);
+    }
 }
 
 async fn a_deleted_version_row_leaves_its_object_and_breaks_the_key(db: Db) {

@@ -1472,7 +1472,7 @@ fn verify_export(
             },
         )?;
     }
-    out.verified(&verified);
+    out.verified(&verified, anchor.map(|a| a.seq));
     Ok(())
 }
 

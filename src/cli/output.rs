@@ -288,7 +288,9 @@ impl Output {
         say!("signature:  {signature}");
     }
 
-    pub(super) fn verified(&self, v: &crate::audit::record::Verified) {
+    /// What `audit verify` found; `extends` is the earlier checkpoint the export was shown to
+    /// extend (`--since`).
+    pub(super) fn verified(&self, v: &crate::audit::record::Verified, extends: Option<u64>) {
         let span = v.time_span.map(|(a, b)| {
             let t = |ms: i64| {
                 time(Some(&prost_types::Timestamp {
@@ -308,13 +310,19 @@ impl Output {
                 "last_seq": v.seq_range.1,
                 "from": span.as_ref().map(|s| s.0.clone()),
                 "to": span.as_ref().map(|s| s.1.clone()),
+                "extends_checkpoint": extends,
             }));
         }
         let span = span
             .map(|(a, b)| format!(", {a} to {b}"))
             .unwrap_or_default();
+        let extends = extends
+            .map(|seq| {
+                format!("; extends the earlier history (checkpoint at record {seq} unchanged)")
+            })
+            .unwrap_or_default();
         say!(
-            "verified: {} records{span}, sequence {} to {} complete ({} withheld by tenant, range or filter), {} checkpoint signatures",
+            "verified: {} records{span}, sequence {} to {} complete ({} withheld by tenant, range or filter), {} checkpoint signatures{extends}",
             v.records,
             v.seq_range.0,
             v.seq_range.1,

@@ -11,8 +11,8 @@
 //! | --- | --- | --- | --- | --- |
 //! | present | none | creation journal | crash between object creation and row commit | removed (or only reported, with [`OrphanPolicy::Report`]); on PostgreSQL only after [`ORPHAN_GRACE`] |
 //! | present | none | no journal | its row was deleted, or the database restored from an older backup | kept, reported as an error |
-//! | present | `DESTROYED` | due destruction order | crash between the commit and the object's destruction | destroyed |
-//! | present | `DESTROYED` | no due order | the row was forged | kept, reported as an error |
+//! | present | `DESTROYED` | due destruction order, key's rows sealed | crash between the commit and the object's destruction | destroyed |
+//! | present | `DESTROYED` | no due order, or the key's rows fail their check | the row was forged | kept, reported as an error |
 //! | missing | not `DESTROYED` | | destroyed or lost behind Tresor's back | version marked lost, logged as an error |
 //! | present | marked lost | | object restored | lost mark cleared |
 //!
@@ -96,6 +96,17 @@ impl Custody {
                 .flat_map(|k| k.versions.iter().map(|v| (v.id, (**v).clone())))
                 .collect()
         };
+        // Versions of keys whose rows fail their integrity check: nothing of theirs is destroyed
+        // here, whatever their rows say (officers cannot even cancel on a broken key).
+        let broken: std::collections::HashSet<VersionId> = {
+            let cache = read(&self.inner.cache);
+            cache
+                .keys
+                .values()
+                .filter(|k| k.check_seal().is_err())
+                .flat_map(|k| k.versions.iter().map(|v| v.id))
+                .collect()
+        };
 
         let mut journals = self.creation_journals().await?;
         let mut orders = self.destruction_orders().await?;
@@ -162,7 +173,7 @@ impl Custody {
                         self.clear_journal(&id).await;
                     }
                     match orders.remove(&id) {
-                        Some(order) if order.destroy_at <= self.now() => {
+                        Some(order) if order.destroy_at <= self.now() && !broken.contains(&id) => {
                             self.inner.hsm.destroy_secret_key(ObjectId(id.0)).await?;
                             self.withdraw_order(&id).await?;
                             tracing::warn!(version = %v.full_name, approved_by = %order.approved_by, "completed an interrupted destruction: HSM object destroyed");
