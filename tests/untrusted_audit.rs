@@ -465,7 +465,7 @@ async fn a_broken_key_is_refused_over_grpc_and_shows_in_its_tenants_audit_log() 
         err.message()
     );
     let auditor = server.client(AUDITOR_A).await;
-    let items = audit_export(&auditor).await;
+    let items = verified_export(&auditor).await;
     let shown: Vec<&Record> = items
         .iter()
         .filter_map(|i| match i {
@@ -489,25 +489,4 @@ async fn a_broken_key_is_refused_over_grpc_and_shows_in_its_tenants_audit_log() 
         "the refused Unwrap is not audited"
     );
     server.stop().await;
-}
-
-async fn audit_export(auditor: &tresor::client::Client) -> Vec<ExportItem> {
-    let later = tresor::model::now_millis() + 3_600_000;
-    let mut stream = auditor
-        .audit()
-        .export_audit_log(proto::ExportAuditLogRequest {
-            to: Some(prost_types::Timestamp {
-                seconds: later / 1000,
-                nanos: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut items = Vec::new();
-    while let Some(m) = stream.message().await.unwrap() {
-        items.push(tresor::client::audit_item(m).unwrap());
-    }
-    items
 }

@@ -140,9 +140,6 @@ pub async fn extends(
     head: ChainHead,
     check: Check,
 ) -> Result<(), AnchorError> {
-    if check == Check::Links {
-        return links_extend(store, anchor, head).await;
-    }
     // Record 1 is the first there is (an empty log has head 0).
     let (from, to) = (anchor.seq.min(head.seq).max(1), anchor.seq.max(head.seq));
     let mismatch = |first_bad: u64| AnchorError::Mismatch {
@@ -153,42 +150,27 @@ pub async fn extends(
     let mut next = from;
     let mut prev: Option<[u8; 32]> = None;
     while next <= to {
-        let page = store.audit_records(next, to, 1000).await?;
+        // (sequence number, previous hash, stored hash, whether the content hashes to it)
+        let page: Vec<(u64, [u8; 32], [u8; 32], bool)> = match check {
+            Check::Content => store
+                .audit_records(next, to, 1000)
+                .await?
+                .into_iter()
+                .map(|(r, stored)| (r.seq, r.prev_hash, stored, r.hash() == stored))
+                .collect(),
+            Check::Links => store
+                .audit_links(next, to, 10_000)
+                .await?
+                .into_iter()
+                .map(|(seq, prev_hash, stored)| (seq, prev_hash, stored, true))
+                .collect(),
+        };
         if page.is_empty() {
             return Err(mismatch(next));
         }
-        for (r, stored) in page {
-            if r.seq != next
-                || r.hash() != stored
-                || prev.is_some_and(|p| p != r.prev_hash)
-                || (r.seq == anchor.seq && stored != anchor.hash)
-                || (r.seq == head.seq && stored != head.hash)
-            {
-                return Err(mismatch(next));
-            }
-            prev = Some(stored);
-            next += 1;
-        }
-    }
-    Ok(())
-}
-
-async fn links_extend(store: &Store, anchor: Anchor, head: ChainHead) -> Result<(), AnchorError> {
-    let (from, to) = (anchor.seq.min(head.seq).max(1), anchor.seq.max(head.seq));
-    let mismatch = |first_bad: u64| AnchorError::Mismatch {
-        anchor,
-        head: head.seq,
-        first_bad,
-    };
-    let mut next = from;
-    let mut prev: Option<[u8; 32]> = None;
-    while next <= to {
-        let page = store.audit_links(next, to, 10_000).await?;
-        if page.is_empty() {
-            return Err(mismatch(next));
-        }
-        for (seq, prev_hash, stored) in page {
+        for (seq, prev_hash, stored, content_matches) in page {
             if seq != next
+                || !content_matches
                 || prev.is_some_and(|p| p != prev_hash)
                 || (seq == anchor.seq && stored != anchor.hash)
                 || (seq == head.seq && stored != head.hash)

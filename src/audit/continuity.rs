@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use super::record::{ExportItem, record_hash};
+use super::record::ExportItem;
 
 /// An export's items, each with the hash its file stated (as [`super::record::verify`] takes).
 pub type Export = [(ExportItem, Option<[u8; 32]>)];
@@ -90,20 +90,7 @@ pub fn last_checkpoint(items: &Export) -> Option<Since> {
 fn chain_hashes(items: &Export) -> BTreeMap<u64, [u8; 32]> {
     items
         .iter()
-        .filter_map(|(item, _)| match item {
-            ExportItem::Record(r) => Some((r.seq, r.hash())),
-            ExportItem::Withheld {
-                seq,
-                prev_hash,
-                time_ms,
-                tenant,
-                body_digest,
-            } => Some((
-                *seq,
-                record_hash(*seq, prev_hash, *time_ms, tenant, body_digest),
-            )),
-            ExportItem::Checkpoint(_) => None,
-        })
+        .filter_map(|(item, _)| item.link().map(|(seq, _, hash)| (seq, hash)))
         .collect()
 }
 

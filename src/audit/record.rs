@@ -216,6 +216,28 @@ pub enum ExportItem {
     Checkpoint(Checkpoint),
 }
 
+impl ExportItem {
+    /// A record's or withheld record's place in the chain: (sequence number, previous hash,
+    /// its hash computed from what the item holds); `None` for a checkpoint.
+    pub fn link(&self) -> Option<(u64, [u8; 32], [u8; 32])> {
+        match self {
+            Self::Record(r) => Some((r.seq, r.prev_hash, r.hash())),
+            Self::Withheld {
+                seq,
+                prev_hash,
+                time_ms,
+                tenant,
+                body_digest,
+            } => Some((
+                *seq,
+                *prev_hash,
+                record_hash(*seq, prev_hash, *time_ms, tenant, body_digest),
+            )),
+            Self::Checkpoint(_) => None,
+        }
+    }
+}
+
 /// What a successful verification found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
@@ -316,20 +338,8 @@ pub fn verify(
                 covered = true;
             }
             ExportItem::Record(_) | ExportItem::Withheld { .. } => {
-                let (seq, prev_hash, hash) = match item {
-                    ExportItem::Record(r) => (r.seq, r.prev_hash, r.hash()),
-                    ExportItem::Withheld {
-                        seq,
-                        prev_hash,
-                        time_ms,
-                        tenant,
-                        body_digest,
-                    } => (
-                        *seq,
-                        *prev_hash,
-                        record_hash(*seq, prev_hash, *time_ms, tenant, body_digest),
-                    ),
-                    ExportItem::Checkpoint(_) => continue,
+                let Some((seq, prev_hash, hash)) = item.link() else {
+                    continue;
                 };
                 if stated.is_some_and(|s| s != hash) {
                     return Err(VerifyError::Altered { seq });
