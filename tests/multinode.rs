@@ -409,8 +409,7 @@ async fn two_custody_nodes(
         .await
         .unwrap();
     for node in [&a, &b] {
-        let node = node.clone();
-        tokio::spawn(async move { node.follow_changes().await });
+        node.follow_changes();
     }
     (a, b, store_b, blob)
 }

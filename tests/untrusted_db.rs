@@ -488,8 +488,7 @@ async fn a_moved_primary_version_is_refused(db: Db) {
 /// re-reads, finds the rows unsealed, and refuses the key from then on.
 async fn a_change_announced_to_running_nodes_is_refused_there_too(db: Db) {
     let i = Install::new(db).await;
-    let follower = i.custody.clone();
-    tokio::spawn(async move { follower.follow_changes().await });
+    i.custody.follow_changes();
     i.custody
         .disable_version(&officer(&i.first), &i.first, 1)
         .await

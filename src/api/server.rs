@@ -359,10 +359,7 @@ impl Server {
             let health = parts.service.clone();
             xks_tasks.push(tokio::spawn(async move { health.keep_health().await }));
         }
-        let changes_task = {
-            let custody = self.custody.clone();
-            tokio::spawn(async move { custody.follow_changes().await })
-        };
+        let changes_task = self.custody.follow_changes();
         let health_task = tokio::spawn(watch_health(
             self.custody.clone(),
             self.audit.clone(),

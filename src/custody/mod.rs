@@ -409,7 +409,7 @@ struct Inner {
     /// Key changes as this node's change listener receives them (PostgreSQL): a metadata
     /// write waits for its own change to come back before answering ([`Custody::admin_key`]).
     seen: tokio::sync::broadcast::Sender<KeyName>,
-    /// PostgreSQL, once [`Custody::follow_changes`] runs: when the last poll of the change log
+    /// PostgreSQL, once [`Custody::follow_changes`] was called: when the last poll of the change log
     /// that found this node up to date *started* (ms since `epoch`, a monotonic clock, so a
     /// test's manual clock or a wall-clock step changes nothing). Keys are served only while
     /// that is at most [`CHANGE_BOUND_MS`] ago; `i64::MIN` while nobody follows changes.
@@ -504,8 +504,7 @@ impl Custody {
 
     async fn load(&self) -> Result<(), CustodyError> {
         let started = self.monotonic_ms();
-        let keys = self.inner.store.load_keys().await?;
-        let versions = self.inner.store.load_versions().await?;
+        let (keys, versions) = self.inner.store.load_all().await?;
         let mut by_key: std::collections::HashMap<(String, String), Vec<VersionRow>> =
             std::collections::HashMap::new();
         for v in versions {
@@ -639,7 +638,7 @@ impl Custody {
     /// sealed under a key this token does not have.
     async fn seal_unsealed_rows(&self) -> Result<(), CustodyError> {
         let store = &self.inner.store;
-        let keys = store.load_keys().await?;
+        let (keys, versions) = store.load_all().await?;
         let approvals = store.all_approvals().await?;
         if keys.iter().any(|k| !k.integrity.is_empty())
             || approvals.iter().any(|a| !a.integrity.is_empty())
@@ -648,7 +647,6 @@ impl Custody {
                 store.installation_id().to_owned(),
             ));
         }
-        let versions = store.load_versions().await?;
         for key in &keys {
             let Ok(name) = KeyName::new(&key.tenant, &key.name) else {
                 continue;
@@ -805,11 +803,30 @@ impl Custody {
     }
 
     /// Keeps this node's cache in step with the other nodes' changes until the process ends
-    /// (PostgreSQL; returns at once on SQLite, where there are no other nodes): listens for
-    /// notifications, and polls the change log every half second in case the listener went
-    /// quiet. From its first poll on, the node serves keys only while its last successful poll
-    /// is at most [`CHANGE_BOUND_MS`] old.
-    pub async fn follow_changes(&self) {
+    /// (PostgreSQL; a task that ends at once on SQLite, where there are no other nodes):
+    /// listens for notifications, and polls the change log every half second in case the
+    /// listener went quiet. From this call on (not from when the task first runs), the node
+    /// serves keys only while its last full load or successful poll started at most
+    /// [`CHANGE_BOUND_MS`] ago, also while the database cannot be reached at all.
+    pub fn follow_changes(&self) -> tokio::task::JoinHandle<()> {
+        if self.inner.store.backend() == crate::store::Backend::Postgres {
+            self.inner.confirmed_at.fetch_max(
+                self.inner
+                    .loaded_at
+                    .load(std::sync::atomic::Ordering::Acquire),
+                std::sync::atomic::Ordering::AcqRel,
+            );
+        }
+        let custody = self.clone();
+        tokio::spawn(async move {
+            if custody.inner.store.backend() == crate::store::Backend::Postgres {
+                tokio::join!(custody.listen_for_changes(), custody.poll_changes());
+            }
+        })
+    }
+
+    /// The listening half of [`Custody::follow_changes`].
+    async fn listen_for_changes(&self) {
         let mut feed = loop {
             match self.inner.store.changes().await {
                 Ok(Some(feed)) => break feed,
@@ -820,16 +837,6 @@ impl Custody {
                 }
             }
         };
-        // From now on keys are served only while this node is known to be current: as of the
-        // last full load until the first poll confirms it again.
-        self.inner.confirmed_at.fetch_max(
-            self.inner
-                .loaded_at
-                .load(std::sync::atomic::Ordering::Acquire),
-            std::sync::atomic::Ordering::AcqRel,
-        );
-        let poller = self.clone();
-        let polling = tokio::spawn(async move { poller.poll_changes().await });
         // Changes made between start-up's load and the first LISTEN.
         let mut reload = true;
         loop {
@@ -852,11 +859,6 @@ impl Custody {
                 }
                 Change::Missed => reload = true,
             }
-            if polling.is_finished() {
-                tracing::error!(
-                    "the change-log poller stopped; keys are refused once the change bound passes"
-                );
-            }
         }
     }
 
@@ -878,7 +880,7 @@ impl Custody {
         let mut after = loop {
             let started = self.monotonic_ms();
             match self.inner.store.last_key_change().await {
-                // Everything up to here is in the cache: follow_changes reloads after this.
+                // Everything up to here is in the cache: the reload below comes after it.
                 Ok(seq) => match self.reload().await {
                     Ok(()) => {
                         self.inner.confirmed_at.fetch_max(started, Ordering::AcqRel);

@@ -337,6 +337,40 @@ impl Store {
         &self.installation_id
     }
 
+    /// Every key row and every version row, read from one snapshot (on PostgreSQL a
+    /// `REPEATABLE READ` transaction): a key's row and its versions always belong together,
+    /// which their integrity check relies on while other nodes write.
+    pub async fn load_all(&self) -> Result<(Vec<KeyRow>, Vec<VersionRow>), StoreError> {
+        let mut tx = self.snapshot().await?;
+        let keys = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {KEY_COLUMNS} FROM keys"
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        let versions = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {VERSION_COLUMNS} FROM key_versions"
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((
+            keys.iter().map(key_row).collect::<Result<_, _>>()?,
+            versions.iter().map(version_row).collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// A read transaction whose statements all see one snapshot. SQLite's transactions do;
+    /// PostgreSQL's default (`READ COMMITTED`) takes a new snapshot per statement.
+    async fn snapshot(&self) -> Result<sqlx::Transaction<'_, Any>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
+
     /// Every key row.
     pub async fn load_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -665,7 +699,7 @@ impl Store {
         tenant: &str,
         name: &str,
     ) -> Result<Option<(KeyRow, Vec<VersionRow>)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.snapshot().await?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {KEY_COLUMNS} FROM keys WHERE tenant = $1 AND name = $2"
         )))
