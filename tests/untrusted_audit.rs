@@ -22,11 +22,6 @@ use tresor::store::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tresor");
 
-enum Db {
-    Sqlite,
-    Postgres(String),
-}
-
 struct Log {
     _token: TestToken,
     hsm: Hsm,
@@ -50,10 +45,7 @@ impl Log {
     async fn new(db: Db) -> (Self, AuditLog) {
         let token = TestToken::new();
         let hsm = token.open();
-        let url = match db {
-            Db::Sqlite => token.db_url(),
-            Db::Postgres(url) => url,
-        };
+        let url = db.url(&token);
         let store = Store::open(&url).await.unwrap();
         let log = Self {
             _token: token,
@@ -113,22 +105,7 @@ fn refused_naming(err: AuditError, anchor_seq: u64, head: u64) {
     );
 }
 
-macro_rules! on_both_backends {
-    ($($case:ident),* $(,)?) => {$(
-        mod $case {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$case(super::Db::Sqlite).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$case(super::Db::Postgres(crate::common::postgres_database().await)).await;
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+on_sqlite_and_postgres!(
     a_cut_tail_is_refused_at_start,
     a_tail_cut_while_running_is_never_signed_over,
     a_rewritten_record_with_every_later_hash_recomputed_is_refused,

@@ -8,18 +8,14 @@
 
 mod common;
 
-use common::{TestToken, after_grace, officer, officer_named, schedule_by_two_officers, service};
+use common::{
+    Db, TestToken, after_grace, officer, officer_named, schedule_by_two_officers, service,
+};
 use tresor::custody::{Custody, CustodyError, CustodyOptions, KeyUpdate, ReconcileReport};
 use tresor::hsm::Hsm;
 use tresor::model::{KeyName, KeyUsage, VersionState};
 use tresor::store::Store;
 use zeroize::Zeroizing;
-
-/// A database for one test, on either back-end.
-enum Db {
-    Sqlite,
-    Postgres(String),
-}
 
 /// One installation: a token, a database, custody over them, and what was wrapped.
 struct Install {
@@ -44,10 +40,7 @@ impl Install {
     async fn new(db: Db) -> Self {
         let token = TestToken::new();
         let hsm = token.open();
-        let url = match db {
-            Db::Sqlite => token.db_url(),
-            Db::Postgres(url) => url,
-        };
+        let url = db.url(&token);
         let store = Store::open(&url).await.unwrap();
         let (custody, report) =
             Custody::open(hsm.clone(), store.clone(), CustodyOptions::default())
@@ -200,22 +193,7 @@ async fn exploit_fails_with(i: &Install, objects_before: &[String], v1_row: bool
     custody
 }
 
-macro_rules! on_both_backends {
-    ($($case:ident),* $(,)?) => {$(
-        mod $case {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$case(super::Db::Sqlite).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$case(super::Db::Postgres(crate::common::postgres_database().await)).await;
-            }
-        }
-    )*};
-}
-
-on_both_backends!(
+on_sqlite_and_postgres!(
     a_version_set_destroyed_keeps_its_object,
     a_past_destroy_time_in_the_database_destroys_nothing,
     a_rolled_back_destruction_that_was_cancelled_destroys_nothing,

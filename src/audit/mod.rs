@@ -711,9 +711,7 @@ impl Writer {
             }
             Err(e) => {
                 if let CheckpointFailure::Refused(why) = &e {
-                    crate::metrics::global().audit_anchor_failures.inc();
-                    tracing::error!(error = %why, "audit log refuses to sign and append: health is NOT_SERVING");
-                    *crate::sync::write(&self.refused) = Some(why.clone());
+                    self.refuse(why.clone());
                 } else {
                     // The records are durable; a later checkpoint will cover them.
                     tracing::error!(error = %e, seq = self.head.seq, "audit checkpoint could not be signed; retrying later");
@@ -724,6 +722,14 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// From now on appends and signatures are refused, for `why`, until a checkpoint succeeds
+    /// again (the records were restored).
+    fn refuse(&self, why: String) {
+        crate::metrics::global().audit_anchor_failures.inc();
+        tracing::error!(error = %why, "audit log refuses to sign and append: health is NOT_SERVING");
+        *crate::sync::write(&self.refused) = Some(why);
     }
 
     /// Chains and commits one batch; answers every caller only after the commit.
@@ -776,9 +782,7 @@ impl Writer {
                     self.head.seq,
                     rows.first().map_or(0, |(r, _)| r.seq - 1)
                 );
-                crate::metrics::global().audit_anchor_failures.inc();
-                tracing::error!(error = %why, "audit log refuses to sign and append: health is NOT_SERVING");
-                *crate::sync::write(&self.refused) = Some(why.clone());
+                self.refuse(why.clone());
                 for done in waiting {
                     let _ = done.send(Err(why.clone()));
                 }

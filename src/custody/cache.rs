@@ -53,8 +53,14 @@ pub(crate) struct KeyEntry {
 impl KeyEntry {
     /// [`CustodyError::MetadataIntegrity`] for a broken entry.
     pub(crate) fn check_seal(&self) -> Result<(), CustodyError> {
+        self.sealed_value().map(|_| ())
+    }
+
+    /// The stored integrity value this state matched; [`CustodyError::MetadataIntegrity`] for
+    /// a broken entry.
+    pub(crate) fn sealed_value(&self) -> Result<&str, CustodyError> {
         match &self.seal {
-            Seal::Valid(_) => Ok(()),
+            Seal::Valid(value) => Ok(value),
             Seal::Broken(reason) => Err(CustodyError::MetadataIntegrity {
                 key: self.name.to_string(),
                 reason: reason.to_string(),

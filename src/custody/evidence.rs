@@ -44,19 +44,18 @@ pub(crate) struct DestructionOrder {
 
 impl DestructionOrder {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut v = ORDER_MAGIC.to_vec();
-        v.extend_from_slice(&self.id.0);
-        v.extend_from_slice(&self.destroy_at.to_be_bytes());
+        let mut w = super::integrity::Writer(ORDER_MAGIC.to_vec());
+        w.0.extend_from_slice(&self.id.0);
+        w.i64(self.destroy_at);
         for s in [
             &self.version,
             &self.approval,
             &self.requested_by,
             &self.approved_by,
         ] {
-            v.extend_from_slice(&u32::try_from(s.len()).unwrap_or(u32::MAX).to_be_bytes());
-            v.extend_from_slice(s.as_bytes());
+            w.str(s);
         }
-        v
+        w.0
     }
 
     pub(crate) fn parse(bytes: &[u8]) -> Option<Self> {

@@ -116,10 +116,11 @@ pub(crate) fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
-struct Writer(Vec<u8>);
+/// The length-prefixed encoding of the seals and of the HSM evidence ([`super::evidence`]).
+pub(super) struct Writer(pub(super) Vec<u8>);
 
 impl Writer {
-    fn str(&mut self, s: &str) {
+    pub(super) fn str(&mut self, s: &str) {
         self.0
             .extend_from_slice(&u32::try_from(s.len()).unwrap_or(u32::MAX).to_be_bytes());
         self.0.extend_from_slice(s.as_bytes());
@@ -127,7 +128,7 @@ impl Writer {
     fn u32(&mut self, n: u32) {
         self.0.extend_from_slice(&n.to_be_bytes());
     }
-    fn i64(&mut self, n: i64) {
+    pub(super) fn i64(&mut self, n: i64) {
         self.0.extend_from_slice(&n.to_be_bytes());
     }
     fn opt(&mut self, n: Option<i64>) {

@@ -505,14 +505,7 @@ impl Custody {
     async fn load(&self) -> Result<(), CustodyError> {
         let started = self.monotonic_ms();
         let (keys, versions) = self.inner.store.load_all().await?;
-        let mut by_key: std::collections::HashMap<(String, String), Vec<VersionRow>> =
-            std::collections::HashMap::new();
-        for v in versions {
-            by_key
-                .entry((v.tenant.clone(), v.key_name.clone()))
-                .or_default()
-                .push(v);
-        }
+        let mut by_key = rows_by_key(versions);
         let mut entries = Vec::with_capacity(keys.len());
         for key in &keys {
             let rows = by_key
@@ -639,6 +632,7 @@ impl Custody {
     async fn seal_unsealed_rows(&self) -> Result<(), CustodyError> {
         let store = &self.inner.store;
         let (keys, versions) = store.load_all().await?;
+        let mut by_key = rows_by_key(versions);
         let approvals = store.all_approvals().await?;
         if keys.iter().any(|k| !k.integrity.is_empty())
             || approvals.iter().any(|a| !a.integrity.is_empty())
@@ -651,9 +645,10 @@ impl Custody {
             let Ok(name) = KeyName::new(&key.tenant, &key.name) else {
                 continue;
             };
-            let rows: Vec<VersionEntry> = versions
+            let rows: Vec<VersionEntry> = by_key
+                .remove(&(key.tenant.clone(), key.name.clone()))
+                .unwrap_or_default()
                 .iter()
-                .filter(|v| v.tenant == key.tenant && v.key_name == key.name)
                 .map(|v| VersionEntry::from_row(&name, v))
                 .collect();
             let entry = KeyEntry::from_rows(name, key, rows, Seal::Valid(Arc::from("")));
@@ -1816,17 +1811,10 @@ impl Custody {
         entry: &KeyEntry,
         next: &mut KeyEntry,
     ) -> Result<SealChange, CustodyError> {
-        let Seal::Valid(before) = &entry.seal else {
-            return Err(entry.check_seal().err().unwrap_or_else(|| {
-                CustodyError::Internal("a broken entry passed its seal check".into())
-            }));
-        };
+        let before = entry.sealed_value()?.to_owned();
         let after = self.inner.sealer.seal_key(next).await?;
         next.seal = Seal::Valid(Arc::from(after.as_str()));
-        Ok(SealChange {
-            before: before.to_string(),
-            after,
-        })
+        Ok(SealChange { before, after })
     }
 
     /// Replaces a key's cache entry after its change was committed (or read).
@@ -1902,6 +1890,21 @@ impl Inner {
     fn cache_key_of(&self, id: &VersionId) -> Option<KeyName> {
         read(&self.cache).versions.get(id).cloned()
     }
+}
+
+/// Version rows grouped by their key (tenant, name).
+fn rows_by_key(
+    versions: Vec<VersionRow>,
+) -> std::collections::HashMap<(String, String), Vec<VersionRow>> {
+    let mut by_key: std::collections::HashMap<(String, String), Vec<VersionRow>> =
+        std::collections::HashMap::new();
+    for v in versions {
+        by_key
+            .entry((v.tenant.clone(), v.key_name.clone()))
+            .or_default()
+            .push(v);
+    }
+    by_key
 }
 
 /// The integrity values around one write: the stored one it replaces, the one it writes.

@@ -956,3 +956,40 @@ pub async fn reseal_key(hsm: &Hsm, store: &Store, tenant: &str, name: &str) {
         .await
         .unwrap();
 }
+
+/// Where a suite case keeps its metadata: the token's SQLite file, or a fresh PostgreSQL
+/// database.
+pub enum Db {
+    Sqlite,
+    Postgres(String),
+}
+
+impl Db {
+    /// The database URL for a case using `token`.
+    pub fn url(self, token: &TestToken) -> String {
+        match self {
+            Db::Sqlite => token.db_url(),
+            Db::Postgres(url) => url,
+        }
+    }
+}
+
+/// Runs each suite case (an `async fn(Db)`) on both back-ends: `name::sqlite`, `name::postgres`.
+#[macro_export]
+macro_rules! on_sqlite_and_postgres {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$case($crate::common::Db::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$case($crate::common::Db::Postgres(
+                    $crate::common::postgres_database().await,
+                ))
+                .await;
+            }
+        }
+    )*};
+}
