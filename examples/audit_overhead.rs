@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tresor::api::proto;
-use tresor::api::server::Server;
 use tresor::client::{Client, Profile};
 use tresor::config::Config;
+use tresor::grpc::server::Server;
+use tresor::proto;
 
 const SECONDS: u64 = 5;
 
@@ -47,7 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut attempts = 0;
         let mut server = loop {
             match Server::prepare(config.clone()).await {
-                Err(tresor::api::server::StartError::Hsm(tresor::hsm::HsmError::AlreadyOpen))
+                Err(tresor::grpc::server::StartError::Hsm(tresor::hsm::HsmError::AlreadyOpen))
                     if attempts < 50 =>
                 {
                     attempts += 1;

@@ -11,18 +11,20 @@
 //! - [`hsm`]: every PKCS#11 call. [`store`]: every SQL statement. [`envelope`]: the blob
 //!   format, pure. [`model`]: names and states, pure.
 
-pub mod api;
 pub mod audit;
+pub mod audit_record;
 pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod custody;
 pub mod envelope;
+pub mod grpc;
 pub mod hsm;
 pub mod metrics;
 pub mod model;
 pub mod pki;
+pub mod proto;
 pub mod store;
 mod sync;
 pub mod xks;

@@ -7,10 +7,10 @@ mod common;
 
 use common::*;
 use tonic::Code;
-use tresor::api::INVALID_CIPHERTEXT;
-use tresor::api::proto;
 use tresor::client::Client;
+use tresor::grpc::INVALID_CIPHERTEXT;
 use tresor::pki::Validity;
+use tresor::proto;
 
 const KEY: &str = "tenants/a/keys/ehr";
 

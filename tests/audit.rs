@@ -10,10 +10,10 @@ use std::process::Command;
 
 use common::*;
 use tonic::Code;
-use tresor::api::proto;
-use tresor::audit::record::{self, ExportItem};
+use tresor::audit_record::{self, ExportItem};
 use tresor::client::Client;
 use tresor::pki::Validity;
+use tresor::proto;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tresor");
 const KEY: &str = "tenants/a/keys/ehr";
@@ -672,8 +672,8 @@ fn no_plaintext_aad_or_pin_in_the_database_exports_or_debug_log() {
 /// checkpoint that covers the head as it was when asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_commit_while_a_checkpoint_is_being_signed() {
-    use tresor::audit::record::RecordBody;
     use tresor::audit::{AuditLog, AuditOptions};
+    use tresor::audit_record::RecordBody;
 
     let token = TestToken::with(Backend::HsmSim);
     let hsm = token.open();

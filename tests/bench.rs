@@ -7,8 +7,8 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use tresor::api::proto;
 use tresor::pki::Validity;
+use tresor::proto;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tresor");
 const KEY: &str = "tenants/a/keys/bench";

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::*;
-use tresor::api::proto;
 use tresor::pki::Validity;
+use tresor::proto;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tresor");
 const KEY: &str = "tenants/a/keys/archive";

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::sync::Mutex;
 use tonic::Code;
-use tresor::api::proto;
+use tresor::proto;
 
 const KEY: &str = "tenants/a/keys/chaos";
 const WORKERS: usize = 4;
@@ -299,7 +299,7 @@ async fn sixty_seconds_of_chaos_lose_nothing() {
         .pem;
     let spki: rustls::pki_types::SubjectPublicKeyInfoDer =
         rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
-    let point = tresor::audit::record::p256_point_from_spki(spki.as_ref()).unwrap();
+    let point = tresor::audit_record::p256_point_from_spki(spki.as_ref()).unwrap();
     let mut stream = auditor
         .audit()
         .export_audit_log(proto::ExportAuditLogRequest::default())
@@ -325,7 +325,7 @@ async fn sixty_seconds_of_chaos_lose_nothing() {
         .iter()
         .map(|r| r.to_item().unwrap())
         .collect();
-    let v = tresor::audit::record::verify(&items, &point).unwrap();
+    let v = tresor::audit_record::verify(&items, &point).unwrap();
     println!(
         "chaos audit: {} records, {} checkpoints verified",
         v.records, v.checkpoints

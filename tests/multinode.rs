@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tonic::Code;
-use tresor::api::proto;
-use tresor::audit::record::{self, ExportItem};
+use tresor::audit_record::{self, ExportItem};
 use tresor::client::Client;
+use tresor::proto;
 
 const KEY: &str = "tenants/a/keys/ehr";
 

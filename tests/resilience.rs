@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tonic::Code;
-use tresor::api::proto;
 use tresor::client::Client;
 use tresor::hsm::ObjectId;
+use tresor::proto;
 use zeroize::Zeroizing;
 
 const KEY: &str = "tenants/a/keys/ehr";

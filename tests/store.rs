@@ -8,7 +8,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 
-use tresor::audit::record::{Checkpoint, Record, RecordBody};
+use tresor::audit_record::{Checkpoint, Record, RecordBody};
 use tresor::envelope::VersionId;
 use tresor::model::VersionState::{self, *};
 use tresor::store::changes::Change;

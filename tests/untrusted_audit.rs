@@ -12,12 +12,12 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use tresor::api::proto;
-use tresor::audit::record::{self, ExportItem, Record, RecordBody};
 use tresor::audit::{AuditError, AuditLog, AuditOptions, ExportFilter};
+use tresor::audit_record::{self, ExportItem, Record, RecordBody};
 use tresor::hsm::Hsm;
 use tresor::model::to_hex;
 use tresor::pki::Validity;
+use tresor::proto;
 use tresor::store::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tresor");

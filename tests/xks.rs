@@ -17,8 +17,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use common::*;
 use serde_json::{Value, json};
-use tresor::api::proto;
-use tresor::audit::record::{self, ExportItem};
+use tresor::audit_record::{self, ExportItem};
+use tresor::proto;
 use tresor::xks::client::{HttpVersion, XksClient};
 
 const REGION: &str = "eu-central-1";

@@ -9,9 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use super::record::ExportItem;
+use crate::audit_record::ExportItem;
 
-/// An export's items, each with the hash its file stated (as [`super::record::verify`] takes).
+/// An export's items, each with the hash its file stated (as [`crate::audit_record::verify`] takes).
 pub type Export = [(ExportItem, Option<[u8; 32]>)];
 
 /// A checkpoint as the auditor kept it: the last record it covered and that record's hash.
@@ -136,7 +136,7 @@ pub fn extends(new: &Export, old: Option<&Export>, since: Since) -> Result<(), C
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::record::{Checkpoint, GENESIS, Record, RecordBody};
+    use crate::audit_record::{Checkpoint, GENESIS, Record, RecordBody};
 
     /// Records `from..=to` continuing after `prev`, their bodies tagged `tag`.
     fn chain(prev: (u64, [u8; 32]), to: u64, tag: &str) -> Vec<(ExportItem, Option<[u8; 32]>)> {

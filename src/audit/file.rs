@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{Checkpoint, ExportItem, Record, RecordBody};
+use crate::audit_record::{Checkpoint, ExportItem, Record, RecordBody};
 use crate::model::{from_hex, from_hex_array, to_hex};
 
 /// File format of an export.
@@ -143,7 +143,7 @@ impl Row {
                 tenant: tenant.clone(),
                 previous_hash: to_hex(prev_hash),
                 body_digest: to_hex(body_digest),
-                hash: to_hex(&super::record::record_hash(
+                hash: to_hex(&crate::audit_record::record_hash(
                     *seq,
                     prev_hash,
                     *time_ms,
@@ -319,7 +319,7 @@ pub fn read(text: &str) -> Result<Vec<Row>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::record::GENESIS;
+    use crate::audit_record::GENESIS;
 
     fn items() -> Vec<ExportItem> {
         let r = Record {

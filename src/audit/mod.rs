@@ -19,7 +19,6 @@
 pub mod anchor;
 pub mod continuity;
 pub mod file;
-pub mod record;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,10 +26,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
+use crate::audit_record::{
+    self as record, Checkpoint, ExportItem, Record, RecordBody, checkpoint_message,
+};
 use crate::hsm::{Hsm, HsmError, ObjectId};
 use crate::model::{from_hex_array, now_millis, to_hex};
 use crate::store::{ChainHead, Store, StoreError};
-use record::{Checkpoint, ExportItem, Record, RecordBody, checkpoint_message};
 
 /// Most records committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
@@ -807,4 +808,14 @@ impl Writer {
             }
         }
     }
+}
+
+/// A fresh request id for an audit record: 16 hex digits.
+pub fn new_request_id() -> String {
+    let mut raw = [0u8; 8];
+    // A request id needs uniqueness, not secrecy; fall back to the clock if the RNG fails.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).is_err() {
+        raw = crate::model::now_millis().to_be_bytes();
+    }
+    crate::model::to_hex(&raw)
 }

@@ -18,8 +18,8 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use super::Failure;
-use crate::api::proto;
 use crate::client::{Client, Profile};
+use crate::proto;
 use crate::xks::client::{HttpVersion, XksClient};
 use crate::xks::sigv4::Credential;
 

@@ -15,8 +15,8 @@ use base64::Engine;
 use serde_json::{Map, Value};
 
 use super::Failure;
-use crate::api::proto;
 use crate::client::Client;
+use crate::proto;
 
 /// How the run went.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //!
 //! Owns argument parsing, reading and writing user files, output (tables or `--output json`)
 //! and exit codes. Talks to a server only through [`crate::client`]; `serve` only through
-//! [`crate::api::server`].
+//! [`crate::grpc::server`].
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 other failure; 2 usage; 3 not found;
 //! 4 not authenticated or not allowed; 5 invalid input (including a ciphertext that does not
@@ -27,8 +27,8 @@ use rustls::pki_types::pem::PemObject;
 use tonic::Code;
 use zeroize::Zeroizing;
 
-use crate::api::proto;
 use crate::client::{Client, ClientError, Profile};
+use crate::proto;
 use output::Output;
 
 /// Tresor: sovereign key custody in front of PKCS#11 HSMs.
@@ -832,7 +832,7 @@ async fn connect(profile: Option<&Path>) -> Result<Client, Failure> {
 }
 
 async fn serve(config_path: &Path) -> Result<(), Failure> {
-    use crate::api::server::Server;
+    use crate::grpc::server::Server;
     let config = crate::config::Config::load(config_path).map_err(|e| {
         Failure::new(
             64,
@@ -841,7 +841,7 @@ async fn serve(config_path: &Path) -> Result<(), Failure> {
         )
     })?;
     logging::init(config.log_format, &config.node_id);
-    let start_failed = |e: crate::api::server::StartError| {
+    let start_failed = |e: crate::grpc::server::StartError| {
         let hint = match e.exit_code() {
             64 => "fix the configuration (README \"Configuration reference\")",
             _ => {
@@ -1294,7 +1294,7 @@ async fn audit_command(
     out: &Output,
 ) -> Result<(), Failure> {
     use crate::audit::file::{Format as FileFormat, Row, Writer};
-    use crate::audit::record::ExportItem;
+    use crate::audit_record::ExportItem;
     let mut audit = client.audit();
     match command {
         AuditCommand::Export {
@@ -1417,7 +1417,8 @@ fn verify_export(
     since_checkpoint: Option<crate::audit::continuity::Since>,
     out: &Output,
 ) -> Result<(), Failure> {
-    use crate::audit::{continuity, record};
+    use crate::audit::continuity;
+    use crate::audit_record as record;
     let pem = std::fs::read(public_key).map_err(|e| {
         Failure::new(
             64,
@@ -1478,13 +1479,14 @@ fn verify_export(
 
 /// An export's items with their stated hashes, and what verifying it found.
 type VerifiedExport = (
-    Vec<(crate::audit::record::ExportItem, Option<[u8; 32]>)>,
-    crate::audit::record::Verified,
+    Vec<(crate::audit_record::ExportItem, Option<[u8; 32]>)>,
+    crate::audit_record::Verified,
 );
 
 /// Reads an export and verifies it on its own (exit code 8 naming the first failure).
 fn verified_items(path: &Path, point: &[u8]) -> Result<VerifiedExport, Failure> {
-    use crate::audit::{file, record};
+    use crate::audit::file;
+    use crate::audit_record as record;
     let text = std::fs::read_to_string(path).map_err(|e| {
         Failure::new(
             5,

@@ -15,7 +15,7 @@ macro_rules! say {
 }
 
 use super::Format;
-use crate::api::proto;
+use crate::proto;
 
 pub(super) struct Output {
     format: Format,
@@ -290,7 +290,7 @@ impl Output {
 
     /// What `audit verify` found; `extends` is the earlier checkpoint the export was shown to
     /// extend (`--since`).
-    pub(super) fn verified(&self, v: &crate::audit::record::Verified, extends: Option<u64>) {
+    pub(super) fn verified(&self, v: &crate::audit_record::Verified, extends: Option<u64>) {
         let span = v.time_span.map(|(a, b)| {
             let t = |ms: i64| {
                 time(Some(&prost_types::Timestamp {

@@ -14,11 +14,11 @@ use serde::Deserialize;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroizing;
 
-use crate::api::MAX_REQUEST_BYTES;
-use crate::api::proto::audit_service_client::AuditServiceClient;
-use crate::api::proto::key_admin_service_client::KeyAdminServiceClient;
-use crate::api::proto::key_service_client::KeyServiceClient;
-use crate::api::proto::{self};
+use crate::proto::MAX_MESSAGE_BYTES;
+use crate::proto::audit_service_client::AuditServiceClient;
+use crate::proto::key_admin_service_client::KeyAdminServiceClient;
+use crate::proto::key_service_client::KeyServiceClient;
+use crate::proto::{self};
 
 /// Client-side failures. Server refusals arrive as [`ClientError::Status`].
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +148,8 @@ impl Client {
     /// The `KeyService` client (role service).
     pub fn keys(&self) -> KeyServiceClient<Channel> {
         KeyServiceClient::new(self.channel.clone())
-            .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(MAX_REQUEST_BYTES)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// The `KeyAdminService` client (role officer).
@@ -312,8 +312,8 @@ impl Sealed {
 }
 
 /// The export item carried by one message of `ExportAuditLog`.
-pub fn audit_item(r: proto::AuditRecord) -> Result<crate::audit::record::ExportItem, ClientError> {
-    use crate::audit::record::{Checkpoint, ExportItem, Record, RecordBody};
+pub fn audit_item(r: proto::AuditRecord) -> Result<crate::audit_record::ExportItem, ClientError> {
+    use crate::audit_record::{Checkpoint, ExportItem, Record, RecordBody};
     let hash = |b: &[u8], what: &'static str| {
         <[u8; 32]>::try_from(b).map_err(|_| ClientError::AuditItem(what))
     };

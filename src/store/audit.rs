@@ -8,7 +8,7 @@
 use sqlx::Row;
 
 use super::{Backend, Store, StoreError};
-use crate::audit::record::{Checkpoint, Record, RecordBody};
+use crate::audit_record::{Checkpoint, Record, RecordBody};
 use crate::model::{from_hex, from_hex_array, to_hex};
 
 fn corrupt(what: &str) -> StoreError {
@@ -78,7 +78,7 @@ const HEAD: &str = "SELECT seq, hash, time_ms FROM audit_records ORDER BY seq DE
 pub struct ChainHead {
     /// Sequence number of the last record (0: none yet).
     pub seq: u64,
-    /// Its hash ([`crate::audit::record::GENESIS`] before the first).
+    /// Its hash ([`crate::audit_record::GENESIS`] before the first).
     pub hash: [u8; 32],
     /// Its time; the next records are not earlier.
     pub time_ms: i64,
@@ -88,7 +88,7 @@ impl ChainHead {
     /// The head of an empty log.
     pub const GENESIS: Self = Self {
         seq: 0,
-        hash: crate::audit::record::GENESIS,
+        hash: crate::audit_record::GENESIS,
         time_ms: 0,
     };
 }

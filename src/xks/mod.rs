@@ -32,7 +32,7 @@ use tokio::sync::{Mutex, Semaphore};
 use zeroize::Zeroizing;
 
 use crate::audit::AuditLog;
-use crate::audit::record::RecordBody;
+use crate::audit_record::RecordBody;
 use crate::auth::{Grant, Identity, Role, SharedPolicy};
 use crate::config::{XksConfig, XksPrefix};
 use crate::custody::{Custody, CustodyError};
@@ -329,7 +329,7 @@ impl Xks {
         let routed = self.route(path);
         let operation = routed.map_or(Operation::Unrouted, |(_, op, _)| op);
         let mut audit = Audit::default();
-        let request_id = crate::api::new_request_id();
+        let request_id = crate::audit::new_request_id();
         // Held until the audit record is written, so the bound covers the whole call.
         let permit = Arc::clone(&self.inner.permits).try_acquire_owned();
         let result = match routed {

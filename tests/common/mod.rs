@@ -454,9 +454,9 @@ pub struct TestServer {
     #[allow(dead_code)]
     pub xks: (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>),
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), tresor::api::server::StartError>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), tresor::grpc::server::StartError>>>,
     /// For [`TestServer::reload`]; dropped before stopping, so the HSM context is released.
-    server: Option<std::sync::Arc<tresor::api::server::Server>>,
+    server: Option<std::sync::Arc<tresor::grpc::server::Server>>,
 }
 
 impl TestServer {
@@ -485,8 +485,8 @@ impl TestServer {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let server = loop {
             let config = tresor::config::Config::load(&deployment.config_path).unwrap();
-            match tresor::api::server::Server::prepare_with_clock(config, clock.clone()).await {
-                Err(tresor::api::server::StartError::Hsm(tresor::hsm::HsmError::AlreadyOpen))
+            match tresor::grpc::server::Server::prepare_with_clock(config, clock.clone()).await {
+                Err(tresor::grpc::server::StartError::Hsm(tresor::hsm::HsmError::AlreadyOpen))
                     if std::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -832,7 +832,7 @@ impl Drop for PgServer {
 pub async fn create_key(officer: &tresor::client::Client, key: &str) {
     officer
         .admin()
-        .create_key(tresor::api::proto::CreateKeyRequest {
+        .create_key(tresor::proto::CreateKeyRequest {
             key: key.into(),
             ..Default::default()
         })
@@ -844,7 +844,7 @@ pub async fn create_key(officer: &tresor::client::Client, key: &str) {
 pub async fn public_point(auditor: &tresor::client::Client) -> Vec<u8> {
     let pem = auditor
         .audit()
-        .get_audit_public_key(tresor::api::proto::GetAuditPublicKeyRequest {})
+        .get_audit_public_key(tresor::proto::GetAuditPublicKeyRequest {})
         .await
         .unwrap()
         .into_inner()
@@ -852,22 +852,22 @@ pub async fn public_point(auditor: &tresor::client::Client) -> Vec<u8> {
     let der = rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
         .map(|d: rustls::pki_types::SubjectPublicKeyInfoDer| d.as_ref().to_vec())
         .unwrap();
-    tresor::audit::record::p256_point_from_spki(&der).unwrap()
+    tresor::audit_record::p256_point_from_spki(&der).unwrap()
 }
 
 /// The whole audit log, verified against the checkpoint key.
 pub async fn verified_export(
     auditor: &tresor::client::Client,
-) -> Vec<tresor::audit::record::ExportItem> {
+) -> Vec<tresor::audit_record::ExportItem> {
     auditor
         .audit()
-        .get_audit_checkpoint(tresor::api::proto::GetAuditCheckpointRequest {})
+        .get_audit_checkpoint(tresor::proto::GetAuditCheckpointRequest {})
         .await
         .unwrap();
     let later = tresor::model::now_millis() + 3_600_000;
     let mut stream = auditor
         .audit()
-        .export_audit_log(tresor::api::proto::ExportAuditLogRequest {
+        .export_audit_log(tresor::proto::ExportAuditLogRequest {
             to: Some(prost_types::Timestamp {
                 seconds: later / 1000,
                 nanos: 0,
@@ -882,7 +882,7 @@ pub async fn verified_export(
         items.push(tresor::client::audit_item(m).unwrap());
     }
     let point = public_point(auditor).await;
-    tresor::audit::record::verify(
+    tresor::audit_record::verify(
         &items.iter().map(|i| (i.clone(), None)).collect::<Vec<_>>(),
         &point,
     )

@@ -17,8 +17,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
-use crate::audit::record::{Checkpoint, ExportItem, RecordBody};
 use crate::audit::{AuditLog, ExportFilter};
+use crate::audit_record::{Checkpoint, ExportItem, RecordBody};
 use crate::auth::{AuthError, ClientAuthenticator, Grant, Role, SharedPolicy};
 use crate::custody::{
     ApprovalInfo, ApprovalState, Custody, CustodyError, KeyInfo, KeyUpdate, VersionInfo,
@@ -26,26 +26,11 @@ use crate::custody::{
 use crate::model::{KeyName, KeyUsage, Millis, Tenant, VersionState};
 pub use status::INVALID_CIPHERTEXT;
 
-/// Generated protobuf and gRPC code for `tresor.v1`.
-#[allow(
-    missing_docs,
-    clippy::all,
-    clippy::pedantic,
-    missing_debug_implementations
-)]
-pub mod proto {
-    tonic::include_proto!("tresor.v1");
-
-    /// The encoded descriptors, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tresor_descriptor");
-}
-
+use crate::proto;
 use proto::audit_service_server::AuditService;
 use proto::key_admin_service_server::KeyAdminService;
 use proto::key_service_server::KeyService;
 
-/// Largest request accepted: 64 KiB of plaintext or ciphertext plus 64 KiB of AAD, plus framing.
-pub const MAX_REQUEST_BYTES: usize = 2 * 64 * 1024 + 4096;
 /// Default and largest page of `ListKeys`.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
@@ -216,7 +201,7 @@ impl Api {
         operation: &'static str,
     ) -> Result<Call, Status> {
         let started = std::time::Instant::now();
-        let request_id = new_request_id();
+        let request_id = crate::audit::new_request_id();
         let peer = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -383,15 +368,6 @@ impl Api {
         };
         self.finish(call, result, raw_key, aad).await
     }
-}
-
-pub(crate) fn new_request_id() -> String {
-    let mut raw = [0u8; 8];
-    // A request id needs uniqueness, not secrecy; fall back to the clock if the RNG fails.
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).is_err() {
-        raw = crate::model::now_millis().to_be_bytes();
-    }
-    crate::model::to_hex(&raw)
 }
 
 fn invalid(call: &Call, message: &str) -> Status {

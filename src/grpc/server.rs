@@ -18,16 +18,17 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::Server as TonicServer;
 
+use super::Api;
 use super::proto::audit_service_server::AuditServiceServer;
 use super::proto::key_admin_service_server::KeyAdminServiceServer;
 use super::proto::key_service_server::KeyServiceServer;
-use super::{Api, MAX_REQUEST_BYTES, proto};
 use crate::audit::{AuditError, AuditLog, AuditOptions};
 use crate::auth::{ClientAuthenticator, SharedPolicy};
 use crate::config::{Config, ConfigError};
 use crate::custody::{Clock, Custody, CustodyError, CustodyOptions, SystemClock};
 use crate::hsm::{Hsm, HsmError};
 use crate::pki;
+use crate::proto::{self, MAX_MESSAGE_BYTES};
 use crate::store::{Store, StoreError};
 
 /// TLS handshakes in progress at once; more connections wait in the kernel's backlog.
@@ -381,17 +382,17 @@ impl Server {
             .add_service(reflection)
             .add_service(
                 KeyServiceServer::new(self.api.clone())
-                    .max_decoding_message_size(MAX_REQUEST_BYTES)
-                    .max_encoding_message_size(MAX_REQUEST_BYTES),
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(
                 KeyAdminServiceServer::new(self.api.clone())
-                    .max_decoding_message_size(MAX_REQUEST_BYTES)
-                    .max_encoding_message_size(MAX_REQUEST_BYTES),
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(
                 AuditServiceServer::new(self.api.clone())
-                    .max_decoding_message_size(MAX_REQUEST_BYTES),
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(incoming_rx),
@@ -524,8 +525,8 @@ async fn record_integrity_failures(
         audit
             .append(
                 key.tenant().as_str(),
-                crate::audit::record::RecordBody {
-                    request_id: super::new_request_id(),
+                crate::audit_record::RecordBody {
+                    request_id: crate::audit::new_request_id(),
                     caller: format!("tresor/{node}"),
                     role: "system".into(),
                     operation: "MetadataIntegrityCheck".into(),

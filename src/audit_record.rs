@@ -1,4 +1,4 @@
-//! Audit records, the hash chain, checkpoints, and the offline verifier.
+//! The audit record format: records, the hash chain, checkpoints, and the offline verifier.
 //!
 //! Owns the exact byte encodings that are hashed and signed (SECURITY.md "Audit log" states
 //! them for independent verifiers) and the verification of an exported sequence of items.
