@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::*;
 use tonic::Code;
-use tresor::audit_record::{self, ExportItem};
+use tresor::audit_record::{self as record, ExportItem};
 use tresor::client::Client;
 use tresor::pki::Validity;
 use tresor::proto;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tonic::Code;
-use tresor::audit_record::{self, ExportItem};
+use tresor::audit_record::{self as record, ExportItem};
 use tresor::client::Client;
 use tresor::proto;
 

@@ -13,7 +13,7 @@ use std::process::Command;
 
 use common::*;
 use tresor::audit::{AuditError, AuditLog, AuditOptions, ExportFilter};
-use tresor::audit_record::{self, ExportItem, Record, RecordBody};
+use tresor::audit_record::{self as record, ExportItem, Record, RecordBody};
 use tresor::hsm::Hsm;
 use tresor::model::to_hex;
 use tresor::pki::Validity;

@@ -17,7 +17,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use common::*;
 use serde_json::{Value, json};
-use tresor::audit_record::{self, ExportItem};
+use tresor::audit_record::{self as record, ExportItem};
 use tresor::proto;
 use tresor::xks::client::{HttpVersion, XksClient};
 
