@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tresor::client::{Client, Profile};
 use tresor::config::Config;
-use tresor::grpc::server::Server;
+use tresor::server::Server;
 use tresor::proto;
 
 const SECONDS: u64 = 5;
@@ -47,7 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut attempts = 0;
         let mut server = loop {
             match Server::prepare(config.clone()).await {
-                Err(tresor::grpc::server::StartError::Hsm(tresor::hsm::HsmError::AlreadyOpen))
+                Err(tresor::server::StartError::Hsm(tresor::hsm::HsmError::AlreadyOpen))
                     if attempts < 50 =>
                 {
                     attempts += 1;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use super::Failure;
+use super::{Exit, Failure};
 use crate::client::Client;
 use crate::proto;
 
@@ -33,7 +33,7 @@ pub struct Summary {
 
 fn io(path: &Path, e: impl std::fmt::Display) -> Failure {
     Failure::new(
-        1,
+        Exit::Other,
         format!("{}: {e}", path.display()),
         "check the path and free space",
     )
@@ -170,10 +170,13 @@ pub async fn run(
             break;
         }
         for task in round {
-            match task
-                .await
-                .map_err(|e| Failure::new(1, format!("rewrap task failed: {e}"), "report this"))?
-            {
+            match task.await.map_err(|e| {
+                Failure::new(
+                    Exit::Other,
+                    format!("rewrap task failed: {e}"),
+                    "report this",
+                )
+            })? {
                 Outcome::Done(v, rewrapped) => {
                     serde_json::to_writer(&mut out, &v).map_err(|e| io(output, e))?;
                     out.write_all(b"\n").map_err(|e| io(output, e))?;

@@ -12,7 +12,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use super::Failure;
+use super::{Exit, Failure};
 use crate::pki::{DevCa, Validity};
 
 /// The tenant of the development identities.
@@ -40,7 +40,7 @@ pub fn dev_identity(role: &str) -> String {
 
 fn io_failure(what: &Path, e: impl std::fmt::Display) -> Failure {
     Failure::new(
-        73,
+        Exit::CantCreate,
         format!("{}: {e}", what.display()),
         "check that the current directory is writable",
     )
@@ -61,7 +61,7 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), Failure> {
 fn random_pin() -> Result<String, Failure> {
     let mut raw = [0u8; 12];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-        .map_err(|_| Failure::new(70, "no system randomness", "report this"))?;
+        .map_err(|_| Failure::new(Exit::Software, "no system randomness", "report this"))?;
     Ok(crate::model::to_hex(&raw))
 }
 
@@ -75,7 +75,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr, module: &Path) -> Result<PathBuf,
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     let pki = |e: crate::pki::PkiError| {
         Failure::new(
-            73,
+            Exit::CantCreate,
             e.to_string(),
             "remove the tresor-dev directory to start afresh",
         )
@@ -146,7 +146,13 @@ pub fn prepare(dir: &Path, listen: SocketAddr, module: &Path) -> Result<PathBuf,
         }],
     }
     .write(&dir.join("hsm-sim.toml"))
-    .map_err(|e| Failure::new(73, e, "check that the current directory is writable"))?;
+    .map_err(|e| {
+        Failure::new(
+            Exit::CantCreate,
+            e,
+            "check that the current directory is writable",
+        )
+    })?;
     let config = format!(
         "# Development server configuration, written by `tresor dev` at every start.\n\
          [server]\nlisten = \"{listen}\"\n\n\
@@ -167,7 +173,7 @@ pub fn run(dir: &Path, listen: SocketAddr, module: Option<PathBuf>) -> Failure {
         Ok(e) => e,
         Err(e) => {
             return Failure::new(
-                70,
+                Exit::Software,
                 format!("cannot find this executable: {e}"),
                 "run tresor from its build directory",
             );
@@ -175,7 +181,7 @@ pub fn run(dir: &Path, listen: SocketAddr, module: Option<PathBuf>) -> Failure {
     };
     let Some(module) = module.or_else(|| hsm_sim_module(&exe)) else {
         return Failure::new(
-            69,
+            Exit::Dependency,
             format!(
                 "hsm-sim's module ({}) is not next to {}",
                 hsm_sim::MODULE_FILE_NAME,
@@ -224,7 +230,7 @@ pub fn run(dir: &Path, listen: SocketAddr, module: Option<PathBuf>) -> Failure {
         .env(hsm_sim::CONF_ENV, dir.join("hsm-sim.toml"))
         .exec();
     Failure::new(
-        70,
+        Exit::Software,
         format!("cannot start `tresor serve`: {err}"),
         "run the printed `tresor serve` command yourself",
     )

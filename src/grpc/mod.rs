@@ -7,7 +7,7 @@
 //! which appends the call's audit record and waits until it is durable before anything —
 //! least of all a plaintext — goes back to the caller. No crypto and no SQL here.
 
-pub mod server;
+mod serve;
 mod status;
 
 use std::collections::BTreeMap;
@@ -24,6 +24,7 @@ use crate::custody::{
     ApprovalInfo, ApprovalState, Custody, CustodyError, KeyInfo, KeyUpdate, VersionInfo,
 };
 use crate::model::{KeyName, KeyUsage, Millis, Tenant, VersionState};
+pub use serve::{ALPN, ServeError, serve};
 pub use status::INVALID_CIPHERTEXT;
 
 use crate::proto;

@@ -35,12 +35,12 @@ use crate::audit::AuditLog;
 use crate::audit_record::RecordBody;
 use crate::auth::{Grant, Identity, Role, SharedPolicy};
 use crate::config::{XksConfig, XksPrefix};
-use crate::custody::{Custody, CustodyError};
+use crate::custody::{Custody, CustodyError, ProbeKey};
 use crate::envelope::VersionId;
-use crate::hsm::{HsmError, ObjectId, TokenDescription};
+use crate::hsm::{HsmError, TokenDescription};
 use crate::model::{KeyName, KeyUsage};
 pub use credentials::{CredentialsError, SharedCredentials};
-pub use server::{serve, serve_ping, tls_config};
+pub use server::{ALPN, serve, serve_ping};
 use wire::XksError;
 
 /// Largest plaintext or ciphertext accepted (the spec requires 4,300 bytes).
@@ -82,7 +82,7 @@ struct Inner {
     /// Longest path first, so a prefix that is a prefix of another never shadows it.
     prefixes: Vec<Prefix>,
     permits: Arc<Semaphore>,
-    health_key: ObjectId,
+    health_key: ProbeKey,
     health: Mutex<Option<(Instant, HealthSnapshot)>>,
     node_id: String,
 }
@@ -110,15 +110,33 @@ struct HealthSnapshot {
     fleet: u64,
 }
 
-/// Why the proxy could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum XksStartError {
-    /// A credentials file was refused.
-    #[error(transparent)]
-    Credentials(#[from] CredentialsError),
-    /// The health-check key could not be found or created.
-    #[error("XKS health-check key: {0}")]
-    HealthKey(String),
+/// Every prefix's credentials, loaded and checked before anything else starts (a broken file
+/// is a configuration error, found before the HSM is opened).
+pub struct Credentials {
+    prefixes: Vec<Prefix>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("prefixes", &self.prefixes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// Reads each prefix's credentials file; the first that is refused is the error.
+    pub fn load(config: &XksConfig) -> Result<Self, CredentialsError> {
+        let mut prefixes = Vec::with_capacity(config.prefixes.len());
+        for p in &config.prefixes {
+            prefixes.push(Prefix {
+                credentials: SharedCredentials::load(&p.credentials)?,
+                config: p.clone(),
+            });
+        }
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.config.path.len()));
+        Ok(Self { prefixes })
+    }
 }
 
 /// The operation a request routes to.
@@ -228,25 +246,17 @@ struct Audit {
 }
 
 impl Xks {
-    /// Loads every prefix's credentials and makes sure the health-check key exists.
+    /// The proxy over `credentials`, with its health-check key (created if there is none).
     pub async fn open(
         config: &XksConfig,
+        credentials: Credentials,
         custody: Custody,
         audit: AuditLog,
         policy: Arc<SharedPolicy>,
         node_id: String,
-    ) -> Result<Self, XksStartError> {
-        let mut prefixes = Vec::with_capacity(config.prefixes.len());
-        for p in &config.prefixes {
-            prefixes.push(Prefix {
-                credentials: SharedCredentials::load(&p.credentials)?,
-                config: p.clone(),
-            });
-        }
-        prefixes.sort_by_key(|p| std::cmp::Reverse(p.config.path.len()));
-        let health_key = health_key(&custody)
-            .await
-            .map_err(XksStartError::HealthKey)?;
+    ) -> Result<Self, CustodyError> {
+        let prefixes = credentials.prefixes;
+        let health_key = custody.probe_key(HEALTH_KEY, "xks").await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 custody,
@@ -282,23 +292,21 @@ impl Xks {
 
     async fn refresh_health(&self) -> HealthSnapshot {
         let custody = &self.inner.custody;
-        let now = custody.now();
-        if let Err(e) = custody.store().heartbeat(&self.inner.node_id, now).await {
-            tracing::warn!(error = %e, "could not record this node as alive");
-        }
+        let window = i64::try_from(HEALTH_MAX_AGE.as_millis()).unwrap_or(60_000);
         let fleet = custody
-            .store()
-            .live_nodes(now - i64::try_from(HEALTH_MAX_AGE.as_millis()).unwrap_or(60_000))
+            .record_alive(&self.inner.node_id, window)
             .await
-            .unwrap_or(1)
-            .max(1);
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not record this node as alive");
+                1
+            });
         let started = Instant::now();
-        let ok = deep_check(custody, self.inner.health_key).await;
+        let ok = custody.probe(self.inner.health_key).await;
         let took = started.elapsed();
         if let Err(e) = &ok {
             tracing::warn!(error = %e, "XKS deep health check failed");
         }
-        let token = custody.hsm().token_description().await.ok();
+        let token = custody.token_description().await.ok();
         let snapshot = HealthSnapshot {
             ok: ok.is_ok(),
             took,
@@ -842,82 +850,6 @@ fn map_custody(e: CustodyError) -> XksError {
             XksError::Internal("the key database is unavailable; retry later".into())
         }
         _ => XksError::Internal("internal error".into()),
-    }
-}
-
-/// One AES-GCM encryption and decryption on the health-check key.
-async fn deep_check(custody: &Custody, key: ObjectId) -> Result<(), String> {
-    let hsm = custody.hsm();
-    let plaintext = hsm.random(32).await.map_err(|e| e.to_string())?;
-    let iv_bytes = hsm.random(12).await.map_err(|e| e.to_string())?;
-    let iv: [u8; 12] = iv_bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| "no IV".to_owned())?;
-    let aad = b"tresor xks health check".to_vec();
-    let sealed = hsm
-        .encrypt_gcm(key, iv, aad.clone(), plaintext.clone())
-        .await
-        .map_err(|e| e.to_string())?;
-    let opened = hsm
-        .decrypt_gcm(key, iv, aad, sealed)
-        .await
-        .map_err(|e| e.to_string())?;
-    if opened != plaintext {
-        return Err("the health-check key did not decrypt what it encrypted".into());
-    }
-    Ok(())
-}
-
-/// The health-check key: an AES key of its own in the HSM, recorded in the database so every
-/// node uses the same one, never a key that protects data (the spec asks for a test key).
-async fn health_key(custody: &Custody) -> Result<ObjectId, String> {
-    let store = custody.store();
-    let hsm = custody.hsm();
-    let label = format!("tresor-xks/{}/health", store.installation_id());
-    if let Some((id, _)) = store
-        .audit_key(HEALTH_KEY)
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        let id = crate::model::from_hex_array(&id)
-            .map(ObjectId)
-            .ok_or("the recorded id is not 16 bytes of hex")?;
-        if !hsm.secret_key_exists(id).await.map_err(|e| e.to_string())? {
-            hsm.generate_version_key(id, label)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        return Ok(id);
-    }
-    let mut raw = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-        .map_err(|_| "no system randomness")?;
-    let id = ObjectId(raw);
-    hsm.generate_version_key(id, label)
-        .await
-        .map_err(|e| e.to_string())?;
-    match store
-        .insert_audit_key(HEALTH_KEY, &id.to_string(), "")
-        .await
-    {
-        Ok(()) => Ok(id),
-        Err(crate::store::StoreError::AlreadyExists) => {
-            // Another node created one first: use it, drop ours.
-            let _ = hsm.destroy_secret_key(id).await;
-            let (theirs, _) = store
-                .audit_key(HEALTH_KEY)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("the health-check key vanished")?;
-            crate::model::from_hex_array(&theirs)
-                .map(ObjectId)
-                .ok_or_else(|| "the recorded id is not 16 bytes of hex".into())
-        }
-        Err(e) => {
-            let _ = hsm.destroy_secret_key(id).await;
-            Err(e.to_string())
-        }
     }
 }
 

@@ -1,124 +1,67 @@
 //! The XKS proxy's listeners: HTTPS (HTTP/1.1 and HTTP/2 by ALPN, optional mTLS with a fixed
 //! client subject) and an optional plain-HTTP listener that answers only `GET /ping`.
 //!
-//! Owns connections, TLS handshakes and the HTTP framing; every request goes to
-//! [`Xks::handle`]. Bounded everywhere: handshakes in progress, handshake time, body size,
-//! request time. Connection tasks live in a `JoinSet` owned by the accept loop, so stopping
-//! the loop stops them.
+//! Owns the HTTP framing of connections the shared TLS listener ([`crate::listener`])
+//! established; every request goes to [`Xks::handle`]. Bounded: body size, request time.
+//! Connection tasks live in a `JoinSet` owned by the serving loop, so stopping the loop stops
+//! them.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming as Body;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::ServerConfig;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 
 use super::{Incoming, MAX_BODY, Outgoing, Xks};
+use crate::listener::Connection;
 
-const MAX_HANDSHAKES: usize = 256;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request (body read and answer) that takes longer is answered with a 503 by hyper's
 /// connection being dropped; KMS gives up after 250 ms anyway.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The TLS configuration: TLS 1.3 and 1.2 with ring's AEAD suites (which include the spec's
-/// required ones), ALPN `h2` and `http/1.1`, client certificates from `client_ca` when given.
-pub fn tls_config(
-    certs: Vec<rustls::pki_types::CertificateDer<'static>>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-    client_ca: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
-) -> Result<ServerConfig, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?;
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
-        Some(cas) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for ca in cas {
-                roots.add(ca).map_err(|e| e.to_string())?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .map_err(|e| e.to_string())?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
-}
+/// ALPN for the HTTPS listener: HTTP/2 first, HTTP/1.1 for clients without it.
+pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
-/// Serves HTTPS on `listener` until the returned future is dropped (the server aborts it).
-/// With `client_subject`, a connection whose client certificate's subject CN differs is
-/// closed right after the handshake.
+/// Serves the connections the shared TLS listener ([`crate::listener`]) established, until
+/// `connections` closes or the task is aborted (its connection tasks end with it). With
+/// `client_subject`, a connection whose client certificate's subject CN differs is closed
+/// before any request is read.
 pub async fn serve(
     xks: Xks,
-    listener: TcpListener,
-    tls: Arc<ServerConfig>,
+    mut connections: mpsc::Receiver<(Connection, SocketAddr)>,
     client_subject: Option<String>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
-            return;
-        };
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "XKS accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut serving = JoinSet::new();
+    while let Some((tls, peer)) = connections.recv().await {
+        while serving.try_join_next().is_some() {}
+        let presented = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .cloned();
+        let fingerprint = presented
+            .as_ref()
+            .map(crate::auth::fingerprint)
+            .unwrap_or_default();
+        if let Some(subject) = &client_subject {
+            let cn = presented.as_ref().and_then(|c| subject_cn(c.as_ref()));
+            if cn.as_deref() != Some(subject.as_str()) {
+                tracing::warn!(%peer, presented = ?cn, expected = %subject, "XKS client certificate has another subject; connection closed");
                 continue;
             }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let xks = xks.clone();
-        let subject = client_subject.clone();
-        connections.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "XKS TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            drop(permit);
-            let presented = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .cloned();
-            let fingerprint = presented
-                .as_ref()
-                .map(crate::auth::fingerprint)
-                .unwrap_or_default();
-            if let Some(subject) = &subject {
-                let cn = presented.as_ref().and_then(|c| subject_cn(c.as_ref()));
-                if cn.as_deref() != Some(subject.as_str()) {
-                    tracing::warn!(%peer, presented = ?cn, expected = %subject, "XKS client certificate has another subject; connection closed");
-                    return;
-                }
-            }
-            serve_connection(xks, TokioIo::new(tls), Some(peer), fingerprint).await;
-        });
+        }
+        serving.spawn(serve_connection(
+            xks.clone(),
+            TokioIo::new(tls),
+            Some(peer),
+            fingerprint,
+        ));
     }
 }
 

@@ -454,9 +454,9 @@ pub struct TestServer {
     #[allow(dead_code)]
     pub xks: (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>),
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), tresor::grpc::server::StartError>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), tresor::server::StartError>>>,
     /// For [`TestServer::reload`]; dropped before stopping, so the HSM context is released.
-    server: Option<std::sync::Arc<tresor::grpc::server::Server>>,
+    server: Option<std::sync::Arc<tresor::server::Server>>,
 }
 
 impl TestServer {
@@ -485,8 +485,8 @@ impl TestServer {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let server = loop {
             let config = tresor::config::Config::load(&deployment.config_path).unwrap();
-            match tresor::grpc::server::Server::prepare_with_clock(config, clock.clone()).await {
-                Err(tresor::grpc::server::StartError::Hsm(tresor::hsm::HsmError::AlreadyOpen))
+            match tresor::server::Server::prepare_with_clock(config, clock.clone()).await {
+                Err(tresor::server::StartError::Hsm(tresor::hsm::HsmError::AlreadyOpen))
                     if std::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
