@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use tresor::client::{Client, Profile};
 use tresor::config::Config;
-use tresor::server::Server;
 use tresor::proto;
+use tresor::server::Server;
 
 const SECONDS: u64 = 5;
 

@@ -10,7 +10,8 @@
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 
-use super::{Call, Hsm, HsmError, OpCtx, OpError, Retry, logged_in};
+use super::session::{OpCtx, OpError, Retry, logged_in};
+use super::{Call, Hsm, HsmError};
 
 /// `CKA_APPLICATION` of every data object Tresor creates, so listing skips other software's.
 const APPLICATION: &[u8] = b"tresor";

@@ -15,7 +15,8 @@ use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use cryptoki::session::UserType;
 
-use super::{CONTEXT_OPEN, HsmConfig, HsmError, find_token, initialise, unavailable};
+use super::session::{find_token, initialise, unavailable};
+use super::{CONTEXT_OPEN, HsmConfig, HsmError};
 
 /// What the raw loop did.
 #[derive(Debug, Clone)]
