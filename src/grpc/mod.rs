@@ -27,7 +27,6 @@ use crate::model::KeyName;
 pub use serve::{ALPN, ServeError, serve};
 pub use status::INVALID_CIPHERTEXT;
 
-use crate::proto;
 
 /// Default and largest page of `ListKeys`.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
@@ -387,7 +386,7 @@ fn optional_key_name(call: &Call, field: &str, value: &str) -> Result<Option<Key
 }
 
 /// Maps a custody result for [`Api::finish`].
-pub(super) fn custody<T, U>(
+fn custody<T, U>(
     call: &Call,
     r: Result<T, CustodyError>,
     f: impl FnOnce(T) -> Done<U>,
