@@ -27,7 +27,6 @@ use crate::model::KeyName;
 pub use serve::{ALPN, ServeError, serve};
 pub use status::INVALID_CIPHERTEXT;
 
-
 /// Default and largest page of `ListKeys`.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;

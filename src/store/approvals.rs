@@ -6,7 +6,8 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Store, StoreError, to_u32};
+use super::keys::to_u32;
+use super::{Store, StoreError};
 use crate::model::Millis;
 
 /// A four-eyes approval row.

@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
+use sqlx::Any;
 use sqlx::postgres::PgListener;
 
 use super::{Backend, Store, StoreError};
@@ -201,5 +202,26 @@ impl ChangeFeed {
                 }
             }
         }
+    }
+}
+
+impl Store {
+    /// Tells the other nodes that a key's rows changed (PostgreSQL `NOTIFY`, delivered when `tx`
+    /// commits and only if it does; see this module). Nothing to tell on SQLite.
+    pub(super) async fn key_changed(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Any>,
+        tenant: &str,
+        key: &str,
+    ) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            log_change(tx, tenant, key).await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(payload(tenant, key))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
     }
 }
