@@ -16,13 +16,14 @@ pub(super) async fn watch(
 ) {
     let mut known = None;
     loop {
-        let checked = match custody.check_dependencies().await {
-            Ok(()) => audit.check_chain(),
-            Err(e) => Err(e.to_string()),
-        };
-        let now = match checked {
-            Ok(()) => true,
-            Err(e) => {
+        let failure: Option<Box<dyn std::error::Error + Send>> =
+            match custody.check_dependencies().await {
+                Err(e) => Some(Box::new(e)),
+                Ok(()) => audit.check_chain().err().map(|e| Box::new(e) as _),
+            };
+        let now = match failure {
+            None => true,
+            Some(e) => {
                 if known != Some(false) {
                     tracing::error!(error = %e, "dependency check failed: health is NOT_SERVING");
                 }
