@@ -222,6 +222,53 @@ async fn every_key_service_rpc_works_end_to_end() {
             "{expected} missing from {names:?}"
         );
     }
+
+    // Tools that still speak v1alpha (grpcio-reflection, Postman, older grpcurl, grpcui,
+    // Evans) get the same answers, and can resolve the well-known imports by file name.
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let ask = |m| tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        };
+        let requests = [
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into())),
+            ask(MessageRequest::FileByFilename("google/protobuf/duration.proto".into())),
+            ask(MessageRequest::FileContainingSymbol("tresor.v1.KeyService".into())),
+        ];
+        let mut replies = ServerReflectionClient::new(service.channel())
+            .server_reflection_info(tokio_stream::iter(requests))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            replies.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("no service list over v1alpha");
+        };
+        assert!(list.service.iter().any(|s| s.name == "tresor.v1.KeyService"));
+        for wanted in ["google/protobuf/timestamp.proto", "google/protobuf/duration.proto", "tresor/v1/tresor.proto"] {
+            let Some(MessageResponse::FileDescriptorResponse(files)) =
+                replies.message().await.unwrap().unwrap().message_response
+            else {
+                panic!("{wanted} not resolved over v1alpha");
+            };
+            let names: Vec<String> = files
+                .file_descriptor_proto
+                .iter()
+                .map(|f| {
+                    <prost_types::FileDescriptorProto as prost::Message>::decode(f.as_slice())
+                        .unwrap()
+                        .name()
+                        .to_owned()
+                })
+                .collect();
+            assert!(names.iter().any(|n| n == wanted), "{wanted} not in {names:?}");
+        }
+    }
     server.stop().await;
 }
 

@@ -645,6 +645,28 @@ async fn each_error_name_comes_from_the_input_that_should_produce_it() {
         "InvalidKeyUsageException",
     )
     .await;
+    // The check decrypt behind ciphertextDataIntegrityValue is Tresor verifying its own
+    // output, not a decrypt the key's usage forbids: an encrypt-only key answers it, with the
+    // value, and the ciphertext still cannot be decrypted here.
+    let checked = ok(&mut c, &encrypt, &encrypt_body(b"encrypt-only", Some(aad), true)).await;
+    let value = unb64(&checked["ciphertextDataIntegrityValue"]);
+    let mut hashed = aad.to_vec();
+    for field in ["ciphertextMetadata", "initializationVector", "ciphertext", "authenticationTag"] {
+        hashed.extend(unb64(&checked[field]));
+    }
+    assert_eq!(
+        value,
+        ring::digest::digest(&ring::digest::SHA256, &hashed).as_ref(),
+        "the integrity value covers AAD, metadata, IV, ciphertext and tag"
+    );
+    refused(
+        &mut c,
+        &decrypt,
+        &decrypt_body(&checked, Some(aad)),
+        400,
+        "InvalidKeyUsageException",
+    )
+    .await;
     officer
         .admin()
         .update_key(update(proto::KeyUsage::NoUse))
@@ -886,4 +908,27 @@ async fn with_mtls_only_the_configured_client_subject_gets_in() {
     );
     assert_eq!(status(None).await, None);
     proxy.server.stop().await;
+}
+
+/// The whole configuration is checked before the HSM is opened: a credentials file the proxy
+/// would refuse is a configuration error, and the token stays untouched (no audit, integrity
+/// or health-check key was created in it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_credentials_file_is_refused_before_the_hsm_is_touched() {
+    let d = deployment(Backend::HsmSim, "", "");
+    let creds = d.dir().join("xks-credentials.toml");
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = tresor::config::Config::load(&d.config_path).unwrap();
+    let hsm_config = config.hsm.clone();
+    let err = tresor::server::Server::prepare(config).await.unwrap_err();
+    let tresor::server::StartError::Config(c) = &err else {
+        panic!("expected a configuration error, got {err}");
+    };
+    assert_eq!(c.key, "xks.prefix.credentials", "{err}");
+    assert_eq!(err.kind(), tresor::server::StartFailure::Config);
+    let hsm = tresor::hsm::Hsm::open(&hsm_config).unwrap();
+    assert!(
+        hsm.list_secret_keys().await.unwrap().is_empty(),
+        "the refused start created keys in the token"
+    );
 }

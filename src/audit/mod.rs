@@ -172,6 +172,14 @@ fn object_id(hex: &str) -> Option<ObjectId> {
     from_hex_array(hex).map(ObjectId)
 }
 
+/// Logs a failure to destroy an audit key that was created but could not be recorded: it
+/// protects nothing yet and can be removed by hand; the start fails either way.
+fn discard_unrecorded(destroyed: Result<bool, HsmError>, id: ObjectId) {
+    if let Err(e) = destroyed {
+        tracing::warn!(object = %id, error = %e, "could not destroy an unrecorded audit key; remove it from the token by hand");
+    }
+}
+
 fn random_id() -> Result<ObjectId, AuditError> {
     let mut id = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
@@ -208,7 +216,7 @@ impl AuditLog {
                     .insert_audit_key(SIGNING, &id.to_string(), &to_hex(&point))
                     .await
                 {
-                    let _ = hsm.destroy_signing_key(id).await;
+                    discard_unrecorded(hsm.destroy_signing_key(id).await, id);
                     return Err(e.into());
                 }
                 tracing::info!("audit signing key created in the HSM");
@@ -227,7 +235,7 @@ impl AuditLog {
                 let id = random_id()?;
                 hsm.generate_hmac_key(id, format!("{labels}/hmac")).await?;
                 if let Err(e) = store.insert_audit_key(HMAC, &id.to_string(), "").await {
-                    let _ = hsm.destroy_secret_key(id).await;
+                    discard_unrecorded(hsm.destroy_secret_key(id).await, id);
                     return Err(e.into());
                 }
                 id

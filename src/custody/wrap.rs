@@ -300,6 +300,51 @@ impl Custody {
         })
     }
 
+    /// [`Custody::seal_raw`], then a check decrypt of the fresh ciphertext with the same
+    /// version and AAD, which must give `plaintext` back (the XKS proxy's
+    /// `ciphertextDataIntegrityValue`). `digest` sees the ciphertext before the check, so a
+    /// corruption after it is caught by the check, not folded into the digest. The check is
+    /// Tresor verifying its own output, not a use of the key: it runs also on a key whose usage
+    /// is `encrypt`, and only inside this call, so it is no decryption service.
+    pub async fn seal_raw_checked<T>(
+        &self,
+        grant: &Grant,
+        name: &KeyName,
+        plaintext: Zeroizing<Vec<u8>>,
+        aad_for: impl FnOnce(&VersionId) -> Vec<u8>,
+        digest: impl FnOnce(&RawSealed) -> T,
+    ) -> Result<(RawSealed, T), CustodyError> {
+        authorize(grant, Role::Service, name)?;
+        check_plaintext(&plaintext)?;
+        let mut full_aad = Vec::new();
+        let (version, iv, sealed) = self
+            .seal_under_primary(name, plaintext.clone(), |v| {
+                full_aad = aad_for(&v.id);
+                full_aad.clone()
+            })
+            .await?;
+        let raw = RawSealed {
+            version_id: version.id,
+            key_version: version.full_name.to_string(),
+            iv,
+            sealed,
+        };
+        let value = digest(&raw);
+        let again = self
+            .inner
+            .hsm
+            .decrypt_gcm(ObjectId(version.id.0), iv, full_aad, raw.sealed.clone())
+            .await
+            .map_err(|e| self.hsm_failure(&version, e))?;
+        if again != plaintext {
+            return Err(CustodyError::Internal(format!(
+                "the check decrypt of a fresh ciphertext of {} did not give the plaintext back",
+                version.full_name
+            )));
+        }
+        Ok((raw, value))
+    }
+
     /// Decrypts what [`Custody::seal_raw`] produced under version `id` of key `name`. Same
     /// rules as [`Custody::unwrap`]; a version of another key is [`CustodyError::WrongKey`].
     pub async fn open_raw(

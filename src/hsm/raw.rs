@@ -130,9 +130,13 @@ fn run(
         }
     }
     let elapsed = start.elapsed();
-    let _ = login.destroy_object(key);
+    if let Err(e) = login.destroy_object(key) {
+        tracing::warn!(error = %e, "could not destroy the raw benchmark's session key (a session object: it goes with the session)");
+    }
     drop(login);
-    let _ = pkcs11.finalize();
+    if let Err(e) = pkcs11.finalize() {
+        tracing::debug!(error = %e, "C_Finalize after the raw benchmark failed");
+    }
     if let Some(e) = failure {
         return Err(unavailable(e));
     }

@@ -42,57 +42,28 @@ impl Xks {
         }
         audit.aad_hmac = self.inner.audit.hmac_aad(&aad);
         let (grant, key) = self.authorize(prefix, external_id, audit)?;
-        let sealed = self
-            .inner
-            .custody
-            .seal_raw(&grant, &key, plaintext.clone(), |id| {
-                gcm_aad(&aad, &metadata(id))
-            })
-            .await
-            .map_err(wire::from_custody)?;
+        let aad_of = |id: &VersionId| gcm_aad(&aad, &metadata(id));
+        let custody = &self.inner.custody;
+        let (sealed, integrity) = if cdiv {
+            // The value is computed before the check decrypt, as the spec's appendix C asks.
+            let (sealed, value) = custody
+                .seal_raw_checked(&grant, &key, plaintext, aad_of, |s| {
+                    integrity_value(&aad, &metadata(&s.version_id), &s.iv, &s.sealed)
+                })
+                .await
+                .map_err(wire::from_custody)?;
+            (sealed, Some(value))
+        } else {
+            let sealed = custody
+                .seal_raw(&grant, &key, plaintext, aad_of)
+                .await
+                .map_err(wire::from_custody)?;
+            (sealed, None)
+        };
         audit.key_version = sealed.key_version.clone();
         let metadata = metadata(&sealed.version_id);
         let split = sealed.sealed.len().saturating_sub(16);
         let (ciphertext, tag) = sealed.sealed.split_at(split);
-        let integrity = if cdiv {
-            // Computed before the check decrypt, as the spec's appendix C asks: corruption after
-            // this point is caught by the decrypt below, not folded into the value.
-            let mut hashed =
-                Vec::with_capacity(aad.len() + metadata.len() + 12 + sealed.sealed.len());
-            hashed.extend_from_slice(&aad);
-            hashed.extend_from_slice(&metadata);
-            hashed.extend_from_slice(&sealed.iv);
-            hashed.extend_from_slice(ciphertext);
-            hashed.extend_from_slice(tag);
-            let value = wire::encode(ring::digest::digest(&ring::digest::SHA256, &hashed).as_ref());
-            let (again, _) = self
-                .inner
-                .custody
-                .open_raw(
-                    &grant,
-                    &key,
-                    &sealed.version_id,
-                    sealed.iv,
-                    sealed.sealed.clone(),
-                    gcm_aad(&aad, &metadata),
-                )
-                .await
-                .map_err(|e| {
-                    XksError::Internal(format!(
-                        "the check decrypt of a fresh ciphertext failed: {}",
-                        wire::from_custody(e)
-                    ))
-                })?;
-            if again != plaintext {
-                return Err(XksError::Internal(
-                    "the check decrypt of a fresh ciphertext did not give the plaintext back"
-                        .into(),
-                ));
-            }
-            Some(value)
-        } else {
-            None
-        };
         to_json(&wire::EncryptResponse {
             ciphertext: wire::encode(ciphertext),
             ciphertext_metadata: wire::encode(&metadata),
@@ -226,6 +197,17 @@ pub(super) fn algorithm(value: Option<&str>) -> Result<(), XksError> {
             printable(other)
         ))),
     }
+}
+
+/// The spec's `ciphertextDataIntegrityValue`: base64 of SHA-256 over AAD, metadata, IV,
+/// ciphertext and tag (`sealed` is ciphertext followed by the tag).
+fn integrity_value(aad: &[u8], metadata: &[u8], iv: &[u8], sealed: &[u8]) -> String {
+    let mut hashed = Vec::with_capacity(aad.len() + metadata.len() + iv.len() + sealed.len());
+    hashed.extend_from_slice(aad);
+    hashed.extend_from_slice(metadata);
+    hashed.extend_from_slice(iv);
+    hashed.extend_from_slice(sealed);
+    wire::encode(ring::digest::digest(&ring::digest::SHA256, &hashed).as_ref())
 }
 
 /// `ciphertextMetadata`: format byte and version id.
