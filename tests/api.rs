@@ -235,9 +235,15 @@ async fn every_key_service_rpc_works_end_to_end() {
         };
         let requests = [
             ask(MessageRequest::ListServices(String::new())),
-            ask(MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into())),
-            ask(MessageRequest::FileByFilename("google/protobuf/duration.proto".into())),
-            ask(MessageRequest::FileContainingSymbol("tresor.v1.KeyService".into())),
+            ask(MessageRequest::FileByFilename(
+                "google/protobuf/timestamp.proto".into(),
+            )),
+            ask(MessageRequest::FileByFilename(
+                "google/protobuf/duration.proto".into(),
+            )),
+            ask(MessageRequest::FileContainingSymbol(
+                "tresor.v1.KeyService".into(),
+            )),
         ];
         let mut replies = ServerReflectionClient::new(service.channel())
             .server_reflection_info(tokio_stream::iter(requests))
@@ -249,8 +255,16 @@ async fn every_key_service_rpc_works_end_to_end() {
         else {
             panic!("no service list over v1alpha");
         };
-        assert!(list.service.iter().any(|s| s.name == "tresor.v1.KeyService"));
-        for wanted in ["google/protobuf/timestamp.proto", "google/protobuf/duration.proto", "tresor/v1/tresor.proto"] {
+        assert!(
+            list.service
+                .iter()
+                .any(|s| s.name == "tresor.v1.KeyService")
+        );
+        for wanted in [
+            "google/protobuf/timestamp.proto",
+            "google/protobuf/duration.proto",
+            "tresor/v1/tresor.proto",
+        ] {
             let Some(MessageResponse::FileDescriptorResponse(files)) =
                 replies.message().await.unwrap().unwrap().message_response
             else {
@@ -266,7 +280,10 @@ async fn every_key_service_rpc_works_end_to_end() {
                         .to_owned()
                 })
                 .collect();
-            assert!(names.iter().any(|n| n == wanted), "{wanted} not in {names:?}");
+            assert!(
+                names.iter().any(|n| n == wanted),
+                "{wanted} not in {names:?}"
+            );
         }
     }
     server.stop().await;

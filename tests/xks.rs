@@ -648,10 +648,20 @@ async fn each_error_name_comes_from_the_input_that_should_produce_it() {
     // The check decrypt behind ciphertextDataIntegrityValue is Tresor verifying its own
     // output, not a decrypt the key's usage forbids: an encrypt-only key answers it, with the
     // value, and the ciphertext still cannot be decrypted here.
-    let checked = ok(&mut c, &encrypt, &encrypt_body(b"encrypt-only", Some(aad), true)).await;
+    let checked = ok(
+        &mut c,
+        &encrypt,
+        &encrypt_body(b"encrypt-only", Some(aad), true),
+    )
+    .await;
     let value = unb64(&checked["ciphertextDataIntegrityValue"]);
     let mut hashed = aad.to_vec();
-    for field in ["ciphertextMetadata", "initializationVector", "ciphertext", "authenticationTag"] {
+    for field in [
+        "ciphertextMetadata",
+        "initializationVector",
+        "ciphertext",
+        "authenticationTag",
+    ] {
         hashed.extend(unb64(&checked[field]));
     }
     assert_eq!(

@@ -11,7 +11,8 @@ use super::output::Output;
 use crate::client::Client;
 use crate::proto;
 
-#[derive(Debug, Args)]
+/// `Debug` shows whether a plaintext was given on the command line, never the plaintext.
+#[derive(Args)]
 pub(super) struct WrapArgs {
     /// tenants/{tenant}/keys/{key}
     #[arg(long)]
@@ -27,6 +28,21 @@ pub(super) struct WrapArgs {
     /// Write the blob (raw bytes) to this file instead of printing it as base64.
     #[arg(long)]
     pub(super) out: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for WrapArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrapArgs")
+            .field("key", &self.key)
+            .field("input", &self.input)
+            .field(
+                "plaintext_base64",
+                &self.plaintext_base64.as_ref().map(|_| "<redacted>"),
+            )
+            .field("aad", &self.aad)
+            .field("out", &self.out)
+            .finish()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -88,7 +104,7 @@ pub(super) struct DatakeyArgs {
 }
 
 pub(super) async fn wrap(client: &Client, a: WrapArgs, out: &Output) -> Result<(), Failure> {
-    let plaintext = Zeroizing::new(input(
+    let mut plaintext = Zeroizing::new(input(
         a.input.as_deref(),
         a.plaintext_base64.as_deref(),
         "plaintext",
@@ -97,7 +113,8 @@ pub(super) async fn wrap(client: &Client, a: WrapArgs, out: &Output) -> Result<(
         .keys()
         .wrap(proto::WrapRequest {
             key: a.key,
-            plaintext: plaintext.to_vec(),
+            // Moved, not copied: no second plain copy of the secret stays behind.
+            plaintext: std::mem::take(&mut *plaintext),
             aad: aad(&a.aad)?,
         })
         .await
@@ -228,4 +245,51 @@ pub(super) async fn datakey(client: &Client, a: DatakeyArgs, out: &Output) -> Re
         !a.without_plaintext,
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::Cli;
+
+    #[test]
+    fn debug_of_the_arguments_holds_no_plaintext_or_aad() {
+        for args in [
+            vec![
+                "tresor",
+                "wrap",
+                "--key",
+                "tenants/t/keys/k",
+                "--plaintext-base64",
+                "cGF0aWVudC1zZWNyZXQ=",
+                "--aad",
+                "patient-aad",
+            ],
+            vec![
+                "tresor",
+                "unwrap",
+                "--ciphertext-base64",
+                "AAAA",
+                "--aad-base64",
+                "cGF0aWVudC1hYWQ=",
+            ],
+            vec![
+                "tresor",
+                "datakey",
+                "--key",
+                "tenants/t/keys/k",
+                "--aad",
+                "patient-aad",
+            ],
+            vec!["tresor", "audit", "hmac", "--aad", "patient-aad"],
+        ] {
+            let cli = Cli::try_parse_from(&args).unwrap();
+            let debug = format!("{cli:?}");
+            for secret in ["cGF0aWVudC1zZWNyZXQ=", "patient-aad", "cGF0aWVudC1hYWQ="] {
+                assert!(!debug.contains(secret), "{debug}");
+            }
+            assert!(debug.contains("redacted"), "{debug}");
+        }
+    }
 }

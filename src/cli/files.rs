@@ -9,8 +9,9 @@ use clap::Args;
 
 use super::exit::{Exit, Failure};
 
-/// Additional authenticated data, given one way at most.
-#[derive(Debug, Args)]
+/// Additional authenticated data, given one way at most. `Debug` shows how it was given, not
+/// what it is.
+#[derive(Args)]
 #[group(multiple = false)]
 pub(super) struct AadArgs {
     /// AAD as UTF-8 text.
@@ -22,6 +23,17 @@ pub(super) struct AadArgs {
     /// AAD from a file (raw bytes).
     #[arg(long)]
     pub(super) aad_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AadArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");
+        f.debug_struct("AadArgs")
+            .field("aad", &redacted(&self.aad))
+            .field("aad_base64", &redacted(&self.aad_base64))
+            .field("aad_file", &self.aad_file)
+            .finish()
+    }
 }
 
 pub(super) fn read_input(path: &Path) -> Result<Vec<u8>, Failure> {

@@ -1,10 +1,10 @@
 //! `tresor.v1.KeyService` (role `service`): Wrap, Unwrap, GenerateDataKey, Rewrap.
 
 use tonic::{Request, Response, Status};
+use zeroize::Zeroize;
 use zeroize::Zeroizing;
 
-use super::custody;
-use super::{Api, done};
+use super::{Api, custody, done, done_secret};
 use crate::auth::Role;
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
@@ -47,15 +47,16 @@ impl KeyService for Api {
                 .unwrap(&call.grant, &r.ciphertext, &r.aad, expected)
                 .await;
             // The response must own the bytes; what tonic does with them after encoding is out
-            // of our hands (SECURITY.md). If the audit record fails, this value is dropped unsent.
+            // of our hands (SECURITY.md). If the audit record fails, they are zeroized unsent.
             custody(call, out, |mut u| {
                 let plaintext = std::mem::take(&mut *u.plaintext);
-                done(
+                done_secret(
                     proto::UnwrapResponse {
                         plaintext,
                         key_version: u.key_version.clone(),
                     },
                     u.key_version,
+                    |r| r.plaintext.zeroize(),
                 )
             })
         })
@@ -87,13 +88,14 @@ impl KeyService for Api {
                     .map(|p| std::mem::take(&mut **p))
                     .unwrap_or_default();
                 let v = dk.key_version.clone();
-                done(
+                done_secret(
                     proto::GenerateDataKeyResponse {
                         plaintext,
                         ciphertext: dk.ciphertext,
                         key_version: dk.key_version,
                     },
                     v,
+                    |r| r.plaintext.zeroize(),
                 )
             })
         })

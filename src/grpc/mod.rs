@@ -77,12 +77,24 @@ struct Admission<'a> {
 struct Done<T> {
     response: T,
     key_version: String,
+    /// Zeroizes the secret a response carries (a plaintext, a data key) when the response is
+    /// withheld because its audit record failed; once sent, the bytes are tonic's (SECURITY.md).
+    wipe: Option<fn(&mut T)>,
 }
 
 fn done<T>(response: T, key_version: impl Into<String>) -> Done<T> {
     Done {
         response,
         key_version: key_version.into(),
+        wipe: None,
+    }
+}
+
+/// [`done`] for a response that carries a secret, wiped by `wipe` if it is withheld.
+fn done_secret<T>(response: T, key_version: impl Into<String>, wipe: fn(&mut T)) -> Done<T> {
+    Done {
+        wipe: Some(wipe),
+        ..done(response, key_version)
     }
 }
 
@@ -316,6 +328,14 @@ impl Api {
         let answer = match self.audit.append(call.grant.tenant().as_str(), body).await {
             Ok(_) => result.map(|d| call.ok(d.response)),
             Err(e) => {
+                if let Ok(Done {
+                    mut response,
+                    wipe: Some(wipe),
+                    ..
+                }) = result
+                {
+                    wipe(&mut response);
+                }
                 tracing::error!(request_id = %call.request_id, error = %e, "audit record failed; the result is withheld");
                 Err(status::status(
                     Code::Unavailable,
