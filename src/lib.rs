@@ -1,15 +1,20 @@
 //! Tresor: sovereign key custody in front of PKCS#11 HSMs.
 //!
-//! Layers, with dependencies pointing down only (DESIGN.md "Parts"):
+//! One custody core, sibling front-ends, one composition root; dependencies point down only
+//! (ARCHITECTURE.md in the repository describes each part and the request paths):
 //!
-//! - [`cli`] and [`api`]: the binary's commands and the gRPC services; [`client`]: the typed
-//!   gRPC client; [`config`]: `tresor serve`'s configuration.
+//! - [`server`]: the composition root of `tresor serve`. [`cli`]: the binary's commands.
+//!   [`client`]: the typed gRPC client, on [`proto`] and the pure modules only.
+//! - Front-ends, never importing each other: [`grpc`], [`xks`]; all listen through
+//!   [`listener`].
 //! - [`auth`]: who is calling and what they may do; its [`auth::Grant`] is required by every
 //!   custody operation.
-//! - [`custody`]: key lifecycle, wrap/unwrap/rotate; talks to the HSM and the store only
-//!   through their interfaces.
+//! - [`custody`]: key lifecycle, wrap/unwrap, approvals, schedule, reconciliation; talks to
+//!   the HSM and the store only through their interfaces and hands neither out. [`audit`]: the
+//!   tamper-evident log.
 //! - [`hsm`]: every PKCS#11 call. [`store`]: every SQL statement. [`envelope`]: the blob
-//!   format, pure. [`model`]: names and states, pure.
+//!   format, pure. [`audit_record`]: the audit record format, pure. [`model`]: names and
+//!   states, pure. [`config`]: `tresor serve`'s configuration.
 
 pub mod audit;
 pub mod audit_record;

@@ -1,6 +1,6 @@
 //! Domain vocabulary shared by every layer: key and version names, version states, time.
 //!
-//! Owns name validation (DESIGN.md "Key hierarchy and formats") and the set of version states.
+//! Owns name validation (SECURITY.md "Key hierarchy") and the set of version states.
 //! Pure: no I/O, no HSM, no database; the state machine's *transitions* belong to `custody`.
 
 use std::fmt;
@@ -117,7 +117,7 @@ impl fmt::Display for KeyName {
     }
 }
 
-/// The lifecycle state of one key version (DESIGN.md).
+/// The lifecycle state of one key version (SECURITY.md "Key hierarchy").
 ///
 /// `ENABLED` ↔ `DISABLED`; either → `DESTROY_SCHEDULED` (cancellable back to `DISABLED`)
 /// → `DESTROYED`, which is final: the HSM object is gone, the metadata stays.

@@ -1,4 +1,6 @@
-//! The writer task that owns the chain head: group commit of appended records, checkpoints signed off the commit path, the HSM anchor moved forward, and the refusal to go on when the database's chain does not extend the anchor.
+//! The writer task that owns the chain head: group commit of appended records, checkpoints signed
+//! off the commit path, the HSM anchor moved forward, and the refusal to go on when the database's
+//! chain does not extend the anchor.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,5 @@
-//! What the commands read from and write to the user's files and terminal: input files or base64, AAD, result files (secret ones private), confirmations.
+//! What the commands read from and write to the user's files and terminal: input files or base64,
+//! AAD, result files (secret ones private), confirmations.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

@@ -1,4 +1,6 @@
-//! Several nodes: keeping this node's cache in step with key changes made on other nodes (PostgreSQL notifications and the change log), and refusing to serve keys while this node cannot confirm it is current ([`CHANGE_BOUND_MS`]).
+//! Several nodes: keeping this node's cache in step with key changes made on other nodes
+//! (PostgreSQL notifications and the change log), and refusing to serve keys while this node cannot
+//! confirm it is current ([`CHANGE_BOUND_MS`]).
 
 use std::sync::Arc;
 

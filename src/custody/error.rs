@@ -1,4 +1,5 @@
-//! The errors of custody operations: one enum, mapped to each protocol's codes by each front-end (gRPC status, XKS error names, CLI exit codes), never here.
+//! The errors of custody operations: one enum, mapped to each protocol's codes by each front-end
+//! (gRPC status, XKS error names, CLI exit codes), never here.
 
 use super::approvals::ApprovalState;
 use crate::auth::Denied;

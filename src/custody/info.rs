@@ -1,4 +1,5 @@
-//! What custody operations return: key and version metadata, wrapped and unwrapped data. Plaintext is held in zeroizing buffers whose `Debug` prints no secret.
+//! What custody operations return: key and version metadata, wrapped and unwrapped data. Plaintext
+//! is held in zeroizing buffers whose `Debug` prints no secret.
 
 use zeroize::Zeroizing;
 

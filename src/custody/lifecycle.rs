@@ -1,4 +1,5 @@
-//! The officer's operations on keys and versions: create, read, list, rotate, update, enable, disable, cancel a destruction, and the state machine's transitions.
+//! The officer's operations on keys and versions: create, read, list, rotate, update, enable,
+//! disable, cancel a destruction, and the state machine's transitions.
 
 use std::sync::Arc;
 

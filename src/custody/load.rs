@@ -1,4 +1,5 @@
-//! Loading key metadata from the database into the cache, each key checked against its integrity value, and the first sealing of rows written before integrity values existed.
+//! Loading key metadata from the database into the cache, each key checked against its integrity
+//! value, and the first sealing of rows written before integrity values existed.
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
 //! Custody: the key lifecycle state machine and wrap, unwrap, data keys and rewrap.
 //!
-//! Owns the rules of DESIGN.md "Key hierarchy and formats": which version wraps, which
+//! Owns the rules of SECURITY.md "Key hierarchy": which version wraps, which
 //! versions may unwrap, which state changes are allowed, and the crash order between the HSM
 //! and the database. Talks to the HSM only through [`crate::hsm::Hsm`] and to the database
 //! only through [`crate::store::Store`]; knows nothing of gRPC, TLS or callers' identities.

@@ -1,4 +1,5 @@
-//! Work that falls due: automatic rotations, destructions past their grace period (each only with the HSM's destruction order), approval expiry.
+//! Work that falls due: automatic rotations, destructions past their grace period (each only with
+//! the HSM's destruction order), approval expiry.
 
 use super::cache::VersionEntry;
 use super::{Custody, CustodyError, DueReport, ROTATE_AFTER_WRAPS};

@@ -1,4 +1,5 @@
-//! The hot path: wrap, unwrap, data keys and rewrap, and the raw AES-GCM the XKS proxy uses. Reads the cache, then calls the HSM with no lock held.
+//! The hot path: wrap, unwrap, data keys and rewrap, and the raw AES-GCM the XKS proxy uses. Reads
+//! the cache, then calls the HSM with no lock held.
 
 use std::sync::Arc;
 

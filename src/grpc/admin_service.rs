@@ -1,4 +1,5 @@
-//! `tresor.v1.KeyAdminService` (role `officer`): keys, versions, destruction requests and their approvals.
+//! `tresor.v1.KeyAdminService` (role `officer`): keys, versions, destruction requests and their
+//! approvals.
 
 use tonic::{Request, Response, Status};
 

@@ -1,4 +1,5 @@
-//! Custody and audit values as protocol messages and back: times, states, keys, versions, approvals, checkpoints, exported records.
+//! Custody and audit values as protocol messages and back: times, states, keys, versions,
+//! approvals, checkpoints, exported records.
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,4 @@
-//! The one mapping from errors to gRPC status (DESIGN.md "Status codes").
+//! The one mapping from errors to gRPC status (README "API status codes").
 //!
 //! Chosen by the error's type, never by its text. Client-facing messages carry no internal
 //! detail: ciphertext problems share one generic message (no oracle), HSM and database

@@ -1,4 +1,6 @@
-//! Token objects and mechanisms: generating, finding, listing and destroying keys, AES-GCM, HMAC-SHA-256, ECDSA P-256 and random bytes. Every call goes through the session pool ([`super::session`]).
+//! Token objects and mechanisms: generating, finding, listing and destroying keys, AES-GCM,
+//! HMAC-SHA-256, ECDSA P-256 and random bytes. Every call goes through the session pool
+//! ([`super::session`]).
 
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;

@@ -1,4 +1,7 @@
-//! The session pool and how every call runs: a permit per session, inline or on the blocking pool ([`super::dispatch`]), the deadline, classification of failures and recovery (a lost session replaced, the module re-initialised, a stale handle looked up again), and bringing the module up and down.
+//! The session pool and how every call runs: a permit per session, inline or on the blocking pool
+//! ([`super::dispatch`]), the deadline, classification of failures and recovery (a lost session
+//! replaced, the module re-initialised, a stale handle looked up again), and bringing the module up
+//! and down.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -1,4 +1,5 @@
-//! Key and version rows: loading (from one snapshot), creating, versioning, updating and transitions, each write a compare-and-set on the key's integrity value, and the wrap budget.
+//! Key and version rows: loading (from one snapshot), creating, versioning, updating and
+//! transitions, each write a compare-and-set on the key's integrity value, and the wrap budget.
 
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row};

@@ -1,4 +1,5 @@
-//! The XKS operations that touch keys: Encrypt, Decrypt (with the ciphertext layout and AAD of the module docs), GetHealthStatus's answer, and the request-body helpers they share.
+//! The XKS operations that touch keys: Encrypt, Decrypt (with the ciphertext layout and AAD of the
+//! module docs), GetHealthStatus's answer, and the request-body helpers they share.
 
 use zeroize::Zeroizing;
 
