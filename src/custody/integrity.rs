@@ -3,8 +3,7 @@
 //! Owns the HSM's metadata integrity key (an HMAC-SHA256 generic secret, sensitive, never
 //! extractable, sign only), the exact bytes it MACs (a key's whole state, an approval row),
 //! and the seal each cache entry carries. A key whose stored value does not match the MAC of
-//! its rows is *broken*: custody refuses every operation on it
-//! ([`super::CustodyError::MetadataIntegrity`])
+//! its rows is *broken*: custody refuses every operation on it ([`super::CustodyError::MetadataIntegrity`])
 //! while other keys keep working. It never decides anything else and never touches the store:
 //! custody writes the values it computes here in the same statement as the state they cover.
 //!

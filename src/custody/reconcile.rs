@@ -9,16 +9,11 @@
 //!
 //! | token object | row | HSM evidence | meaning | action |
 //! | --- | --- | --- | --- | --- |
-//! | present | none | creation journal | crash between object creation and row commit | removed (or
-//! only reported, with [`OrphanPolicy::Report`]); on PostgreSQL only after [`ORPHAN_GRACE`] |
-//! | present | none | no journal | its row was deleted, or the database restored from an older
-//! backup | kept, reported as an error |
-//! | present | `DESTROYED` | due destruction order, key's rows sealed | crash between the commit
-//! and the object's destruction | destroyed |
-//! | present | `DESTROYED` | no due order, or the key's rows fail their check | the row was forged
-//! | kept, reported as an error |
-//! | missing | not `DESTROYED` | | destroyed or lost behind Tresor's back | version marked lost,
-//! logged as an error |
+//! | present | none | creation journal | crash between object creation and row commit | removed (or only reported, with [`OrphanPolicy::Report`]); on PostgreSQL only after [`ORPHAN_GRACE`] |
+//! | present | none | no journal | its row was deleted, or the database restored from an older backup | kept, reported as an error |
+//! | present | `DESTROYED` | due destruction order, key's rows sealed | crash between the commit and the object's destruction | destroyed |
+//! | present | `DESTROYED` | no due order, or the key's rows fail their check | the row was forged | kept, reported as an error |
+//! | missing | not `DESTROYED` | | destroyed or lost behind Tresor's back | version marked lost, logged as an error |
 //! | present | marked lost | | object restored | lost mark cleared |
 //!
 //! Leftover evidence is cleared: the journal of a committed version, the order of a destroyed

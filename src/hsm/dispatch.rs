@@ -8,8 +8,7 @@
 //! in-process software token such as SoftHSM, whose AES-GCM encryption takes 10–25 µs, those
 //! wake-ups cost more than the call: the same server did 0.13x the raw PKCS#11 loop with every
 //! call on the blocking pool, 0.18x with up to four calls on the async workers and 0.24x with
-//! one at a time (`tresor bench --compare-raw`, BENCHMARKS.md). On a network HSM, whose calls take
-//! a millisecond, a call on
+//! one at a time (`tresor bench --compare-raw`, BENCHMARKS.md). On a network HSM, whose calls take a millisecond, a call on
 //! the async worker would stall that worker for the whole round trip, and only a pool of
 //! sessions on blocking threads hides the latency.
 //!

@@ -6,8 +6,7 @@
 //! open loop at a target rate, where a request that is late because earlier answers were
 //! slow has its latency measured from its *scheduled* start, so that a slow server cannot hide
 //! its queueing (coordinated omission); a request sent on time is measured from when it was
-//! sent, so the timer's own lateness (tokio's has millisecond resolution) is not counted. Latencies
-//! go
+//! sent, so the timer's own lateness (tokio's has millisecond resolution) is not counted. Latencies go
 //! into HDR histograms (microseconds, 3 significant digits).
 
 use std::collections::BTreeMap;
