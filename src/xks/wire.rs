@@ -285,6 +285,55 @@ impl XksError {
     }
 }
 
+/// The one map from custody's errors to the specification's error names. Exhaustive, so a new
+/// custody error cannot reach AWS KMS without a decision here. Messages name keys and states,
+/// never internals: the HSM's and the database's details stay in Tresor's log.
+pub fn from_custody(e: CustodyError) -> XksError {
+    use CustodyError as E;
+    match e {
+        E::KeyNotFound(k) => XksError::KeyNotFound(format!("key {k} not found")),
+        E::PermissionDenied(d) => XksError::AccessDenied(d.to_string()),
+        E::UsageForbidden { .. } => XksError::InvalidKeyUsage(e.to_string()),
+        E::VersionDisabled(_)
+        | E::VersionDestroyScheduled(_)
+        | E::VersionDestroyed(_)
+        | E::VersionExhausted(_)
+        | E::VersionBelowMinimum(_)
+        | E::VersionLost(_)
+        | E::MetadataIntegrity { .. }
+        | E::VersionNotFound(_) => XksError::InvalidState(e.to_string()),
+        E::MalformedCiphertext(_)
+        | E::Unauthentic
+        | E::UnknownVersion
+        | E::WrongKey { .. }
+        | E::Hsm(HsmError::BadCiphertext) => XksError::InvalidCiphertext(
+            "the ciphertext, its metadata, IV, tag or AAD is not valid for this key".into(),
+        ),
+        E::InvalidArgument(m) => XksError::Validation(m),
+        E::InvalidName(_) => XksError::Validation(e.to_string()),
+        E::Hsm(HsmError::Deadline(_)) => {
+            XksError::DependencyTimeout("the HSM did not answer in time; retry".into())
+        }
+        E::Hsm(_) => XksError::Internal("the HSM is unavailable; retry later".into()),
+        E::Store(_) | E::NotCurrent => {
+            XksError::Internal("the key database is unavailable; retry later".into())
+        }
+        E::Conflict(_) => XksError::Internal("the key changed concurrently; retry".into()),
+        // Officer operations and start-up conditions: no XKS call reaches them, and if one
+        // did, AWS KMS can do nothing about it but retry.
+        E::KeyExists(_)
+        | E::ApprovalNotFound(_)
+        | E::ApprovalClosed { .. }
+        | E::SelfApproval(_)
+        | E::ApprovalPending(_)
+        | E::PrimaryVersion(_)
+        | E::InvalidTransition { .. }
+        | E::ApprovalIntegrity(_)
+        | E::IntegrityKeyMissing(_)
+        | E::Internal(_) => XksError::Internal("internal error".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,54 +393,5 @@ mod tests {
             Err(XksError::Unsupported(_))
         ));
         assert!(optional("aad", None, 8).unwrap().is_empty());
-    }
-}
-
-/// The one map from custody's errors to the specification's error names. Exhaustive, so a new
-/// custody error cannot reach AWS KMS without a decision here. Messages name keys and states,
-/// never internals: the HSM's and the database's details stay in Tresor's log.
-pub fn from_custody(e: CustodyError) -> XksError {
-    use CustodyError as E;
-    match e {
-        E::KeyNotFound(k) => XksError::KeyNotFound(format!("key {k} not found")),
-        E::PermissionDenied(d) => XksError::AccessDenied(d.to_string()),
-        E::UsageForbidden { .. } => XksError::InvalidKeyUsage(e.to_string()),
-        E::VersionDisabled(_)
-        | E::VersionDestroyScheduled(_)
-        | E::VersionDestroyed(_)
-        | E::VersionExhausted(_)
-        | E::VersionBelowMinimum(_)
-        | E::VersionLost(_)
-        | E::MetadataIntegrity { .. }
-        | E::VersionNotFound(_) => XksError::InvalidState(e.to_string()),
-        E::MalformedCiphertext(_)
-        | E::Unauthentic
-        | E::UnknownVersion
-        | E::WrongKey { .. }
-        | E::Hsm(HsmError::BadCiphertext) => XksError::InvalidCiphertext(
-            "the ciphertext, its metadata, IV, tag or AAD is not valid for this key".into(),
-        ),
-        E::InvalidArgument(m) => XksError::Validation(m),
-        E::InvalidName(_) => XksError::Validation(e.to_string()),
-        E::Hsm(HsmError::Deadline(_)) => {
-            XksError::DependencyTimeout("the HSM did not answer in time; retry".into())
-        }
-        E::Hsm(_) => XksError::Internal("the HSM is unavailable; retry later".into()),
-        E::Store(_) | E::NotCurrent => {
-            XksError::Internal("the key database is unavailable; retry later".into())
-        }
-        E::Conflict(_) => XksError::Internal("the key changed concurrently; retry".into()),
-        // Officer operations and start-up conditions: no XKS call reaches them, and if one
-        // did, AWS KMS can do nothing about it but retry.
-        E::KeyExists(_)
-        | E::ApprovalNotFound(_)
-        | E::ApprovalClosed { .. }
-        | E::SelfApproval(_)
-        | E::ApprovalPending(_)
-        | E::PrimaryVersion(_)
-        | E::InvalidTransition { .. }
-        | E::ApprovalIntegrity(_)
-        | E::IntegrityKeyMissing(_)
-        | E::Internal(_) => XksError::Internal("internal error".into()),
     }
 }
