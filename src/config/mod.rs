@@ -601,7 +601,7 @@ mod tests {
         let (dir, minimal) = setup();
         std::fs::write(dir.path().join("clients-ca.pem"), "x").unwrap();
         let path = dir.path().join("tresor.toml");
-        let reference = include_str!("../deploy/tresor.toml")
+        let reference = include_str!("../../deploy/tresor.toml")
             .replace("/etc/tresor/pin", "pin")
             .replace("/usr/lib/softhsm/libsofthsm2.so", "module.so")
             .replace("sqlite:///var/lib/tresor/", "sqlite://");
