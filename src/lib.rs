@@ -26,7 +26,7 @@ pub mod custody;
 pub mod envelope;
 pub mod grpc;
 pub mod hsm;
-pub mod listener;
+pub(crate) mod listener;
 pub mod metrics;
 pub mod model;
 pub mod pki;

@@ -210,6 +210,7 @@ pub struct TokenObject {
     pub label: String,
 }
 
+#[cfg(feature = "test-support")]
 /// Attributes of a secret key as the token reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyAttributes {

@@ -5,15 +5,15 @@
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::object::{
-    Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle,
-};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use zeroize::Zeroizing;
 
+#[cfg(feature = "test-support")]
+use super::KeyAttributes;
 use super::ckr::Call;
 use super::session::{OpError, Retry, unavailable};
-use super::{Hsm, HsmError, KeyAttributes, Kind, ObjectId, P256_PARAMS, TokenObject};
+use super::{Hsm, HsmError, Kind, ObjectId, P256_PARAMS, TokenObject};
 
 impl Hsm {
     /// Creates a version key: a token AES-256 key, sensitive, never extractable, not
@@ -173,7 +173,8 @@ impl Hsm {
     }
 
     /// Reads a secret key's protection attributes back from the token, and whether the token
-    /// would reveal `CKA_VALUE`.
+    /// would reveal `CKA_VALUE`. For the conformance tests only.
+    #[cfg(feature = "test-support")]
     pub async fn inspect_secret_key(&self, id: ObjectId) -> Result<KeyAttributes, HsmError> {
         self.run(Call::Other, Retry::Once, move |cx| {
             let handle = cx.object(id, Kind::Secret)?;
@@ -220,7 +221,10 @@ impl Hsm {
             let value = cx
                 .session
                 .get_attribute_info(handle, &[AttributeType::Value])?;
-            a.value_readable = matches!(value.first(), Some(AttributeInfo::Available(_)));
+            a.value_readable = matches!(
+                value.first(),
+                Some(cryptoki::object::AttributeInfo::Available(_))
+            );
             Ok(a)
         })
         .await

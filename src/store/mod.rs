@@ -312,7 +312,7 @@ impl Store {
     }
     /// Makes this store's change feeds drop every notification (`true`) or deliver them again.
     /// Exists for tests that show the change bound holds when a listener goes quiet.
-    #[doc(hidden)]
+    #[cfg(feature = "test-support")]
     pub fn silence_change_notifications_for_tests(&self, silenced: bool) {
         self.silenced
             .store(silenced, std::sync::atomic::Ordering::Relaxed);
@@ -320,7 +320,7 @@ impl Store {
 
     /// Runs raw SQL. Exists for tests that must break the database on purpose (for example a
     /// trigger that makes the next insert fail) to show that nothing is lost when it fails.
-    #[doc(hidden)]
+    #[cfg(feature = "test-support")]
     pub async fn execute_raw_for_tests(&self, sql: &str) -> Result<(), StoreError> {
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
             .execute(&self.pool)
