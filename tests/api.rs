@@ -782,7 +782,37 @@ async fn roles_tenants_and_keys_are_enforced() {
         wrap(&service_b, KEY, b"x", b"").await,
         Code::PermissionDenied,
     );
-    assert_code(unwrap(&service_b, &blob, b"").await, Code::PermissionDenied);
+    // Its blob gets exactly the answer of a blob no installation made: no key name, no
+    // existence oracle.
+    let foreign = unwrap(&service_b, &blob, b"").await.unwrap_err();
+    let mut unknown_blob = blob.clone();
+    unknown_blob[1..17].copy_from_slice(&[0x5a; 16]);
+    let unknown = unwrap(&service_b, &unknown_blob, b"").await.unwrap_err();
+    assert_eq!(foreign.code(), Code::InvalidArgument, "{foreign:?}");
+    assert_eq!(foreign.code(), unknown.code());
+    let without_id = |s: &tonic::Status| {
+        s.message()
+            .split(" (request")
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(
+        without_id(&foreign),
+        without_id(&unknown),
+        "{foreign:?} / {unknown:?}"
+    );
+    assert!(!foreign.message().contains("tenants/a"), "{foreign:?}");
+    assert_code(
+        service_b
+            .keys()
+            .rewrap(proto::RewrapRequest {
+                ciphertext: blob.clone(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+    );
     // A service calling KeyAdminService.
     assert_code(
         service_a
@@ -845,6 +875,53 @@ async fn roles_tenants_and_keys_are_enforced() {
             .get_audit_public_key(proto::GetAuditPublicKeyRequest {})
             .await,
         Code::PermissionDenied,
+    );
+
+    // Tenant A's auditors see who tried their key, and with which key; tenant B's log shows
+    // its service's failed calls without A's key name.
+    let tried =
+        |items: &[tresor::audit_record::ExportItem], op: &str| -> Vec<(String, String, String)> {
+            items
+                .iter()
+                .filter_map(|i| match i {
+                    tresor::audit_record::ExportItem::Record(r)
+                        if r.body.caller == SERVICE_B && r.body.operation == op =>
+                    {
+                        Some((r.tenant.clone(), r.body.key.clone(), r.body.outcome.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+    // A failed unwrap in the key's own tenant is recorded with the key it tried, so that a
+    // key-filtered export contains it.
+    assert_code(
+        unwrap(&service_a, &blob, b"wrong aad").await,
+        Code::InvalidArgument,
+    );
+    let in_a = verified_export(&auditor_a).await;
+    assert!(
+        in_a.iter()
+            .any(|i| matches!(i, tresor::audit_record::ExportItem::Record(r)
+            if r.body.caller == SERVICE_A && r.body.operation == "Unwrap"
+                && r.body.outcome == "FAILED" && r.body.key == KEY)),
+        "the failed unwrap names its key"
+    );
+    assert_eq!(
+        tried(&in_a, "Unwrap"),
+        vec![("a".to_owned(), KEY.to_owned(), "FAILED".to_owned())],
+        "the owner's log records the attempt on its key (the unknown blob is no key of A's)"
+    );
+    assert_eq!(tried(&in_a, "Rewrap").len(), 1);
+    let auditor_b = server.client(AUDITOR_B).await;
+    let in_b = verified_export(&auditor_b).await;
+    let b_unwraps = tried(&in_b, "Unwrap");
+    assert_eq!(b_unwraps.len(), 2, "{b_unwraps:?}");
+    assert!(
+        b_unwraps
+            .iter()
+            .all(|(t, key, _)| t == "b" && key.is_empty()),
+        "{b_unwraps:?}"
     );
 
     // A policy reload takes effect for new calls, on existing connections.

@@ -5,7 +5,7 @@ use super::approvals::ApprovalState;
 use crate::auth::Denied;
 use crate::envelope::EnvelopeError;
 use crate::hsm::HsmError;
-use crate::model::{KeyUsage, NameError, VersionState};
+use crate::model::{KeyName, KeyUsage, NameError, VersionState};
 use crate::store::StoreError;
 
 /// Errors of custody operations. Messages name keys and versions, never key material,
@@ -48,6 +48,14 @@ pub enum CustodyError {
     WrongKey {
         /// The key the caller expected.
         expected: String,
+    },
+    /// The blob belongs to a key the caller's grant does not cover (another tenant's, or one
+    /// outside its key patterns). Front-ends answer it exactly like [`Self::UnknownVersion`]:
+    /// the caller learns neither the key's name nor that the version exists.
+    #[error("ciphertext belongs to {key}, which the caller may not use")]
+    ForeignBlob {
+        /// The key the blob belongs to: for logs and its owner's audit log only.
+        key: KeyName,
     },
     /// The version is disabled.
     #[error("{0} is disabled")]

@@ -236,7 +236,9 @@ impl Custody {
                     expected: expected.to_string(),
                 });
             }
-            grant.check_key(key)?;
+            if !grant.allows_key(key) {
+                return Err(CustodyError::ForeignBlob { key: key.clone() });
+            }
             let entry = cache.keys.get(key).ok_or(CustodyError::UnknownVersion)?;
             entry.check_seal()?;
             if !entry.usage.decrypts() {
@@ -261,6 +263,17 @@ impl Custody {
         };
         usable(&version)?;
         Ok((version, entry))
+    }
+
+    /// The key a blob names, if this node knows its version; `None` for anything else. For a
+    /// front-end's audit record of a failed call only (which key was tried): never an answer
+    /// to the caller.
+    pub fn key_of_blob(&self, ciphertext: &[u8]) -> Option<KeyName> {
+        let blob = envelope::parse(ciphertext).ok()?;
+        read(&self.inner.cache)
+            .versions
+            .get(&blob.version_id)
+            .cloned()
     }
 
     // ---- raw AES-GCM for the XKS proxy --------------------------------------------------

@@ -41,25 +41,31 @@ impl KeyService for Api {
     ) -> Result<Response<proto::UnwrapResponse>, Status> {
         let call = self.begin(&request, Role::Service, "Unwrap").await?;
         let r = request.into_inner();
-        self.optionally_keyed(call, &r.key, &r.aad, async |call, expected| {
-            let out = self
-                .custody
-                .unwrap(&call.grant, &r.ciphertext, &r.aad, expected)
-                .await;
-            // The response must own the bytes; what tonic does with them after encoding is out
-            // of our hands (SECURITY.md). If the audit record fails, they are zeroized unsent.
-            custody(call, out, |mut u| {
-                let plaintext = std::mem::take(&mut *u.plaintext);
-                done_secret(
-                    proto::UnwrapResponse {
-                        plaintext,
-                        key_version: u.key_version.clone(),
-                    },
-                    u.key_version,
-                    |r| r.plaintext.zeroize(),
-                )
-            })
-        })
+        self.optionally_keyed(
+            call,
+            &r.key,
+            &r.aad,
+            &r.ciphertext,
+            async |call, expected| {
+                let out = self
+                    .custody
+                    .unwrap(&call.grant, &r.ciphertext, &r.aad, expected)
+                    .await;
+                // The response must own the bytes; what tonic does with them after encoding is out
+                // of our hands (SECURITY.md). If the audit record fails, they are zeroized unsent.
+                custody(call, out, |mut u| {
+                    let plaintext = std::mem::take(&mut *u.plaintext);
+                    done_secret(
+                        proto::UnwrapResponse {
+                            plaintext,
+                            key_version: u.key_version.clone(),
+                        },
+                        u.key_version,
+                        |r| r.plaintext.zeroize(),
+                    )
+                })
+            },
+        )
         .await
     }
 
@@ -108,23 +114,29 @@ impl KeyService for Api {
     ) -> Result<Response<proto::RewrapResponse>, Status> {
         let call = self.begin(&request, Role::Service, "Rewrap").await?;
         let r = request.into_inner();
-        self.optionally_keyed(call, &r.key, &r.aad, async |call, expected| {
-            let out = self
-                .custody
-                .rewrap(&call.grant, &r.ciphertext, &r.aad, expected)
-                .await;
-            custody(call, out, |w| {
-                let v = w.key_version.clone();
-                done(
-                    proto::RewrapResponse {
-                        ciphertext: w.ciphertext,
-                        key_version: w.key_version,
-                        rewrapped: w.rewrapped,
-                    },
-                    v,
-                )
-            })
-        })
+        self.optionally_keyed(
+            call,
+            &r.key,
+            &r.aad,
+            &r.ciphertext,
+            async |call, expected| {
+                let out = self
+                    .custody
+                    .rewrap(&call.grant, &r.ciphertext, &r.aad, expected)
+                    .await;
+                custody(call, out, |w| {
+                    let v = w.key_version.clone();
+                    done(
+                        proto::RewrapResponse {
+                            ciphertext: w.ciphertext,
+                            key_version: w.key_version,
+                            rewrapped: w.rewrapped,
+                        },
+                        v,
+                    )
+                })
+            },
+        )
         .await
     }
 }

@@ -309,22 +309,7 @@ impl Api {
         } else {
             key_of(&key_version).to_owned()
         };
-        let body = RecordBody {
-            request_id: call.request_id.clone(),
-            caller: call.grant.identity().to_owned(),
-            fingerprint: call.fingerprint.clone(),
-            role: call.role.to_string(),
-            operation: call.operation.to_owned(),
-            key,
-            key_version,
-            outcome: outcome(code).into(),
-            status_code: code as i32,
-            peer: call.peer.clone(),
-            aad_hmac,
-            // Stamped by the audit writer.
-            node: String::new(),
-            ..RecordBody::default()
-        };
+        let body = record_body(&call, code, key, key_version, aad_hmac);
         let answer = match self.audit.append(call.grant.tenant().as_str(), body).await {
             Ok(_) => result.map(|d| call.ok(d.response)),
             Err(e) => {
@@ -371,18 +356,74 @@ impl Api {
     }
 
     /// [`Api::keyed`] for calls whose key is optional: the blob names it, the request may pin it.
+    ///
+    /// A failed call is recorded with the key its blob belongs to, when this node knows it, so
+    /// that key-filtered exports contain it. If that key is another tenant's, the caller's own
+    /// record names no key (its auditors learn nothing of the other tenant) and the owner's
+    /// log gets a record of the attempt, with the key and the caller, so that "who tried to use
+    /// our key?" has an answer there.
     async fn optionally_keyed<T>(
         &self,
         call: Call,
         raw_key: &str,
         aad: &[u8],
+        blob: &[u8],
         op: impl AsyncFnOnce(&Call, Option<&KeyName>) -> Result<Done<T>, Status>,
     ) -> Result<Response<T>, Status> {
         let result = match optional_key_name(&call, "key", raw_key) {
             Ok(key) => op(&call, key.as_ref()).await,
             Err(s) => Err(s),
         };
-        self.finish(call, result, raw_key, aad).await
+        let aad_hmac = self.audit.hmac_aad(aad);
+        let mut key = raw_key.to_owned();
+        if let Err(refused) = &result
+            && let Some(owner) = self.custody.key_of_blob(blob)
+        {
+            if owner.tenant() == call.grant.tenant() {
+                if key.is_empty() {
+                    key = owner.to_string();
+                }
+            } else {
+                let body = record_body(
+                    &call,
+                    refused.code(),
+                    owner.to_string(),
+                    String::new(),
+                    aad_hmac.clone(),
+                );
+                if let Err(e) = self.audit.append(owner.tenant().as_str(), body).await {
+                    // The call fails anyway; its own record below still shows the attempt.
+                    tracing::error!(request_id = %call.request_id, error = %e, "the owning tenant's audit record of a refused call failed");
+                }
+            }
+        }
+        self.record(call, result, &key, aad_hmac).await
+    }
+}
+
+/// The audit record of a call: who, from where, which operation on which key, and its outcome.
+fn record_body(
+    call: &Call,
+    code: Code,
+    key: String,
+    key_version: String,
+    aad_hmac: String,
+) -> RecordBody {
+    RecordBody {
+        request_id: call.request_id.clone(),
+        caller: call.grant.identity().to_owned(),
+        fingerprint: call.fingerprint.clone(),
+        role: call.role.to_string(),
+        operation: call.operation.to_owned(),
+        key,
+        key_version,
+        outcome: outcome(code).into(),
+        status_code: code as i32,
+        peer: call.peer.clone(),
+        aad_hmac,
+        // Stamped by the audit writer.
+        node: String::new(),
+        ..RecordBody::default()
     }
 }
 

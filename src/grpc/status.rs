@@ -32,9 +32,11 @@ pub(crate) fn from_custody(e: &CustodyError, request_id: &str) -> Status {
         E::PermissionDenied(d) => return denied(d, request_id),
         E::KeyNotFound(_) | E::VersionNotFound(_) => (Code::NotFound, e.to_string()),
         E::KeyExists(_) => (Code::AlreadyExists, e.to_string()),
-        E::MalformedCiphertext(_) | E::Unauthentic | E::UnknownVersion | E::WrongKey { .. } => {
-            (Code::InvalidArgument, INVALID_CIPHERTEXT.to_owned())
-        }
+        E::MalformedCiphertext(_)
+        | E::Unauthentic
+        | E::UnknownVersion
+        | E::ForeignBlob { .. }
+        | E::WrongKey { .. } => (Code::InvalidArgument, INVALID_CIPHERTEXT.to_owned()),
         E::VersionDisabled(_)
         | E::VersionDestroyScheduled(_)
         | E::VersionDestroyed(_)

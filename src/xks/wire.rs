@@ -305,6 +305,7 @@ pub fn from_custody(e: CustodyError) -> XksError {
         E::MalformedCiphertext(_)
         | E::Unauthentic
         | E::UnknownVersion
+        | E::ForeignBlob { .. }
         | E::WrongKey { .. }
         | E::Hsm(HsmError::BadCiphertext) => XksError::InvalidCiphertext(
             "the ciphertext, its metadata, IV, tag or AAD is not valid for this key".into(),

@@ -312,6 +312,7 @@ pub const OFFICER_A2: &str = "officer-ben";
 pub const AUDITOR_A: &str = "auditor-alex";
 pub const SERVICE_B: &str = "spiffe://b.example/lab";
 pub const OFFICER_B: &str = "officer-bea";
+pub const AUDITOR_B: &str = "auditor-bo";
 
 pub const POLICY: &str = r#"
 [[identity]]
@@ -343,6 +344,11 @@ roles = ["service"]
 name = "officer-bea"
 tenant = "b"
 roles = ["officer"]
+
+[[identity]]
+name = "auditor-bo"
+tenant = "b"
+roles = ["auditor"]
 "#;
 
 /// Everything `tresor serve` needs, written to a scratch directory: a SoftHSM2 token, a CA
