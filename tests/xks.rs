@@ -111,8 +111,20 @@ fn signed(
     client: &XksClient,
     path: &str,
     body: &Value,
+    credential: (&str, &str),
+    time: SystemTime,
+) -> http::Request<Bytes> {
+    signed_for_host(client, path, body, credential, time, None)
+}
+
+/// [`signed`], with the signed `host` replaced by `host` when given.
+fn signed_for_host(
+    client: &XksClient,
+    path: &str,
+    body: &Value,
     (akid, secret): (&str, &str),
     time: SystemTime,
+    host: Option<&str>,
 ) -> http::Request<Bytes> {
     let body = Bytes::from(body.to_string());
     let mut request = client.request(
@@ -120,6 +132,11 @@ fn signed(
         &format!("{PREFIX}/kms/xks/v1{path}"),
         body.clone(),
     );
+    if let Some(host) = host {
+        request
+            .headers_mut()
+            .insert(http::header::HOST, host.parse().unwrap());
+    }
     let headers: Vec<(String, String)> = request
         .headers()
         .iter()
@@ -573,6 +590,9 @@ async fn each_error_name_comes_from_the_input_that_should_produce_it() {
     // future signatures (more than 5 minutes), a body changed after signing.
     let now = SystemTime::now();
     let body = encrypt_body(b"x", None, false);
+    // Every one gets the same answer: a caller learns neither whether an access key id exists
+    // nor which check failed (the log says).
+    let mut messages = std::collections::BTreeSet::new();
     for (credential, time) in [
         ((AKID_A, SECRET_B), now),
         ((AKID_B, SECRET_B), now),
@@ -584,7 +604,26 @@ async fn each_error_name_comes_from_the_input_that_should_produce_it() {
             (status, value["errorName"].as_str()),
             (401, Some("AuthenticationFailedException"))
         );
+        messages.insert(value["errorMessage"].as_str().unwrap_or("").to_owned());
     }
+    // A request correctly signed for another endpoint (its signed host is not one of this
+    // proxy's names) is refused the same way.
+    for foreign in [
+        "elsewhere.example",
+        "elsewhere.example:443",
+        "localhost.evil",
+    ] {
+        let request = signed_for_host(&c, &encrypt, &body, (AKID_A, SECRET_A), now, Some(foreign));
+        let (status, answer) = c.send(request).await.unwrap();
+        let value: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(
+            (status.as_u16(), value["errorName"].as_str()),
+            (401, Some("AuthenticationFailedException")),
+            "{foreign}"
+        );
+        messages.insert(value["errorMessage"].as_str().unwrap_or("").to_owned());
+    }
+    assert_eq!(messages.len(), 1, "{messages:?}");
     let (status, _) = call(
         &mut c,
         &encrypt,

@@ -18,6 +18,7 @@ pub(super) struct XksSection {
     region: String,
     client_ca: Option<PathBuf>,
     client_subject: Option<String>,
+    host_names: Option<Vec<String>>,
     max_concurrent_requests: Option<usize>,
     #[serde(default)]
     prefix: Vec<XksPrefixSection>,
@@ -50,6 +51,9 @@ pub struct XksConfig {
     pub client_ca: Option<PathBuf>,
     /// ... and the subject CN it must carry (`cks.kms.<region>.amazonaws.com`).
     pub client_subject: Option<String>,
+    /// The names a request's signed `host` may carry (the proxy's own names); `None`: the DNS
+    /// names and IP addresses of the server certificate.
+    pub host_names: Option<Vec<String>>,
     /// Requests served at once; beyond, `ThrottlingException`.
     pub max_concurrent_requests: usize,
     /// One entry per path prefix (tenant).
@@ -106,6 +110,17 @@ pub(super) fn parse_xks(
         return Err(err(
             "xks.client_subject",
             "mTLS needs both client_ca and client_subject (cks.kms.<region>.amazonaws.com)".into(),
+        ));
+    }
+    if let Some(names) = &x.host_names
+        && (names.is_empty()
+            || names
+                .iter()
+                .any(|n| n.is_empty() || n.contains(['/', ' ', ':'])))
+    {
+        return Err(err(
+            "xks.host_names",
+            "give the proxy's host names without port, e.g. [\"xks.example.org\"] (or leave it out to use the certificate's names)".into(),
         ));
     }
     let max = x.max_concurrent_requests.unwrap_or(256);
@@ -181,6 +196,9 @@ pub(super) fn parse_xks(
             .map(|p| readable("xks.client_ca", p))
             .transpose()?,
         client_subject: x.client_subject,
+        host_names: x
+            .host_names
+            .map(|names| names.into_iter().map(|n| n.to_ascii_lowercase()).collect()),
         max_concurrent_requests: max,
         prefixes,
     })

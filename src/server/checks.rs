@@ -22,6 +22,8 @@ pub(super) struct Checked {
 pub(super) struct CheckedXks {
     pub tls: Arc<ServerConfig>,
     pub credentials: crate::xks::Credentials,
+    /// The names a signed `host` may carry.
+    pub host_names: Vec<String>,
 }
 
 pub(super) fn config_error(
@@ -62,6 +64,19 @@ pub(super) fn check(config: &Config) -> Result<Checked, ConfigError> {
         None => None,
         Some(x) => {
             let certs = pki::load_certs(&x.cert).map_err(|e| error("xks.cert", &e))?;
+            let host_names = match &x.host_names {
+                Some(names) => names.clone(),
+                None => certs
+                    .first()
+                    .map(pki::certificate_names)
+                    .unwrap_or_default(),
+            };
+            if host_names.is_empty() {
+                return Err(error(
+                    "xks.host_names",
+                    &"the XKS certificate names no DNS name or IP address to check the signed host against; set xks.host_names",
+                ));
+            }
             let key = pki::load_key(&x.key).map_err(|e| error("xks.key", &e))?;
             let verifier = match &x.client_ca {
                 None => None,
@@ -77,6 +92,7 @@ pub(super) fn check(config: &Config) -> Result<Checked, ConfigError> {
             Some(CheckedXks {
                 tls: Arc::new(tls),
                 credentials,
+                host_names,
             })
         }
     };

@@ -172,6 +172,7 @@ impl Server {
                 service: crate::xks::Xks::open(
                     x,
                     parts.credentials,
+                    parts.host_names,
                     custody.clone(),
                     audit.clone(),
                     Arc::clone(&checked.policy),

@@ -84,6 +84,8 @@ struct Inner {
     prefixes: Vec<Prefix>,
     permits: Arc<Semaphore>,
     health_key: ProbeKey,
+    /// The names a request's signed `host` may carry, lower-case, without port.
+    host_names: Vec<String>,
     health: Mutex<Option<(Instant, HealthSnapshot)>>,
     node_id: String,
 }
@@ -251,6 +253,7 @@ impl Xks {
     pub async fn open(
         config: &XksConfig,
         credentials: Credentials,
+        host_names: Vec<String>,
         custody: Custody,
         audit: AuditLog,
         policy: Arc<SharedPolicy>,
@@ -267,6 +270,7 @@ impl Xks {
                 prefixes,
                 permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
                 health_key,
+                host_names,
                 health: Mutex::new(None),
                 node_id,
             }),
@@ -437,6 +441,21 @@ impl Xks {
         Some((prefix, operation, id))
     }
 
+    /// Whether `host` (a `Host` header or HTTP/2 authority, port optional) is one of the
+    /// proxy's names: the signed host must be ours, or a request signed for another endpoint
+    /// with the same credentials would be accepted here.
+    fn is_own_host(&self, host: &str) -> bool {
+        let name = match host.strip_prefix('[') {
+            Some(bracketed) => bracketed.split(']').next().unwrap_or(""),
+            None => host
+                .rsplit_once(':')
+                .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+                .map_or(host, |(name, _)| name),
+        };
+        let name = name.to_ascii_lowercase();
+        self.inner.host_names.iter().any(|n| *n == name)
+    }
+
     async fn call(
         &self,
         prefix: &Prefix,
@@ -457,9 +476,28 @@ impl Xks {
             authority: request.uri.authority().map(|a| a.as_str()),
             body,
         };
+        // One answer for every authentication failure, so a caller cannot tell a known access
+        // key from an unknown one, or a wrong host from a wrong signature; the log says which.
+        let refused = |why: &dyn std::fmt::Display| {
+            tracing::warn!(peer = ?request.peer, prefix = %prefix.config.path, reason = %why, "XKS request not authenticated");
+            XksError::AuthenticationFailed(
+                "the request's SigV4 signature could not be verified".into(),
+            )
+        };
+        let host = request
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or(signed.authority);
+        if !host.is_some_and(|h| self.is_own_host(h)) {
+            return Err(refused(&format_args!(
+                "host {:?} is not a name of this proxy",
+                host.map(printable)
+            )));
+        }
         let credential =
             sigv4::verify(&signed, &credentials, &self.inner.region, SystemTime::now())
-                .map_err(|e| XksError::AuthenticationFailed(e.to_string()))?;
+                .map_err(|e| refused(&e))?;
         audit.caller = prefix.config.identity.clone();
         // The prefix's tenant, so its auditors see its health checks too (authorization of
         // key operations below still asks the policy for a grant).

@@ -336,7 +336,11 @@ fn signing_key(secret: &str, date: &str, region: &str) -> hmac::Key {
     let step = |key: &[u8], data: &str| {
         hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data.as_bytes())
     };
-    let k_date = step(format!("AWS4{secret}").as_bytes(), date);
+    // The secret is copied only into memory that is zeroized when dropped.
+    let mut first = zeroize::Zeroizing::new(Vec::with_capacity(4 + secret.len()));
+    first.extend_from_slice(b"AWS4");
+    first.extend_from_slice(secret.as_bytes());
+    let k_date = step(&first, date);
     let k_region = step(k_date.as_ref(), region);
     let k_service = step(k_region.as_ref(), SERVICE);
     let k_signing = step(k_service.as_ref(), "aws4_request");
