@@ -453,7 +453,7 @@ impl Xks {
                 .map_or(host, |(name, _)| name),
         };
         let name = name.to_ascii_lowercase();
-        self.inner.host_names.iter().any(|n| *n == name)
+        self.inner.host_names.contains(&name)
     }
 
     async fn call(
