@@ -6,38 +6,190 @@
 //! (that is the front-end's protocol) nor decide who a client is (that is [`crate::auth`]);
 //! it only hands over connections whose handshake completed in time.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-/// A connection whose TLS handshake completed.
-pub type Connection = TlsStream<TcpStream>;
-
-/// Bounds on what a client can hold before it has said anything.
-#[derive(Debug, Clone, Copy)]
+/// Bounds on what clients can hold of a listener. The connection bounds are enforced here;
+/// the request bounds by the front-end's HTTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenerLimits {
+    /// Connections open at once (from accept to close); beyond it a new one is closed at once.
+    pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_connections_per_source: usize,
     /// TLS handshakes in progress at once; more connections wait in the kernel's backlog.
     pub max_handshakes: usize,
     /// A handshake that takes longer is abandoned and its connection closed.
     pub handshake_timeout: Duration,
+    /// A connection from which nothing was read for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time to receive a request's headers (HTTP/1.1; HTTP/2 frames are bounded by the idle
+    /// and request times).
+    pub header_timeout: Duration,
+    /// Time to receive a request's body and answer it.
+    pub request_timeout: Duration,
+    /// HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for ListenerLimits {
     fn default() -> Self {
         Self {
+            max_connections: 4096,
+            max_connections_per_source: 256,
             max_handshakes: 256,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 256,
         }
     }
+}
+
+/// A connection whose TLS handshake completed. It holds its place in the listener's
+/// connection bounds until dropped, and fails with `TimedOut` once nothing was read from it
+/// for the idle time.
+pub struct Connection {
+    tls: TlsStream<TcpStream>,
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    _place: Place,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("peer", &self._place.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// The TLS session (the client's certificates).
+    pub fn tls(&self) -> &rustls::ServerConnection {
+        self.tls.get_ref().1
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.tls).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                this.idle.as_mut().reset(deadline);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connection idle for too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Connection {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
+use std::future::Future as _;
+
+/// A connection's place in the listener's bounds: one of the total, one of its source's.
+struct Place {
+    _total: OwnedSemaphorePermit,
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut sources = crate::sync::lock(&self.sources);
+        if let Some(n) = sources.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                sources.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Takes a place for a connection from `source`, or `None` when the listener or the source is
+/// at its bound.
+fn take_place(
+    total: &Arc<Semaphore>,
+    sources: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+    source: IpAddr,
+    per_source: usize,
+) -> Option<Place> {
+    let permit = Arc::clone(total).try_acquire_owned().ok()?;
+    let mut counts = crate::sync::lock(sources);
+    let n = counts.entry(source).or_insert(0);
+    if *n >= per_source {
+        return None;
+    }
+    *n += 1;
+    drop(counts);
+    Some(Place {
+        _total: permit,
+        sources: Arc::clone(sources),
+        source,
+    })
 }
 
 /// The server side of TLS for a listener: TLS 1.3 and 1.2 with ring's default suites (all
@@ -94,6 +246,8 @@ async fn accept_loop(
     established: mpsc::Sender<(Connection, SocketAddr)>,
 ) {
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+    let total = Arc::new(Semaphore::new(limits.max_connections));
+    let sources = Arc::new(Mutex::new(HashMap::new()));
     let mut in_progress = JoinSet::new();
     loop {
         while in_progress.try_join_next().is_some() {}
@@ -112,6 +266,17 @@ async fn accept_loop(
             },
             () = established.closed() => return,
         };
+        let Some(place) = take_place(
+            &total,
+            &sources,
+            peer.ip(),
+            limits.max_connections_per_source,
+        ) else {
+            // Closed at once: a flood from one source cannot take the listener from others.
+            crate::metrics::global().connection_refused(name);
+            tracing::debug!(listener = name, %peer, "connection over the listener's bounds closed");
+            continue;
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(listener = name, %peer, error = %e, "could not set TCP_NODELAY");
         }
@@ -121,8 +286,14 @@ async fn accept_loop(
             let _permit = permit;
             match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
+                    let connection = Connection {
+                        tls,
+                        idle_timeout: limits.idle_timeout,
+                        idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+                        _place: place,
+                    };
                     // A closed receiver means the front-end stopped: the connection is dropped.
-                    let _ = established.send((tls, peer)).await;
+                    let _ = established.send((connection, peer)).await;
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");

@@ -103,6 +103,8 @@ pub struct Metrics {
     pub audit_commit: Histogram,
     /// Scheduler passes, by outcome.
     scheduler_runs: Mutex<BTreeMap<&'static str, u64>>,
+    /// Connections closed at accept because their listener or source was at its bound.
+    connections_refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Keys whose rows failed their integrity check (each load or re-read that found it).
     pub metadata_integrity_failures: Counter,
     /// Destructions the database called due that the HSM's evidence did not back.
@@ -147,6 +149,7 @@ pub fn global() -> &'static Metrics {
         audit_batch: Histogram::new(&BATCH_BUCKETS),
         audit_commit: Histogram::new(&LATENCY_BUCKETS),
         scheduler_runs: Mutex::new(BTreeMap::new()),
+        connections_refused: Mutex::new(BTreeMap::new()),
         metadata_integrity_failures: Counter::default(),
         destructions_refused: Counter::default(),
         audit_anchor_failures: Counter::default(),
@@ -170,6 +173,11 @@ impl Metrics {
     /// Where to read the session gauge from (the back-end registers itself when it opens).
     pub fn hsm_sessions_from(&self, gauge: impl Fn() -> (u64, u64) + Send + Sync + 'static) {
         *lock(&self.hsm_sessions) = Some(SessionGauge(Box::new(gauge)));
+    }
+
+    /// Records a connection closed at accept (its listener or source at its bound).
+    pub fn connection_refused(&self, listener: &'static str) {
+        *lock(&self.connections_refused).entry(listener).or_default() += 1;
     }
 
     /// Records a scheduler pass.
@@ -208,6 +216,13 @@ impl Metrics {
         out.push_str("# HELP tresor_audit_commit_seconds Time of one audit commit.\n# TYPE tresor_audit_commit_seconds histogram\n");
         self.audit_commit
             .write(&mut out, "tresor_audit_commit_seconds", "");
+        out.push_str("# HELP tresor_connections_refused_total Connections closed at accept because their listener or source address was at its connection bound.\n# TYPE tresor_connections_refused_total counter\n");
+        for (listener, n) in lock(&self.connections_refused).iter() {
+            let _ = writeln!(
+                out,
+                "tresor_connections_refused_total{{listener=\"{listener}\"}} {n}"
+            );
+        }
         out.push_str("# HELP tresor_scheduler_runs_total Scheduler passes by outcome.\n# TYPE tresor_scheduler_runs_total counter\n");
         for (outcome, n) in lock(&self.scheduler_runs).iter() {
             let _ = writeln!(

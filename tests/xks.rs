@@ -981,3 +981,64 @@ async fn a_bad_credentials_file_is_refused_before_the_hsm_is_touched() {
         "the refused start created keys in the token"
     );
 }
+
+/// A client that trickles its request headers is closed after the header time, and the
+/// proxy keeps serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = Proxy::start(deployment(
+        Backend::HsmSim,
+        "limits = { header_timeout_secs = 1 }",
+        "",
+    ))
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tresor::pki::load_certs(&proxy.server.deployment.dir().join("ca.pem")).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(proxy.server.xks.0.unwrap())
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let trickle = async {
+        tls.write_all(b"POST /x HTTP/1.1\r\nHo").await?;
+        for byte in b"st: localhost\r\nX-A: " {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            tls.write_all(&[*byte]).await?;
+        }
+        let mut buf = [0u8; 256];
+        loop {
+            if tls.read(&mut buf).await? == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(8), trickle)
+        .await
+        .expect("a client trickling its headers was served for more than 8 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut client = proxy.client(HttpVersion::Http1).await;
+    ok(
+        &mut client,
+        &format!("/keys/{EXTERNAL}/metadata"),
+        &json!({"requestMetadata": metadata("DescribeKey")}),
+    )
+    .await;
+}

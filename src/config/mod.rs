@@ -4,6 +4,7 @@
 //! not open the HSM, the database or sockets; it only checks that what they need is present and
 //! well-formed. Secrets (the PIN, the TLS private key) are only ever *locations* here.
 
+mod limits;
 mod xks;
 
 use std::net::SocketAddr;
@@ -54,6 +55,7 @@ struct ServerSection {
     max_concurrent_requests: Option<usize>,
     request_timeout_secs: Option<u64>,
     health_check_interval_secs: Option<u64>,
+    limits: Option<limits::LimitsSection>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +117,8 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// Longest a request may run.
     pub request_timeout: Duration,
+    /// The gRPC listener's bounds (`[server.limits]`).
+    pub limits: crate::listener::ListenerLimits,
     /// How often the HSM and database are checked for the health service.
     pub health_check_interval: Duration,
     /// Server certificate chain (PEM).
@@ -369,6 +373,15 @@ impl Config {
             log_format,
             max_concurrent_requests,
             request_timeout: Duration::from_secs(request_timeout),
+            limits: limits::parse_limits(
+                raw.server.limits,
+                crate::listener::ListenerLimits {
+                    request_timeout: Duration::from_secs(request_timeout),
+                    ..Default::default()
+                },
+                "server.limits",
+                &err,
+            )?,
             health_check_interval: Duration::from_secs(health),
             tls_cert,
             tls_key,
@@ -613,6 +626,7 @@ mod tests {
         // Where the reference shows a default, it is the default.
         assert_eq!(r.max_concurrent_requests, d.max_concurrent_requests);
         assert_eq!(r.request_timeout, d.request_timeout);
+        assert_eq!(r.limits, d.limits);
         assert_eq!(r.health_check_interval, d.health_check_interval);
         assert_eq!(r.hsm.sessions, d.hsm.sessions);
         assert_eq!(r.hsm.call_timeout, d.hsm.call_timeout);

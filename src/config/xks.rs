@@ -20,6 +20,7 @@ pub(super) struct XksSection {
     client_subject: Option<String>,
     host_names: Option<Vec<String>>,
     max_concurrent_requests: Option<usize>,
+    limits: Option<super::limits::LimitsSection>,
     #[serde(default)]
     prefix: Vec<XksPrefixSection>,
 }
@@ -56,6 +57,8 @@ pub struct XksConfig {
     pub host_names: Option<Vec<String>>,
     /// Requests served at once; beyond, `ThrottlingException`.
     pub max_concurrent_requests: usize,
+    /// The HTTPS listener's bounds (`[xks.limits]`).
+    pub limits: crate::listener::ListenerLimits,
     /// One entry per path prefix (tenant).
     pub prefixes: Vec<XksPrefix>,
 }
@@ -200,6 +203,15 @@ pub(super) fn parse_xks(
             .host_names
             .map(|names| names.into_iter().map(|n| n.to_ascii_lowercase()).collect()),
         max_concurrent_requests: max,
+        limits: super::limits::parse_limits(
+            x.limits,
+            crate::listener::ListenerLimits {
+                max_connections: 1024,
+                ..Default::default()
+            },
+            "xks.limits",
+            err,
+        )?,
         prefixes,
     })
 }

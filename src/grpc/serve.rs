@@ -4,14 +4,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tonic::transport::Server as TonicServer;
 
 use super::Api;
-use crate::listener::Connection;
+use crate::listener::{Connection, ListenerLimits};
 use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::key_admin_service_server::KeyAdminServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
@@ -19,8 +18,6 @@ use crate::proto::{self, MAX_MESSAGE_BYTES};
 
 /// ALPN for the gRPC listener.
 pub const ALPN: &[&[u8]] = &[b"h2"];
-/// HTTP/2 streams per connection.
-const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// The services whose health `grpc.health.v1.Health` reports ("" is the server as a whole).
 const HEALTH_SERVICES: [&str; 4] = [
     "",
@@ -46,7 +43,7 @@ pub async fn serve(
     api: Api,
     connections: mpsc::Receiver<(Connection, SocketAddr)>,
     health: watch::Receiver<bool>,
-    request_timeout: Duration,
+    limits: ListenerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -61,9 +58,11 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::ReceiverStream::new(connections)
         .map(|(connection, _peer)| Ok::<_, std::io::Error>(connection));
     let served = TonicServer::builder()
-        .timeout(request_timeout)
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .timeout(limits.request_timeout)
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        // No server pings: a connection's liveness is what it sends (the listener closes one
+        // idle for `idle_timeout`), and pings answered would keep an idle flood open.
+        .http2_keepalive_interval(None)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -24,7 +24,7 @@ use crate::config::{Config, ConfigError};
 use crate::custody::{Clock, Custody, CustodyError, CustodyOptions, SystemClock};
 use crate::grpc::{self, Api};
 use crate::hsm::{Hsm, HsmError};
-use crate::listener::{self, ListenerLimits};
+use crate::listener;
 use crate::store::{Store, StoreError};
 use crate::sync::lock;
 
@@ -287,7 +287,6 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let bound = std::mem::take(&mut *lock(&self.listeners));
-        let limits = ListenerLimits::default();
         let mut tasks = Vec::new();
         if let Some(metrics) = bound.metrics {
             tasks.push(tokio::spawn(crate::metrics::serve(metrics)));
@@ -305,15 +304,17 @@ impl Server {
             healthy,
             self.config.health_check_interval,
         )));
-        if let Some(parts) = &self.xks {
+        if let (Some(parts), Some(x)) = (&self.xks, &self.config.xks) {
+            let xks_limits = x.limits;
             if let Some(https) = bound.xks {
                 let (accept, connections) =
-                    listener::accept("xks", https, Arc::clone(&parts.tls), limits);
+                    listener::accept("xks", https, Arc::clone(&parts.tls), xks_limits);
                 tasks.push(accept);
                 tasks.push(tokio::spawn(crate::xks::serve(
                     parts.service.clone(),
                     connections,
                     parts.client_subject.clone(),
+                    xks_limits,
                 )));
             }
             if let Some(ping) = bound.xks_ping {
@@ -325,15 +326,19 @@ impl Server {
             let service = parts.service.clone();
             tasks.push(tokio::spawn(async move { service.keep_health().await }));
         }
-        let (accept, connections) =
-            listener::accept("grpc", listener, Arc::clone(&self.grpc_tls), limits);
+        let (accept, connections) = listener::accept(
+            "grpc",
+            listener,
+            Arc::clone(&self.grpc_tls),
+            self.config.limits,
+        );
         tasks.push(accept);
 
         let result = grpc::serve(
             self.api.clone(),
             connections,
             health,
-            self.config.request_timeout,
+            self.config.limits,
             shutdown,
         )
         .await

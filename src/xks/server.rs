@@ -12,17 +12,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming as Body;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{Incoming, MAX_BODY, Outgoing, Xks};
-use crate::listener::Connection;
-
-/// A request (body read and answer) that takes longer is answered with a 503 by hyper's
-/// connection being dropped; KMS gives up after 250 ms anyway.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::listener::{Connection, ListenerLimits};
 
 /// ALPN for the HTTPS listener: HTTP/2 first, HTTP/1.1 for clients without it.
 pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
@@ -35,13 +31,13 @@ pub async fn serve(
     xks: Xks,
     mut connections: mpsc::Receiver<(Connection, SocketAddr)>,
     client_subject: Option<String>,
+    limits: ListenerLimits,
 ) {
     let mut serving = JoinSet::new();
     while let Some((tls, peer)) = connections.recv().await {
         while serving.try_join_next().is_some() {}
         let presented = tls
-            .get_ref()
-            .1
+            .tls()
             .peer_certificates()
             .and_then(|c| c.first())
             .cloned();
@@ -61,6 +57,7 @@ pub async fn serve(
             TokioIo::new(tls),
             Some(peer),
             fingerprint,
+            limits,
         ));
     }
 }
@@ -95,8 +92,13 @@ pub async fn serve_ping(xks: Xks, listener: TcpListener) {
     }
 }
 
-async fn serve_connection<I>(xks: Xks, io: I, peer: Option<SocketAddr>, fingerprint: String)
-where
+async fn serve_connection<I>(
+    xks: Xks,
+    io: I,
+    peer: Option<SocketAddr>,
+    fingerprint: String,
+    limits: ListenerLimits,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |request: http::Request<Body>| {
@@ -104,13 +106,15 @@ where
         let fingerprint = fingerprint.clone();
         async move {
             let (parts, body) = request.into_parts();
-            let body =
-                match tokio::time::timeout(REQUEST_TIMEOUT, Limited::new(body, MAX_BODY).collect())
-                    .await
-                {
-                    Ok(Ok(collected)) => Some(collected.to_bytes()),
-                    _ => None,
-                };
+            let body = match tokio::time::timeout(
+                limits.request_timeout,
+                Limited::new(body, MAX_BODY).collect(),
+            )
+            .await
+            {
+                Ok(Ok(collected)) => Some(collected.to_bytes()),
+                _ => None,
+            };
             let answer = xks
                 .handle(Incoming {
                     method: parts.method,
@@ -124,7 +128,17 @@ where
             Ok::<_, std::convert::Infallible>(response(answer))
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // With a timer, hyper bounds the time to receive a request's headers: a client that
+    // trickles a header byte every few seconds is closed, not served forever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams_per_connection);
     if let Err(e) = builder.serve_connection(io, service).await {
         tracing::debug!(?peer, error = %e, "XKS connection ended with an error");
     }

@@ -1,0 +1,154 @@
+//! A client's hold on a listener is bounded: connections per source address, the TLS handshake,
+//! an idle connection. Each bound is set small in the configuration, pushed past by a client
+//! playing the attacker, and then an allowed caller still gets in.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// Waits until the server closes `tcp` (EOF or an error), at most `within`.
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // A TLS alert or handshake bytes: keep reading until the close.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+async fn wrap_works(server: &TestServer) -> bool {
+    let service = server.client(SERVICE_A).await;
+    service
+        .keys()
+        .wrap(tresor::proto::WrapRequest {
+            key: "tenants/a/keys/k".into(),
+            plaintext: b"dek".to_vec(),
+            aad: Vec::new(),
+        })
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_hold_more_connections_than_its_bound() {
+    let server = TestServer::start_with(
+        "limits = { max_connections_per_source = 3, handshake_timeout_secs = 30 }",
+    )
+    .await;
+    let officer = server.client(OFFICER_A).await;
+    create_key(&officer, "tenants/a/keys/k").await;
+    drop(officer);
+    // Give the server a moment to see the officer's connection closed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Three silent TCP connections from 127.0.0.1 take the source's places...
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... so a fourth is closed at once, without waiting for its handshake.
+    let mut fourth = TcpStream::connect(server.addr).await.unwrap();
+    assert!(
+        closed_within(&mut fourth, Duration::from_secs(2)).await,
+        "a connection over the per-source bound was kept open"
+    );
+    // Once they are gone, the source gets in again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        wrap_works(&server).await,
+        "an allowed caller could not get in afterwards"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_or_idle_connection_is_closed() {
+    let server =
+        TestServer::start_with("limits = { handshake_timeout_secs = 1, idle_timeout_secs = 2 }")
+            .await;
+    let officer = server.client(OFFICER_A).await;
+    create_key(&officer, "tenants/a/keys/k").await;
+
+    // A client that never starts its TLS handshake.
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let started = Instant::now();
+    assert!(closed_within(&mut silent, Duration::from_secs(4)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before its handshake time"
+    );
+
+    // A client that completes TLS and then says nothing.
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tresor::pki::load_certs(&server.deployment.dir().join("ca.pem")).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle TLS connection was kept open");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "closed before its idle time"
+    );
+
+    // The allowed caller, active, is served.
+    assert!(wrap_works(&server).await);
+    server.stop().await;
+}
+
+#[test]
+fn limits_out_of_range_are_configuration_errors() {
+    for (limits, key) in [
+        ("max_connections = 0", "server.limits.max_connections"),
+        ("idle_timeout_secs = 0", "server.limits.idle_timeout_secs"),
+        (
+            "max_connections = 10, max_connections_per_source = 11",
+            "server.limits.max_connections_per_source",
+        ),
+        (
+            "max_streams_per_connection = 0",
+            "server.limits.max_streams_per_connection",
+        ),
+    ] {
+        let d = Deployment::new(&format!("limits = {{ {limits} }}"));
+        let e = tresor::config::Config::load(&d.config_path).unwrap_err();
+        assert_eq!(e.key, key, "{e}");
+    }
+    let d = Deployment::new("limits = { max_conections = 5 }");
+    assert!(
+        tresor::config::Config::load(&d.config_path).is_err(),
+        "a misspelt limit is refused"
+    );
+}
