@@ -15,6 +15,7 @@ pub const GENESIS: [u8; 32] = [0; 32];
 const RECORD_DOMAIN: &[u8] = b"tresor/audit/record/v1\0";
 const BODY_DOMAIN: &[u8] = b"tresor/audit/body/v1\0";
 const BODY_DOMAIN_V2: &[u8] = b"tresor/audit/body/v2\0";
+const BODY_DOMAIN_V3: &[u8] = b"tresor/audit/body/v3\0";
 const CHECKPOINT_DOMAIN: &[u8] = b"tresor/audit/checkpoint/v1\0";
 
 /// What an audit record says about one RPC. Never plaintext, AAD or PINs: the AAD appears only
@@ -59,6 +60,16 @@ pub struct RecordBody {
     /// XKS calls: the KMS key's ARN.
     #[serde(default)]
     pub kms_key_arn: String,
+    /// A burst record: how many refused calls identical to the burst's first (recorded on its
+    /// own) this record stands for; 0 for a record of one call.
+    #[serde(default)]
+    pub repeated: u64,
+    /// A burst record: UTC milliseconds of the first and the last call it stands for.
+    #[serde(default)]
+    pub first_ms: i64,
+    /// See `first_ms`.
+    #[serde(default)]
+    pub last_ms: i64,
 }
 
 /// A record in the chain.
@@ -106,7 +117,9 @@ impl RecordBody {
     /// a node id or XKS fields uses `"tresor/audit/body/v2\0"` instead and appends
     /// `‖ str(node) ‖ str(kms_request_id) ‖ str(kms_operation) ‖ str(aws_principal_arn)
     /// ‖ str(kms_key_arn)`; records with none of them (written before they existed) keep the
-    /// v1 encoding, so old logs still verify.
+    /// v1 encoding, so old logs still verify. A burst record (`repeated` > 0) uses
+    /// `"tresor/audit/body/v3\0"`, the v2 fields, and then `‖ u64be(repeated) ‖ i64be(first_ms)
+    /// ‖ i64be(last_ms)`.
     pub fn digest(&self) -> [u8; 32] {
         let v2 = [
             &self.node,
@@ -115,9 +128,16 @@ impl RecordBody {
             &self.aws_principal_arn,
             &self.kms_key_arn,
         ];
-        let is_v2 = v2.iter().any(|s| !s.is_empty());
+        let is_v3 = self.repeated > 0;
+        let is_v2 = is_v3 || v2.iter().any(|s| !s.is_empty());
         let mut b = Vec::with_capacity(256);
-        b.extend_from_slice(if is_v2 { BODY_DOMAIN_V2 } else { BODY_DOMAIN });
+        b.extend_from_slice(if is_v3 {
+            BODY_DOMAIN_V3
+        } else if is_v2 {
+            BODY_DOMAIN_V2
+        } else {
+            BODY_DOMAIN
+        });
         for s in [
             &self.request_id,
             &self.caller,
@@ -137,6 +157,11 @@ impl RecordBody {
             for s in v2 {
                 put_str(&mut b, s);
             }
+        }
+        if is_v3 {
+            b.extend_from_slice(&self.repeated.to_be_bytes());
+            b.extend_from_slice(&self.first_ms.to_be_bytes());
+            b.extend_from_slice(&self.last_ms.to_be_bytes());
         }
         sha256(&b)
     }

@@ -734,3 +734,79 @@ async fn records_commit_while_a_checkpoint_is_being_signed() {
     )
     .expect("the checkpoint is signed by the audit key");
 }
+
+/// A flood of identical refused calls is audited as the burst's first record plus one burst
+/// record with the count and time span: every refusal is accounted for, in the hash chain, and
+/// allowed callers do not queue behind a record per refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_refusals_is_accounted_for_in_few_records() {
+    let server = TestServer::start().await;
+    let officer = server.client(OFFICER_A).await;
+    create_key(&officer, "tenants/a/keys/k").await;
+    let anonymous = server
+        .client_with(None, tresor::pki::Validity::default())
+        .await;
+    const FLOOD: u64 = 200;
+    let calls = (0..FLOOD).map(|_| {
+        let keys = anonymous.keys();
+        async move {
+            let mut keys = keys;
+            keys.wrap(tresor::proto::WrapRequest {
+                key: "tenants/a/keys/k".into(),
+                plaintext: b"x".to_vec(),
+                aad: Vec::new(),
+            })
+            .await
+        }
+    });
+    let answers = futures_join_all(calls).await;
+    assert!(answers.iter().all(|a| {
+        a.as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
+    }));
+    // The burst's window closes after a second; then its record is appended.
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let auditor = server.client(AUDITOR_A).await;
+    let items = verified_export(&auditor).await;
+    let refusals: Vec<&tresor::audit_record::Record> = items
+        .iter()
+        .filter_map(|i| match i {
+            ExportItem::Record(r)
+                if r.body.operation == "Wrap" && r.body.outcome == "UNAUTHENTICATED" =>
+            {
+                Some(r)
+            }
+            _ => None,
+        })
+        .collect();
+    // A record of one call counts 1; a burst record counts the calls it stands for.
+    let accounted: u64 = refusals.iter().map(|r| r.body.repeated.max(1)).sum();
+    assert_eq!(accounted, FLOOD, "every refused call is accounted for");
+    assert!(
+        refusals.len() < 20,
+        "{} records for {FLOOD} identical refusals",
+        refusals.len()
+    );
+    let burst = refusals
+        .iter()
+        .find(|r| r.body.repeated > 0)
+        .expect("a burst record");
+    assert!(burst.body.first_ms <= burst.body.last_ms);
+    assert_eq!(burst.body.peer, "127.0.0.1");
+    server.stop().await;
+}
+
+/// `join_all` without another dependency: the calls run concurrently on the runtime.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

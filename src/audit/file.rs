@@ -70,6 +70,13 @@ pub struct Row {
     /// XKS calls: the KMS key ARN.
     #[serde(default)]
     pub kms_key_arn: String,
+    /// Burst records: the refused calls this record stands for, and their first and last time.
+    #[serde(default)]
+    pub repeated: Option<u64>,
+    #[serde(default)]
+    pub first_ms: Option<i64>,
+    #[serde(default)]
+    pub last_ms: Option<i64>,
     /// Hex.
     #[serde(default)]
     pub previous_hash: String,
@@ -125,6 +132,9 @@ impl Row {
                 kms_operation: r.body.kms_operation.clone(),
                 aws_principal_arn: r.body.aws_principal_arn.clone(),
                 kms_key_arn: r.body.kms_key_arn.clone(),
+                repeated: (r.body.repeated > 0).then_some(r.body.repeated),
+                first_ms: (r.body.repeated > 0).then_some(r.body.first_ms),
+                last_ms: (r.body.repeated > 0).then_some(r.body.last_ms),
                 previous_hash: to_hex(&r.prev_hash),
                 hash: to_hex(&r.hash()),
                 ..Default::default()
@@ -193,6 +203,9 @@ impl Row {
                         kms_operation: self.kms_operation.clone(),
                         aws_principal_arn: self.aws_principal_arn.clone(),
                         kms_key_arn: self.kms_key_arn.clone(),
+                        repeated: self.repeated.unwrap_or(0),
+                        first_ms: self.first_ms.unwrap_or(0),
+                        last_ms: self.last_ms.unwrap_or(0),
                     },
                 };
                 let stated = if self.hash.is_empty() {

@@ -17,6 +17,7 @@
 //! call then fails `UNAVAILABLE` and health is `NOT_SERVING`) until the records are restored.
 
 pub mod anchor;
+mod bursts;
 pub mod continuity;
 pub mod file;
 mod writer;
@@ -139,6 +140,8 @@ pub struct AuditLog {
 
 struct Inner {
     commands: mpsc::Sender<Command>,
+    /// Open bursts of identical refusals ([`bursts`]).
+    bursts: bursts::Bursts,
     store: Store,
     /// Why the writer refuses to append and sign (the chain does not extend the anchor);
     /// `None` while it works. Written by the writer, read by health checks.
@@ -275,17 +278,18 @@ impl AuditLog {
             anchors,
         };
         tokio::spawn(writer.run(rx));
-        Ok(Self {
-            inner: Arc::new(Inner {
-                commands,
-                store,
-                refused,
-                aad_key,
-                public_point,
-                #[cfg(feature = "bench-unaudited")]
-                noop: false,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            commands,
+            bursts: bursts::Bursts::default(),
+            store,
+            refused,
+            aad_key,
+            public_point,
+            #[cfg(feature = "bench-unaudited")]
+            noop: false,
+        });
+        tokio::spawn(bursts::flush(Arc::downgrade(&inner)));
+        Ok(Self { inner })
     }
 
     /// The same log with appends replaced by a no-op, to measure what auditing costs.
@@ -295,6 +299,7 @@ impl AuditLog {
         Self {
             inner: Arc::new(Inner {
                 commands: self.inner.commands.clone(),
+                bursts: bursts::Bursts::default(),
                 store: self.inner.store.clone(),
                 refused: Arc::clone(&self.inner.refused),
                 aad_key: self.inner.aad_key.clone(),
@@ -330,6 +335,31 @@ impl AuditLog {
             .await
             .map_err(|_| AuditError::WriterStopped)?;
         Ok(wait.await.map_err(|_| AuditError::WriterStopped)??)
+    }
+
+    /// Records a refused call: the first of a burst of identical refusals is appended and
+    /// waited for like [`AuditLog::append`]; the ones that follow within a second are counted
+    /// into one burst record, appended when the second is over, and answered at once
+    /// (SECURITY.md "Audit log", bursts). Allowed calls never wait behind a flood of refusals.
+    pub async fn append_refusal(&self, tenant: &str, body: RecordBody) -> Result<(), AuditError> {
+        let key = bursts::BurstKey::of(tenant, &body);
+        match self
+            .inner
+            .bursts
+            .note(key, &body, crate::model::now_millis())
+        {
+            bursts::Noted::First => self.append(tenant, body).await.map(|_| ()),
+            bursts::Noted::Folded => Ok(()),
+        }
+    }
+
+    /// Appends every open burst's record now (at shutdown, so no count is lost).
+    pub async fn flush_bursts(&self) {
+        for (tenant, body) in self.inner.bursts.close(crate::model::now_millis(), true) {
+            if let Err(e) = self.append(&tenant, body).await {
+                tracing::error!(error = %e, "a burst record of refused calls could not be appended");
+            }
+        }
     }
 
     /// The AAD's HMAC for its audit record (see [`AAD_KEY_LABEL`]), hex; empty for empty AAD.

@@ -340,6 +340,9 @@ pub fn audit_item(r: proto::AuditRecord) -> Result<crate::audit_record::ExportIt
                 kms_operation: r.kms_operation,
                 aws_principal_arn: r.aws_principal_arn,
                 kms_key_arn: r.kms_key_arn,
+                repeated: r.repeated,
+                first_ms: r.first_ms,
+                last_ms: r.last_ms,
             },
         }),
         Ok(proto::AuditItemKind::Withheld) => ExportItem::Withheld {

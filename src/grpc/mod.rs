@@ -182,7 +182,7 @@ impl Api {
             peer: call.peer.to_owned(),
             ..Default::default()
         };
-        let answer = match self.audit.append(tenant, body).await {
+        let answer = match self.audit.append_refusal(tenant, body).await {
             Ok(_) => refusal,
             Err(e) => {
                 tracing::error!(request_id = %call.request_id, error = %e, "audit record failed; answering UNAVAILABLE");

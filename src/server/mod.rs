@@ -351,6 +351,8 @@ impl Server {
             // An aborted task's JoinError says only that it was cancelled.
             let _ = task.await;
         }
+        // The counts of refusals still folding into bursts go into the chain before the end.
+        self.audit.flush_bursts().await;
         tracing::info!("server stopped; in-flight requests finished");
         result
     }

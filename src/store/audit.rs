@@ -47,6 +47,10 @@ fn record_row(r: &sqlx::any::AnyRow) -> Result<(Record, [u8; 32]), StoreError> {
                 kms_operation: r.try_get("kms_operation")?,
                 aws_principal_arn: r.try_get("aws_principal_arn")?,
                 kms_key_arn: r.try_get("kms_key_arn")?,
+                repeated: u64::try_from(r.try_get::<i64, _>("repeated")?)
+                    .map_err(|_| corrupt("negative repeat count"))?,
+                first_ms: r.try_get("first_ms")?,
+                last_ms: r.try_get("last_ms")?,
             },
         },
         hash32(&r.try_get::<String, _>("hash")?)?,
@@ -175,6 +179,9 @@ where
             .bind(&r.body.kms_operation)
             .bind(&r.body.aws_principal_arn)
             .bind(&r.body.kms_key_arn)
+            .bind(i64::try_from(r.body.repeated).unwrap_or(i64::MAX))
+            .bind(r.body.first_ms)
+            .bind(r.body.last_ms)
             .bind(to_hex(hash));
     }
     query
@@ -184,11 +191,11 @@ where
     Ok(())
 }
 
-const RECORD_COLUMN_COUNT: usize = 21;
+const RECORD_COLUMN_COUNT: usize = 24;
 
 const RECORD_COLUMNS: &str = "seq, prev_hash, time_ms, tenant, request_id, caller, fingerprint, role, operation, \
      key_name, key_version, outcome, status_code, peer, aad_hmac, node, kms_request_id, \
-     kms_operation, aws_principal_arn, kms_key_arn, hash";
+     kms_operation, aws_principal_arn, kms_key_arn, repeated, first_ms, last_ms, hash";
 
 impl Store {
     /// The last record's sequence number, hash and time, if any.

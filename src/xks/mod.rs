@@ -402,7 +402,21 @@ impl Xks {
             ..RecordBody::default()
         };
         crate::metrics::global().request(operation.audit_name(), code_name, started.elapsed());
-        match self.inner.audit.append(&audit.tenant, body).await {
+        // Refusals before the caller is known (no valid signature, no such path, not POST,
+        // throttled) fold into burst records, so a flood of them cannot take the audit log's
+        // capacity from KMS's real calls (SECURITY.md "Audit log").
+        let before_identity =
+            outcome == "UNAUTHENTICATED" || matches!(outgoing.status.as_u16(), 404 | 405 | 429);
+        let recorded = if before_identity {
+            self.inner
+                .audit
+                .append_refusal(&audit.tenant, body)
+                .await
+                .map(|()| 0)
+        } else {
+            self.inner.audit.append(&audit.tenant, body).await
+        };
+        match recorded {
             Ok(_) => outgoing,
             Err(e) => {
                 // Fail closed: no plaintext or ciphertext leaves without its audit record.
