@@ -993,25 +993,7 @@ async fn slow_headers_are_cut_off() {
         "",
     ))
     .await;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in tresor::pki::load_certs(&proxy.server.deployment.dir().join("ca.pem")).unwrap() {
-        roots.add(ca).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(proxy.server.xks.0.unwrap())
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
+    let mut tls = raw_http1(&proxy).await;
     let started = std::time::Instant::now();
     let trickle = async {
         tls.write_all(b"POST /x HTTP/1.1\r\nHo").await?;
@@ -1041,4 +1023,69 @@ async fn slow_headers_are_cut_off() {
         &json!({"requestMetadata": metadata("DescribeKey")}),
     )
     .await;
+}
+
+/// A TLS connection to the proxy speaking HTTP/1.1, for requests no well-behaved client sends.
+async fn raw_http1(proxy: &Proxy) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tresor::pki::load_certs(&proxy.server.deployment.dir().join("ca.pem")).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(proxy.server.xks.0.unwrap())
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// A request whose headers do not authenticate is refused before its body is read: a client
+/// that announces a large body and never sends it gets its 401 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_is_read_only_after_the_headers_authenticate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = Proxy::start(deployment(Backend::HsmSim, "", "")).await;
+    let mut tls = raw_http1(&proxy).await;
+    let amz_date = "20261201T120000Z";
+    let head = format!(
+        "POST {PREFIX}/kms/xks/v1/keys/{EXTERNAL}/encrypt HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/json\r\nContent-Length: 200000\r\nx-amz-date: {amz_date}\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=AKIAUNKNOWNUNKNOWN22/20261201/{REGION}/kms-xks-proxy/aws4_request, \
+         SignedHeaders=host;x-amz-date, Signature={}\r\n\r\n",
+        "0".repeat(64)
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = tls.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "no answer while the announced body is missing");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }

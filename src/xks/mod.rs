@@ -173,13 +173,19 @@ pub struct Incoming {
     pub uri: http::Uri,
     /// The headers.
     pub headers: http::HeaderMap,
-    /// The body, at most [`MAX_BODY`] bytes (`None` if it was longer).
-    pub body: Option<Bytes>,
+    /// The body, not read yet: at most [`MAX_BODY`] bytes (`None` if it was longer or did not
+    /// arrive in time). It is read only once the request holds a concurrency permit and its
+    /// headers passed authentication, so an unauthenticated client cannot make the proxy read
+    /// large bodies.
+    pub body: PendingBody,
     /// The peer address.
     pub peer: Option<SocketAddr>,
     /// SHA-256 of the client certificate (mTLS), hex.
     pub client_fingerprint: String,
 }
+
+/// A request body that is read when awaited.
+pub type PendingBody = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Bytes>> + Send>>;
 
 /// What goes back: status, JSON body. `Debug` leaves out the body (a Decrypt answer holds
 /// plaintext).
@@ -333,13 +339,13 @@ impl Xks {
     }
 
     /// Serves one request.
-    pub async fn handle(&self, request: Incoming) -> Outgoing {
+    pub async fn handle(&self, mut request: Incoming) -> Outgoing {
         let started = Instant::now();
-        let path = request.uri.path();
+        let path = request.uri.path().to_owned();
         if path == "/ping" {
             return self.ping(&request.method).await;
         }
-        let routed = self.route(path);
+        let routed = self.route(&path);
         let operation = routed.map_or(Operation::Unrouted, |(_, op, _)| op);
         let mut audit = Audit::default();
         let request_id = crate::audit::new_request_id();
@@ -348,7 +354,7 @@ impl Xks {
         let result = match routed {
             None => Err(XksError::InvalidUriPath(format!(
                 "no XKS API at {}",
-                printable(path)
+                printable(&path)
             ))),
             Some(_) if request.uri.query().is_some() => Err(XksError::InvalidUriPath(
                 "the XKS API takes no query string".into(),
@@ -360,7 +366,7 @@ impl Xks {
                 "too many requests in flight on this proxy; retry".into(),
             )),
             Some((prefix, operation, external_id)) => {
-                self.call(prefix, operation, external_id, &request, &mut audit)
+                self.call(prefix, operation, external_id, &mut request, &mut audit)
                     .await
             }
         };
@@ -475,21 +481,10 @@ impl Xks {
         prefix: &Prefix,
         operation: Operation,
         external_id: &str,
-        request: &Incoming,
+        request: &mut Incoming,
         audit: &mut Audit,
     ) -> Result<Zeroizing<String>, XksError> {
-        let body = request.body.as_ref().ok_or_else(|| {
-            XksError::Unsupported(format!("request bodies are limited to {MAX_BODY} bytes"))
-        })?;
         let credentials = prefix.credentials.current();
-        let signed = sigv4::Request {
-            method: request.method.as_str(),
-            path: request.uri.path(),
-            query: request.uri.query().unwrap_or(""),
-            headers: &request.headers,
-            authority: request.uri.authority().map(|a| a.as_str()),
-            body,
-        };
         // One answer for every authentication failure, so a caller cannot tell a known access
         // key from an unknown one, or a wrong host from a wrong signature; the log says which.
         let refused = |why: &dyn std::fmt::Display| {
@@ -498,20 +493,43 @@ impl Xks {
                 "the request's SigV4 signature could not be verified".into(),
             )
         };
+        let authority = request.uri.authority().map(|a| a.as_str());
         let host = request
             .headers
             .get(http::header::HOST)
             .and_then(|v| v.to_str().ok())
-            .or(signed.authority);
+            .or(authority);
         if !host.is_some_and(|h| self.is_own_host(h)) {
             return Err(refused(&format_args!(
                 "host {:?} is not a name of this proxy",
                 host.map(printable)
             )));
         }
-        let credential =
-            sigv4::verify(&signed, &credentials, &self.inner.region, SystemTime::now())
-                .map_err(|e| refused(&e))?;
+        let claimed = sigv4::check_headers(
+            &request.headers,
+            &credentials,
+            &self.inner.region,
+            SystemTime::now(),
+        )
+        .map_err(|e| refused(&e))?;
+        // Only now, with a permit and headers that name a configured credential in time, is
+        // the body read.
+        let body = request.body.as_mut().await.ok_or_else(|| {
+            XksError::Unsupported(format!(
+                "request bodies are limited to {MAX_BODY} bytes, sent in time"
+            ))
+        })?;
+        let signed = sigv4::Request {
+            method: request.method.as_str(),
+            path: request.uri.path(),
+            query: request.uri.query().unwrap_or(""),
+            headers: &request.headers,
+            authority,
+            body: &body,
+        };
+        let credential = claimed
+            .verify(&signed, &self.inner.region)
+            .map_err(|e| refused(&e))?;
         audit.caller = prefix.config.identity.clone();
         // The prefix's tenant, so its auditors see its health checks too (authorization of
         // key operations below still asks the policy for a grant).
@@ -529,14 +547,14 @@ impl Xks {
         match operation {
             Operation::Unrouted => Err(XksError::InvalidUriPath("no XKS API here".into())),
             Operation::Health => {
-                let parsed: wire::MetadataOnly = parse(body)?;
+                let parsed: wire::MetadataOnly = parse(&body)?;
                 let meta = parsed.request_metadata.unwrap_or_default();
                 audit.meta = meta;
                 audit.meta.check(false, false)?;
                 self.health_answer().await
             }
             Operation::Metadata => {
-                let parsed: wire::MetadataOnly = parse(body)?;
+                let parsed: wire::MetadataOnly = parse(&body)?;
                 audit.meta = parsed.request_metadata.unwrap_or_default();
                 audit.meta.check(true, false)?;
                 let (grant, key) = self.authorize(prefix, external_id, audit)?;
@@ -559,13 +577,13 @@ impl Xks {
                 })
             }
             Operation::Encrypt => {
-                let parsed: wire::EncryptRequest = parse(body)?;
+                let parsed: wire::EncryptRequest = parse(&body)?;
                 audit.meta = parsed.request_metadata.clone().unwrap_or_default();
                 audit.meta.check(true, true)?;
                 self.encrypt(prefix, external_id, parsed, audit).await
             }
             Operation::Decrypt => {
-                let parsed: wire::DecryptRequest = parse(body)?;
+                let parsed: wire::DecryptRequest = parse(&body)?;
                 audit.meta = parsed.request_metadata.clone().unwrap_or_default();
                 audit.meta.check(true, true)?;
                 self.decrypt(prefix, external_id, parsed, audit).await

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{Incoming, MAX_BODY, Outgoing, Xks};
+use super::{Incoming, MAX_BODY, Outgoing, PendingBody, Xks};
 use crate::listener::{Connection, ListenerLimits};
 
 /// ALPN for the HTTPS listener: HTTP/2 first, HTTP/1.1 for clients without it.
@@ -106,15 +106,17 @@ async fn serve_connection<I>(
         let fingerprint = fingerprint.clone();
         async move {
             let (parts, body) = request.into_parts();
-            let body = match tokio::time::timeout(
-                limits.request_timeout,
-                Limited::new(body, MAX_BODY).collect(),
-            )
-            .await
-            {
-                Ok(Ok(collected)) => Some(collected.to_bytes()),
-                _ => None,
-            };
+            let body: PendingBody = Box::pin(async move {
+                match tokio::time::timeout(
+                    limits.request_timeout,
+                    Limited::new(body, MAX_BODY).collect(),
+                )
+                .await
+                {
+                    Ok(Ok(collected)) => Some(collected.to_bytes()),
+                    _ => None,
+                }
+            });
             let answer = xks
                 .handle(Incoming {
                     method: parts.method,

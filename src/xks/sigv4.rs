@@ -86,23 +86,34 @@ pub struct Request<'a> {
     pub body: &'a [u8],
 }
 
-/// Checks a request's SigV4 signature against the credentials of its path prefix; returns
-/// the access key id that signed it.
-pub fn verify<'c>(
-    request: &Request<'_>,
+/// What the headers of a request established, before its body is read: the credential that
+/// claims to have signed it, within the allowed clock skew and scope.
+#[derive(Debug)]
+pub struct Claimed<'h, 'c> {
+    credential: &'c Credential,
+    signed: Vec<&'h str>,
+    amz_date: &'h str,
+    scope_date: &'h str,
+    signature: &'h str,
+}
+
+/// Checks everything of a request's SigV4 authorization that does not need its body: the
+/// header's form, date, scope, signed headers, that the access key id is configured for this
+/// path prefix, and the clock skew. A request that fails here is refused before its body is
+/// read.
+pub fn check_headers<'h, 'c>(
+    headers: &'h http::HeaderMap,
     credentials: &'c [Credential],
     region: &str,
     now: SystemTime,
-) -> Result<&'c Credential, AuthError> {
-    let header = request
-        .headers
+) -> Result<Claimed<'h, 'c>, AuthError> {
+    let header = headers
         .get(http::header::AUTHORIZATION)
         .ok_or(AuthError::Missing)?
         .to_str()
         .map_err(|_| AuthError::Malformed("not ASCII"))?;
     let parsed = parse_authorization(header)?;
-    let amz_date = request
-        .headers
+    let amz_date = headers
         .get("x-amz-date")
         .and_then(|v| v.to_str().ok())
         .ok_or(AuthError::BadDate)?;
@@ -132,16 +143,42 @@ pub fn verify<'c>(
     if skew > MAX_SKEW {
         return Err(AuthError::Skew);
     }
-    let canonical = canonical_request(request, &signed)?;
-    let given = decode_hex(parsed.signature).ok_or(AuthError::Malformed("signature is not hex"))?;
-    // ring compares in constant time; the expected signature never leaves this function.
-    hmac::verify(
-        &signing_key(&credential.secret, scope_date, region),
-        string_to_sign(amz_date, &scope(scope_date, region), &canonical).as_bytes(),
-        &given,
-    )
-    .map_err(|_| AuthError::BadSignature)?;
-    Ok(credential)
+    Ok(Claimed {
+        credential,
+        signed,
+        amz_date,
+        scope_date,
+        signature: parsed.signature,
+    })
+}
+
+impl<'c> Claimed<'_, 'c> {
+    /// Checks the signature over the whole request, body included; returns the credential
+    /// that signed it.
+    pub fn verify(&self, request: &Request<'_>, region: &str) -> Result<&'c Credential, AuthError> {
+        let canonical = canonical_request(request, &self.signed)?;
+        let given =
+            decode_hex(self.signature).ok_or(AuthError::Malformed("signature is not hex"))?;
+        // ring compares in constant time; the expected signature never leaves this function.
+        hmac::verify(
+            &signing_key(&self.credential.secret, self.scope_date, region),
+            string_to_sign(self.amz_date, &scope(self.scope_date, region), &canonical).as_bytes(),
+            &given,
+        )
+        .map_err(|_| AuthError::BadSignature)?;
+        Ok(self.credential)
+    }
+}
+
+/// Checks a request's SigV4 signature against the credentials of its path prefix; returns
+/// the access key id that signed it ([`check_headers`], then [`Claimed::verify`]).
+pub fn verify<'c>(
+    request: &Request<'_>,
+    credentials: &'c [Credential],
+    region: &str,
+    now: SystemTime,
+) -> Result<&'c Credential, AuthError> {
+    check_headers(request.headers, credentials, region, now)?.verify(request, region)
 }
 
 /// Signs a request as AWS KMS would (`host;x-amz-date`): returns the `Authorization` and
