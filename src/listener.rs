@@ -74,7 +74,7 @@ pub struct Connection {
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("peer", &self._place.source)
+            .field("peer", &self._place.source.source)
             .finish_non_exhaustive()
     }
 }
@@ -150,46 +150,47 @@ impl tonic::transport::server::Connected for Connection {
 
 use std::future::Future as _;
 
-/// A connection's place in the listener's bounds: one of the total, one of its source's.
-struct Place {
-    _total: OwnedSemaphorePermit,
-    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+/// Counts per source address; a [`Counted`] guard holds one.
+type PerSource = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One count of a source in a [`PerSource`] map, given back when dropped.
+struct Counted {
+    map: PerSource,
     source: IpAddr,
 }
 
-impl Drop for Place {
+impl Counted {
+    /// Counts `source` in `map`, or `None` when it already has `bound`.
+    fn take(map: &PerSource, source: IpAddr, bound: usize) -> Option<Self> {
+        let mut counts = crate::sync::lock(map);
+        let n = counts.entry(source).or_insert(0);
+        if *n >= bound {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            map: Arc::clone(map),
+            source,
+        })
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        let mut sources = crate::sync::lock(&self.sources);
-        if let Some(n) = sources.get_mut(&self.source) {
+        let mut counts = crate::sync::lock(&self.map);
+        if let Some(n) = counts.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
-                sources.remove(&self.source);
+                counts.remove(&self.source);
             }
         }
     }
 }
 
-/// Takes a place for a connection from `source`, or `None` when the listener or the source is
-/// at its bound.
-fn take_place(
-    total: &Arc<Semaphore>,
-    sources: &Arc<Mutex<HashMap<IpAddr, usize>>>,
-    source: IpAddr,
-    per_source: usize,
-) -> Option<Place> {
-    let permit = Arc::clone(total).try_acquire_owned().ok()?;
-    let mut counts = crate::sync::lock(sources);
-    let n = counts.entry(source).or_insert(0);
-    if *n >= per_source {
-        return None;
-    }
-    *n += 1;
-    drop(counts);
-    Some(Place {
-        _total: permit,
-        sources: Arc::clone(sources),
-        source,
-    })
+/// A connection's place in the listener's bounds: one of the total, one of its source's.
+struct Place {
+    _total: OwnedSemaphorePermit,
+    source: Counted,
 }
 
 /// The server side of TLS for a listener: TLS 1.3 and 1.2 with ring's default suites (all
@@ -246,14 +247,15 @@ async fn accept_loop(
     established: mpsc::Sender<(Connection, SocketAddr)>,
 ) {
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+    // One source may hold only an eighth of the handshake slots, so that clients that never
+    // finish their handshake cannot keep everyone else from starting one.
+    let handshakes_per_source = (limits.max_handshakes / 8).max(1);
     let total = Arc::new(Semaphore::new(limits.max_connections));
-    let sources = Arc::new(Mutex::new(HashMap::new()));
+    let sources: PerSource = Arc::default();
+    let handshaking: PerSource = Arc::default();
     let mut in_progress = JoinSet::new();
     loop {
         while in_progress.try_join_next().is_some() {}
-        let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
-            return;
-        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
@@ -266,13 +268,22 @@ async fn accept_loop(
             },
             () = established.closed() => return,
         };
-        let Some(place) = take_place(
-            &total,
-            &sources,
-            peer.ip(),
-            limits.max_connections_per_source,
-        ) else {
-            // Closed at once: a flood from one source cannot take the listener from others.
+        // Over any bound, the connection is closed at once, never left in the backlog: a flood
+        // from one source cannot take the listener from others.
+        let admitted = Arc::clone(&total).try_acquire_owned().ok().and_then(|permit| {
+            let source = Counted::take(&sources, peer.ip(), limits.max_connections_per_source)?;
+            let handshake = Arc::clone(&handshakes).try_acquire_owned().ok()?;
+            let handshaking = Counted::take(&handshaking, peer.ip(), handshakes_per_source)?;
+            Some((
+                Place {
+                    _total: permit,
+                    source,
+                },
+                handshake,
+                handshaking,
+            ))
+        });
+        let Some((place, handshake, handshaking)) = admitted else {
             crate::metrics::global().connection_refused(name);
             tracing::debug!(listener = name, %peer, "connection over the listener's bounds closed");
             continue;
@@ -283,8 +294,9 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let established = established.clone();
         in_progress.spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+            let outcome = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+            drop((handshake, handshaking));
+            match outcome {
                 Ok(Ok(tls)) => {
                     let connection = Connection {
                         tls,
