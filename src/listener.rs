@@ -270,19 +270,22 @@ async fn accept_loop(
         };
         // Over any bound, the connection is closed at once, never left in the backlog: a flood
         // from one source cannot take the listener from others.
-        let admitted = Arc::clone(&total).try_acquire_owned().ok().and_then(|permit| {
-            let source = Counted::take(&sources, peer.ip(), limits.max_connections_per_source)?;
-            let handshake = Arc::clone(&handshakes).try_acquire_owned().ok()?;
-            let handshaking = Counted::take(&handshaking, peer.ip(), handshakes_per_source)?;
-            Some((
-                Place {
-                    _total: permit,
-                    source,
-                },
-                handshake,
-                handshaking,
-            ))
-        });
+        let admitted = Arc::clone(&total)
+            .try_acquire_owned()
+            .ok()
+            .and_then(|permit| {
+                let source = Counted::take(&sources, peer.ip(), limits.max_connections_per_source)?;
+                let handshake = Arc::clone(&handshakes).try_acquire_owned().ok()?;
+                let handshaking = Counted::take(&handshaking, peer.ip(), handshakes_per_source)?;
+                Some((
+                    Place {
+                        _total: permit,
+                        source,
+                    },
+                    handshake,
+                    handshaking,
+                ))
+            });
         let Some((place, handshake, handshaking)) = admitted else {
             crate::metrics::global().connection_refused(name);
             tracing::debug!(listener = name, %peer, "connection over the listener's bounds closed");
@@ -294,7 +297,8 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let established = established.clone();
         in_progress.spawn(async move {
-            let outcome = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+            let outcome =
+                tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
             drop((handshake, handshaking));
             match outcome {
                 Ok(Ok(tls)) => {

@@ -120,7 +120,11 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
                 }
             };
             let mut keys = anonymous.keys();
-            let plaintext = if i % 10 == 0 { vec![0; 200_000] } else { vec![1; 32] };
+            let plaintext = if i % 10 == 0 {
+                vec![0; 200_000]
+            } else {
+                vec![1; 32]
+            };
             while !stop.load(Ordering::Relaxed) {
                 let r = keys
                     .wrap(tresor::proto::WrapRequest {
