@@ -10,6 +10,8 @@
 //! started by `scripts/flood`, not by `scripts/test`. It does not pass yet: BENCHMARKS.md
 //! "Hostile clients" has the figures and what is still to do.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::Arc;
