@@ -44,6 +44,33 @@ pub struct ListenerLimits {
     pub request_timeout: Duration,
     /// HTTP/2 streams per connection.
     pub max_streams_per_connection: u32,
+    /// TLS handshakes one source address may start per second (after a burst of as many);
+    /// more are closed at accept. A handshake costs the server a signature and a key exchange,
+    /// so a client reconnecting as fast as it can is bounded here.
+    pub handshakes_per_source_per_sec: u32,
+    /// Connections without a client certificate, per source address, when this listener
+    /// requires certificates for everything but health and reflection (gRPC); `None` where a
+    /// certificate is not how callers authenticate (XKS: SigV4).
+    pub anonymous: Option<AnonymousLimits>,
+}
+
+/// What a connection without a client certificate may use of a listener that authenticates
+/// by certificate: enough for health checks and reflection, not for a flood of refused calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnonymousLimits {
+    /// Such connections open at once from one source address.
+    pub per_source: usize,
+    /// Bytes per second read from one such connection (after a first burst of as many).
+    pub read_bytes_per_sec: u32,
+}
+
+impl Default for AnonymousLimits {
+    fn default() -> Self {
+        Self {
+            per_source: 8,
+            read_bytes_per_sec: 4096,
+        }
+    }
 }
 
 impl Default for ListenerLimits {
@@ -57,6 +84,8 @@ impl Default for ListenerLimits {
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_streams_per_connection: 256,
+            handshakes_per_source_per_sec: 50,
+            anonymous: Some(AnonymousLimits::default()),
         }
     }
 }
@@ -68,7 +97,52 @@ pub struct Connection {
     tls: TlsStream<TcpStream>,
     idle_timeout: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
+    /// Reads of a connection without a client certificate are rationed.
+    throttle: Option<Throttle>,
     _place: Place,
+    _anonymous: Option<Counted>,
+}
+
+/// A token bucket over bytes read.
+struct Throttle {
+    rate: f64,
+    tokens: f64,
+    refilled: tokio::time::Instant,
+    wait: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Throttle {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            tokens: rate,
+            refilled: tokio::time::Instant::now(),
+            wait: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+
+    /// How many bytes may be read now; `None`, with a wake-up registered, while none.
+    fn allowance(&mut self, cx: &mut Context<'_>) -> Option<usize> {
+        let now = tokio::time::Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            // Whole bytes only; the bucket never holds more than `rate`, a u32.
+            return Some(self.tokens as usize);
+        }
+        let wait = Duration::from_secs_f64((1.0 - self.tokens) / self.rate);
+        self.wait.as_mut().reset(now + wait);
+        match self.wait.as_mut().poll(cx) {
+            Poll::Ready(()) => Some(1),
+            Poll::Pending => None,
+        }
+    }
+
+    fn spend(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -93,6 +167,33 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if let Some(throttle) = this.throttle.as_mut() {
+            let Some(allowed) = throttle.allowance(cx) else {
+                return Poll::Pending;
+            };
+            // Read at most the allowance, through a buffer of its size (a copy, only on
+            // rationed connections, so that no unsafe code is needed to limit `buf`).
+            let mut chunk = vec![0u8; allowed.min(buf.remaining())];
+            let mut limited = ReadBuf::new(&mut chunk);
+            return match Pin::new(&mut this.tls).poll_read(cx, &mut limited) {
+                Poll::Ready(Ok(())) => {
+                    let n = limited.filled().len();
+                    throttle.spend(n);
+                    buf.put_slice(limited.filled());
+                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => match this.idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connection idle for too long",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                },
+            };
+        }
         match Pin::new(&mut this.tls).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 let deadline = tokio::time::Instant::now() + this.idle_timeout;
@@ -187,6 +288,35 @@ impl Drop for Counted {
     }
 }
 
+/// Handshakes started per source: a token bucket per address.
+#[derive(Default)]
+struct HandshakeRates {
+    buckets: HashMap<IpAddr, (f64, std::time::Instant)>,
+}
+
+impl HandshakeRates {
+    /// Whether `source` may start a handshake now, at `rate` per second.
+    fn allow(&mut self, source: IpAddr, rate: u32) -> bool {
+        let rate = f64::from(rate.max(1));
+        let now = std::time::Instant::now();
+        if self.buckets.len() > 100_000 {
+            // Forget sources whose bucket is full again: they are as new.
+            self.buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < rate
+            });
+        }
+        let (tokens, at) = self.buckets.entry(source).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// A connection's place in the listener's bounds: one of the total, one of its source's.
 struct Place {
     _total: OwnedSemaphorePermit,
@@ -253,6 +383,8 @@ async fn accept_loop(
     let total = Arc::new(Semaphore::new(limits.max_connections));
     let sources: PerSource = Arc::default();
     let handshaking: PerSource = Arc::default();
+    let anonymous: PerSource = Arc::default();
+    let mut rates = HandshakeRates::default();
     let mut in_progress = JoinSet::new();
     loop {
         while in_progress.try_join_next().is_some() {}
@@ -270,9 +402,10 @@ async fn accept_loop(
         };
         // Over any bound, the connection is closed at once, never left in the backlog: a flood
         // from one source cannot take the listener from others.
-        let admitted = Arc::clone(&total)
-            .try_acquire_owned()
-            .ok()
+        let admitted = rates
+            .allow(peer.ip(), limits.handshakes_per_source_per_sec)
+            .then(|| Arc::clone(&total).try_acquire_owned().ok())
+            .flatten()
             .and_then(|permit| {
                 let source = Counted::take(&sources, peer.ip(), limits.max_connections_per_source)?;
                 let handshake = Arc::clone(&handshakes).try_acquire_owned().ok()?;
@@ -296,17 +429,34 @@ async fn accept_loop(
         }
         let acceptor = acceptor.clone();
         let established = established.clone();
+        let anonymous_sources = Arc::clone(&anonymous);
         in_progress.spawn(async move {
             let outcome =
                 tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
             drop((handshake, handshaking));
             match outcome {
                 Ok(Ok(tls)) => {
+                    let without_certificate = tls.get_ref().1.peer_certificates().is_none();
+                    let (throttle, anonymous) = match limits.anonymous {
+                        Some(a) if without_certificate => {
+                            let Some(counted) =
+                                Counted::take(&anonymous_sources, peer.ip(), a.per_source)
+                            else {
+                                crate::metrics::global().connection_refused(name);
+                                tracing::debug!(listener = name, %peer, "connection without a client certificate over its source's bound closed");
+                                return;
+                            };
+                            (Some(Throttle::new(a.read_bytes_per_sec)), Some(counted))
+                        }
+                        _ => (None, None),
+                    };
                     let connection = Connection {
                         tls,
                         idle_timeout: limits.idle_timeout,
                         idle: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+                        throttle,
                         _place: place,
+                        _anonymous: anonymous,
                     };
                     // A closed receiver means the front-end stopped: the connection is dropped.
                     let _ = established.send((connection, peer)).await;

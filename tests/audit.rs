@@ -781,7 +781,21 @@ async fn a_burst_of_refusals_is_accounted_for_in_few_records() {
         .collect();
     // A record of one call counts 1; a burst record counts the calls it stands for.
     let accounted: u64 = refusals.iter().map(|r| r.body.repeated.max(1)).sum();
-    assert_eq!(accounted, FLOOD, "every refused call is accounted for");
+    assert_eq!(
+        accounted,
+        FLOOD,
+        "every refused call is accounted for: {:?}",
+        refusals
+            .iter()
+            .map(|r| (
+                r.seq,
+                r.time_ms,
+                r.body.repeated,
+                r.body.first_ms,
+                r.body.last_ms
+            ))
+            .collect::<Vec<_>>()
+    );
     assert!(
         refusals.len() < 20,
         "{} records for {FLOOD} identical refusals",

@@ -152,3 +152,66 @@ fn limits_out_of_range_are_configuration_errors() {
         "a misspelt limit is refused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_reconnecting_as_fast_as_it_can_is_cut_off_at_accept() {
+    let server = TestServer::start_with("limits = { handshakes_per_source_per_sec = 5 }").await;
+    // Twenty connections at once: the first five may start a handshake, the others are closed
+    // at accept, before the server does any TLS work for them.
+    let mut connections = Vec::new();
+    for _ in 0..20 {
+        connections.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    let mut closed = 0;
+    for c in &mut connections {
+        if closed_within(c, Duration::from_millis(300)).await {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 15, "only {closed} of 20 connections were cut off");
+    drop(connections);
+    // A second later the source may start handshakes again.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let officer = server.client(OFFICER_A).await;
+    create_key(&officer, "tenants/a/keys/k").await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_certificate_are_few_per_source() {
+    let server = TestServer::start_with("limits = { anonymous_connections_per_source = 2 }").await;
+    let profile = tresor::client::Profile::load(&server.deployment.profile(
+        server.addr,
+        None,
+        tresor::pki::Validity::default(),
+    ))
+    .unwrap();
+    let health = |client: tresor::client::Client| async move {
+        tonic_health::pb::health_client::HealthClient::new(client.channel())
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+    };
+    let first = tresor::client::Client::connect(&profile).await.unwrap();
+    let second = tresor::client::Client::connect(&profile).await.unwrap();
+    assert!(
+        health(first.clone()).await.is_ok(),
+        "health without a certificate"
+    );
+    assert!(health(second.clone()).await.is_ok());
+    // A third certificate-less connection from the same address is closed after its
+    // handshake; a caller with a certificate still gets in.
+    let third = match tresor::client::Client::connect(&profile).await {
+        Ok(c) => health(c).await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !third,
+        "a third connection without a certificate was served"
+    );
+    let officer = server.client(OFFICER_A).await;
+    create_key(&officer, "tenants/a/keys/k").await;
+    drop((first, second));
+    server.stop().await;
+}

@@ -67,8 +67,9 @@ pub(super) struct Bursts {
 
 /// What [`Bursts::note`] decided for a refusal.
 pub(super) enum Noted {
-    /// The first of a burst: append it and wait.
-    First,
+    /// The first of a burst: append it and wait. If it replaced an expired burst that the
+    /// flusher had not closed yet, that burst's record comes along, to be appended first.
+    First(Option<(String, RecordBody)>),
     /// Folded into the open burst: answer at once.
     Folded,
 }
@@ -89,14 +90,14 @@ impl Bursts {
                 Noted::Folded
             }
             _ => {
-                open.insert(
-                    key,
+                let expired = open.insert(
+                    key.clone(),
                     Burst {
                         opened_ms: now_ms,
                         folded: None,
                     },
                 );
-                Noted::First
+                Noted::First(expired.and_then(|b| burst_record(&key, b)))
             }
         }
     }
@@ -112,20 +113,22 @@ impl Bursts {
             .collect();
         let mut records = Vec::new();
         for key in due {
-            if let Some(Burst {
-                folded: Some((mut body, count, first, last)),
-                ..
-            }) = open.remove(&key)
-            {
-                body.repeated = count;
-                body.first_ms = first;
-                body.last_ms = last;
-                body.peer = key.source.clone();
-                records.push((key.tenant, body));
+            if let Some(record) = open.remove(&key).and_then(|b| burst_record(&key, b)) {
+                records.push(record);
             }
         }
         records
     }
+}
+
+/// The record of a closed burst, if calls were folded into it.
+fn burst_record(key: &BurstKey, burst: Burst) -> Option<(String, RecordBody)> {
+    let (mut body, count, first, last) = burst.folded?;
+    body.repeated = count;
+    body.first_ms = first;
+    body.last_ms = last;
+    body.peer = key.source.clone();
+    Some((key.tenant.clone(), body))
 }
 
 fn window_ms() -> i64 {
@@ -173,7 +176,7 @@ mod tests {
         let b = refused("10.0.0.7:40000");
         assert!(matches!(
             bursts.note(BurstKey::of("", &b), &b, 1_000),
-            Noted::First
+            Noted::First(None)
         ));
         // Other connections from the same address fold in.
         for (i, port) in (0..5).zip(40_001..) {
@@ -187,7 +190,7 @@ mod tests {
         let other = refused("10.0.0.8:1");
         assert!(matches!(
             bursts.note(BurstKey::of("", &other), &other, 1_200),
-            Noted::First
+            Noted::First(None)
         ));
         assert!(
             bursts.close(1_500, false).is_empty(),
@@ -214,7 +217,25 @@ mod tests {
         // After the window, the next refusal starts a new burst.
         assert!(matches!(
             bursts.note(BurstKey::of("", &b), &b, 2_100),
-            Noted::First
+            Noted::First(None)
         ));
+    }
+
+    #[test]
+    fn a_burst_the_flusher_has_not_closed_yet_is_not_lost_when_the_next_one_starts() {
+        let bursts = Bursts::default();
+        let b = refused("10.0.0.7:1");
+        let key = || BurstKey::of("", &b);
+        assert!(matches!(bursts.note(key(), &b, 1_000), Noted::First(None)));
+        assert!(matches!(bursts.note(key(), &b, 1_500), Noted::Folded));
+        assert!(matches!(bursts.note(key(), &b, 1_600), Noted::Folded));
+        // The window is over but the flusher did not run: the next refusal hands it over.
+        let Noted::First(Some((_, closed))) = bursts.note(key(), &b, 2_200) else {
+            panic!("the expired burst was dropped");
+        };
+        assert_eq!(
+            (closed.repeated, closed.first_ms, closed.last_ms),
+            (2, 1_500, 1_600)
+        );
     }
 }

@@ -348,7 +348,12 @@ impl AuditLog {
             .bursts
             .note(key, &body, crate::model::now_millis())
         {
-            bursts::Noted::First => self.append(tenant, body).await.map(|_| ()),
+            bursts::Noted::First(expired) => {
+                if let Some((burst_tenant, burst)) = expired {
+                    self.append(&burst_tenant, burst).await?;
+                }
+                self.append(tenant, body).await.map(|_| ())
+            }
             bursts::Noted::Folded => Ok(()),
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::ConfigError;
-use crate::listener::ListenerLimits;
+use crate::listener::{AnonymousLimits, ListenerLimits};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,6 +18,9 @@ pub(super) struct LimitsSection {
     idle_timeout_secs: Option<u64>,
     header_timeout_secs: Option<u64>,
     max_streams_per_connection: Option<u32>,
+    handshakes_per_source_per_sec: Option<u32>,
+    anonymous_connections_per_source: Option<usize>,
+    anonymous_read_bytes_per_sec: Option<u32>,
 }
 
 /// The section's limits over `defaults`; `section` names it in errors (`server.limits`).
@@ -68,6 +71,39 @@ pub(super) fn parse_limits(
             "must be 1 to 10000".into(),
         ));
     }
+    let anonymous = match defaults.anonymous {
+        None => {
+            if raw.anonymous_connections_per_source.is_some()
+                || raw.anonymous_read_bytes_per_sec.is_some()
+            {
+                return Err(err(
+                    &format!("{section}.anonymous_connections_per_source"),
+                    "this listener does not authenticate by certificate; the anonymous limits are for [server.limits]".into(),
+                ));
+            }
+            None
+        }
+        Some(d) => {
+            let rate = raw
+                .anonymous_read_bytes_per_sec
+                .unwrap_or(d.read_bytes_per_sec);
+            if !(256..=100_000_000).contains(&rate) {
+                return Err(err(
+                    &format!("{section}.anonymous_read_bytes_per_sec"),
+                    "must be 256 to 100000000".into(),
+                ));
+            }
+            Some(AnonymousLimits {
+                per_source: count(
+                    "anonymous_connections_per_source",
+                    raw.anonymous_connections_per_source,
+                    d.per_source.min(per_source),
+                    per_source,
+                )?,
+                read_bytes_per_sec: rate,
+            })
+        }
+    };
     Ok(ListenerLimits {
         max_connections,
         max_connections_per_source: per_source,
@@ -94,5 +130,18 @@ pub(super) fn parse_limits(
         )?,
         request_timeout: defaults.request_timeout,
         max_streams_per_connection: streams,
+        handshakes_per_source_per_sec: {
+            let v = raw
+                .handshakes_per_source_per_sec
+                .unwrap_or(defaults.handshakes_per_source_per_sec);
+            if !(1..=1_000_000).contains(&v) {
+                return Err(err(
+                    &format!("{section}.handshakes_per_source_per_sec"),
+                    "must be 1 to 1000000".into(),
+                ));
+            }
+            v
+        },
+        anonymous,
     })
 }

@@ -207,6 +207,8 @@ pub(super) fn parse_xks(
             x.limits,
             crate::listener::ListenerLimits {
                 max_connections: 1024,
+                // KMS authenticates by SigV4, not by certificate.
+                anonymous: None,
                 ..Default::default()
             },
             "xks.limits",
