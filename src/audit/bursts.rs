@@ -69,7 +69,7 @@ pub(super) struct Bursts {
 pub(super) enum Noted {
     /// The first of a burst: append it and wait. If it replaced an expired burst that the
     /// flusher had not closed yet, that burst's record comes along, to be appended first.
-    First(Option<(String, RecordBody)>),
+    First(Option<Box<(String, RecordBody)>>),
     /// Folded into the open burst: answer at once.
     Folded,
 }
@@ -97,7 +97,7 @@ impl Bursts {
                         folded: None,
                     },
                 );
-                Noted::First(expired.and_then(|b| burst_record(&key, b)))
+                Noted::First(expired.and_then(|b| burst_record(&key, b)).map(Box::new))
             }
         }
     }
@@ -230,9 +230,10 @@ mod tests {
         assert!(matches!(bursts.note(key(), &b, 1_500), Noted::Folded));
         assert!(matches!(bursts.note(key(), &b, 1_600), Noted::Folded));
         // The window is over but the flusher did not run: the next refusal hands it over.
-        let Noted::First(Some((_, closed))) = bursts.note(key(), &b, 2_200) else {
+        let Noted::First(Some(expired)) = bursts.note(key(), &b, 2_200) else {
             panic!("the expired burst was dropped");
         };
+        let closed = &expired.1;
         assert_eq!(
             (closed.repeated, closed.first_ms, closed.last_ms),
             (2, 1_500, 1_600)

@@ -349,7 +349,8 @@ impl AuditLog {
             .note(key, &body, crate::model::now_millis())
         {
             bursts::Noted::First(expired) => {
-                if let Some((burst_tenant, burst)) = expired {
+                if let Some(expired) = expired {
+                    let (burst_tenant, burst) = *expired;
                     self.append(&burst_tenant, burst).await?;
                 }
                 self.append(tenant, body).await.map(|_| ())
