@@ -62,15 +62,24 @@ pub(super) fn parse_limits(
         defaults.max_connections_per_source.min(max_connections),
         max_connections,
     )?;
-    let streams = raw
-        .max_streams_per_connection
-        .unwrap_or(defaults.max_streams_per_connection);
-    if !(1..=10_000).contains(&streams) {
-        return Err(err(
-            &format!("{section}.max_streams_per_connection"),
-            "must be 1 to 10000".into(),
-        ));
-    }
+    let ranged =
+        |key: &str, value: Option<u32>, default: u32, range: std::ops::RangeInclusive<u32>| {
+            let v = value.unwrap_or(default);
+            if range.contains(&v) {
+                Ok(v)
+            } else {
+                Err(err(
+                    &format!("{section}.{key}"),
+                    format!("must be {} to {}", range.start(), range.end()),
+                ))
+            }
+        };
+    let streams = ranged(
+        "max_streams_per_connection",
+        raw.max_streams_per_connection,
+        defaults.max_streams_per_connection,
+        1..=10_000,
+    )?;
     let anonymous = match defaults.anonymous {
         None => {
             if raw.anonymous_connections_per_source.is_some()
@@ -84,15 +93,12 @@ pub(super) fn parse_limits(
             None
         }
         Some(d) => {
-            let rate = raw
-                .anonymous_read_bytes_per_sec
-                .unwrap_or(d.read_bytes_per_sec);
-            if !(256..=100_000_000).contains(&rate) {
-                return Err(err(
-                    &format!("{section}.anonymous_read_bytes_per_sec"),
-                    "must be 256 to 100000000".into(),
-                ));
-            }
+            let rate = ranged(
+                "anonymous_read_bytes_per_sec",
+                raw.anonymous_read_bytes_per_sec,
+                d.read_bytes_per_sec,
+                256..=100_000_000,
+            )?;
             Some(AnonymousLimits {
                 per_source: count(
                     "anonymous_connections_per_source",
@@ -130,18 +136,12 @@ pub(super) fn parse_limits(
         )?,
         request_timeout: defaults.request_timeout,
         max_streams_per_connection: streams,
-        handshakes_per_source_per_sec: {
-            let v = raw
-                .handshakes_per_source_per_sec
-                .unwrap_or(defaults.handshakes_per_source_per_sec);
-            if !(1..=1_000_000).contains(&v) {
-                return Err(err(
-                    &format!("{section}.handshakes_per_source_per_sec"),
-                    "must be 1 to 1000000".into(),
-                ));
-            }
-            v
-        },
+        handshakes_per_source_per_sec: ranged(
+            "handshakes_per_source_per_sec",
+            raw.handshakes_per_source_per_sec,
+            defaults.handshakes_per_source_per_sec,
+            1..=1_000_000,
+        )?,
         anonymous,
     })
 }
