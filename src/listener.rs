@@ -7,6 +7,7 @@
 //! it only hands over connections whose handshake completed in time.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -160,6 +161,25 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// After a read that made progress: the idle time starts again.
+    fn active(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.idle_timeout;
+        self.idle.as_mut().reset(deadline);
+    }
+
+    /// While a read waits: `TimedOut` once nothing was read for the idle time.
+    fn idle_or_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.idle.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connection idle for too long",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 impl AsyncRead for Connection {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -167,46 +187,34 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if let Some(throttle) = this.throttle.as_mut() {
-            let Some(allowed) = throttle.allowance(cx) else {
-                return Poll::Pending;
-            };
-            // Read at most the allowance, through a buffer of its size (a copy, only on
-            // rationed connections, so that no unsafe code is needed to limit `buf`).
-            let mut chunk = vec![0u8; allowed.min(buf.remaining())];
-            let mut limited = ReadBuf::new(&mut chunk);
-            return match Pin::new(&mut this.tls).poll_read(cx, &mut limited) {
-                Poll::Ready(Ok(())) => {
-                    let n = limited.filled().len();
-                    throttle.spend(n);
-                    buf.put_slice(limited.filled());
-                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
-                    Poll::Ready(Ok(()))
-                }
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Pending => match this.idle.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connection idle for too long",
-                    ))),
-                    Poll::Pending => Poll::Pending,
-                },
-            };
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
         }
-        match Pin::new(&mut this.tls).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                this.idle.as_mut().reset(deadline);
-                Poll::Ready(r)
+        let Some(throttle) = this.throttle.as_mut() else {
+            return match Pin::new(&mut this.tls).poll_read(cx, buf) {
+                Poll::Ready(r) => {
+                    this.active();
+                    Poll::Ready(r)
+                }
+                Poll::Pending => this.idle_or_pending(cx),
+            };
+        };
+        let Some(allowed) = throttle.allowance(cx) else {
+            return Poll::Pending;
+        };
+        // Read at most the allowance, through a buffer of its size (a copy, only on rationed
+        // connections, so that no unsafe code is needed to limit `buf`).
+        let mut chunk = vec![0u8; allowed.min(buf.remaining())];
+        let mut limited = ReadBuf::new(&mut chunk);
+        match Pin::new(&mut this.tls).poll_read(cx, &mut limited) {
+            Poll::Ready(Ok(())) => {
+                throttle.spend(limited.filled().len());
+                buf.put_slice(limited.filled());
+                this.active();
+                Poll::Ready(Ok(()))
             }
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connection idle for too long",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.idle_or_pending(cx),
         }
     }
 }
@@ -248,8 +256,6 @@ impl tonic::transport::server::Connected for Connection {
         self.tls.connect_info()
     }
 }
-
-use std::future::Future as _;
 
 /// Counts per source address; a [`Counted`] guard holds one.
 type PerSource = Arc<Mutex<HashMap<IpAddr, usize>>>;
