@@ -979,6 +979,44 @@ async fn overload_is_refused_at_once_not_queued() {
         exhausted > 0,
         "32 concurrent calls never exceeded a limit of 1"
     );
+
+    // The permit is taken before the message is read: an overloaded call is refused for the
+    // overload even when its message is too large to decode (which would be another error).
+    let mut refused_before_decoding = 0;
+    for _round in 0..5 {
+        let calls: Vec<_> = (0..32)
+            .map(|i| {
+                // A raw client: the library's own refuses to send more than the server takes.
+                let mut raw = proto::key_service_client::KeyServiceClient::new(service.channel());
+                let size = if i % 2 == 0 { 4096 } else { 200_000 };
+                tokio::spawn(async move {
+                    raw.wrap(proto::WrapRequest {
+                        key: KEY.into(),
+                        plaintext: vec![7; size],
+                        aad: Vec::new(),
+                    })
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| (s, size))
+                })
+            })
+            .collect();
+        for c in calls {
+            if let Err((s, 200_000)) = c.await.unwrap()
+                && s.code() == Code::ResourceExhausted
+                && s.message().contains("request limit")
+            {
+                refused_before_decoding += 1;
+            }
+        }
+        if refused_before_decoding > 0 {
+            break;
+        }
+    }
+    assert!(
+        refused_before_decoding > 0,
+        "no call was refused before its message was read"
+    );
     server.stop().await;
 }
 

@@ -8,6 +8,7 @@
 //! least of all a plaintext — goes back to the caller. No crypto and no SQL here.
 
 mod admin_service;
+mod admit;
 mod audit_service;
 mod convert;
 mod key_service;
@@ -201,6 +202,41 @@ impl Api {
         answer
     }
 
+    /// A concurrency permit, if one is free.
+    fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.in_flight).try_acquire_owned().ok()
+    }
+
+    /// The audited `RESOURCE_EXHAUSTED` of a call refused for overload.
+    async fn overloaded(&self, admission: &Admission<'_>) -> Status {
+        let s = status::status(
+            Code::ResourceExhausted,
+            "the server is at its request limit; retry with backoff",
+            admission.request_id,
+        );
+        self.refuse(admission, s, "", "", "").await
+    }
+
+    /// [`Api::overloaded`] for the admission layer, before the call's message was read.
+    async fn refuse_overloaded(&self, operation: &'static str, peer: &str) -> Status {
+        let request_id = crate::audit::new_request_id();
+        let role = match operation {
+            "Wrap" | "Unwrap" | "GenerateDataKey" | "Rewrap" => Role::Service,
+            "ExportAuditLog" | "GetAuditCheckpoint" | "GetAuditPublicKey" | "ComputeAadHmac" => {
+                Role::Auditor
+            }
+            _ => Role::Officer,
+        };
+        self.overloaded(&Admission {
+            request_id: &request_id,
+            role,
+            operation,
+            peer,
+            started: std::time::Instant::now(),
+        })
+        .await
+    }
+
     /// Admits, authenticates and authorizes a call for `role`; a refusal is audited here.
     async fn begin<T>(
         &self,
@@ -221,13 +257,14 @@ impl Api {
             peer: &peer,
             started,
         };
-        let Ok(admitted) = Arc::clone(&self.in_flight).try_acquire_owned() else {
-            let s = status::status(
-                Code::ResourceExhausted,
-                "the server is at its request limit; retry with backoff",
-                &request_id,
-            );
-            return Err(self.refuse(&admission, s, "", "", "").await);
+        // Normally the admission layer took the permit before the message was decoded.
+        let admitted = request
+            .extensions()
+            .get::<admit::Admitted>()
+            .and_then(admit::Admitted::take)
+            .or_else(|| self.try_admit());
+        let Some(admitted) = admitted else {
+            return Err(self.overloaded(&admission).await);
         };
         let certs = request.peer_certs();
         let identity = match self

@@ -63,6 +63,7 @@ pub async fn serve(
         // No server pings: a connection's liveness is what it sends (the listener closes one
         // idle for `idle_timeout`), and pings answered would keep an idle flood open.
         .http2_keepalive_interval(None)
+        .layer(super::admit::AdmitLayer { api: api.clone() })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

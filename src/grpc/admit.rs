@@ -1,0 +1,130 @@
+//! Admission before decoding: a call to a Tresor service takes its concurrency permit before
+//! tonic reads and decodes its message, so an overloaded server refuses it
+//! (`RESOURCE_EXHAUSTED`, audited) without reading up to 132 KiB for nothing. Health and
+//! reflection pass through unbounded by the permit, as before.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::sync::OwnedSemaphorePermit;
+use tonic::body::Body;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::Api;
+
+/// The permit a call was admitted with, handed from the layer to [`Api::begin`] through the
+/// request's extensions (which require `Clone`, hence the shared slot).
+#[derive(Clone)]
+pub(super) struct Admitted(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl Admitted {
+    /// Takes the permit out (once).
+    pub(super) fn take(&self) -> Option<OwnedSemaphorePermit> {
+        crate::sync::lock(&self.0).take()
+    }
+}
+
+/// The layer around every service of the gRPC server.
+#[derive(Clone)]
+pub(super) struct AdmitLayer {
+    pub(super) api: Api,
+}
+
+impl<S> Layer<S> for AdmitLayer {
+    type Service = Admit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Admit {
+            inner,
+            api: self.api.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct Admit<S> {
+    inner: S,
+    api: Api,
+}
+
+type Answer<E> = Pin<Box<dyn Future<Output = Result<http::Response<Body>, E>> + Send>>;
+
+impl<S> Service<http::Request<Body>> for Admit<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Answer<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        if !request.uri().path().starts_with("/tresor.v1.") {
+            return Box::pin(self.inner.call(request));
+        }
+        match self.api.try_admit() {
+            Some(permit) => {
+                request
+                    .extensions_mut()
+                    .insert(Admitted(Arc::new(Mutex::new(Some(permit)))));
+                Box::pin(self.inner.call(request))
+            }
+            None => {
+                let api = self.api.clone();
+                let operation = operation_of(request.uri().path());
+                let peer = request
+                    .extensions()
+                    .get::<tonic::transport::server::TlsConnectInfo<
+                        tonic::transport::server::TcpConnectInfo,
+                    >>()
+                    .and_then(|i| i.get_ref().remote_addr())
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                Box::pin(async move {
+                    let status = api.refuse_overloaded(operation, &peer).await;
+                    Ok(status.into_http())
+                })
+            }
+        }
+    }
+}
+
+/// The RPC name of a `/tresor.v1.Service/Method` path, as the audit log and metrics name it.
+fn operation_of(path: &str) -> &'static str {
+    const OPERATIONS: &[&str] = &[
+        "Wrap",
+        "Unwrap",
+        "GenerateDataKey",
+        "Rewrap",
+        "CreateKey",
+        "GetKey",
+        "ListKeys",
+        "RotateKey",
+        "UpdateKey",
+        "EnableKeyVersion",
+        "DisableKeyVersion",
+        "ScheduleKeyVersionDestruction",
+        "CancelKeyVersionDestruction",
+        "ListApprovals",
+        "Approve",
+        "Reject",
+        "ExportAuditLog",
+        "GetAuditCheckpoint",
+        "GetAuditPublicKey",
+        "ComputeAadHmac",
+    ];
+    let method = path.rsplit('/').next().unwrap_or("");
+    OPERATIONS
+        .iter()
+        .copied()
+        .find(|o| *o == method)
+        .unwrap_or("Unknown")
+}
