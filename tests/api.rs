@@ -754,6 +754,17 @@ async fn callers_without_a_valid_certificate_are_unauthenticated() {
             .unwrap_err();
         assert_eq!(s.code(), Code::Unauthenticated, "{who}: {s:?}");
     }
+    // Refused before its message is read: a message too large to decode gets the
+    // authentication answer, not a decoding error.
+    let s = proto::key_service_client::KeyServiceClient::new(anonymous.channel())
+        .wrap(proto::WrapRequest {
+            key: KEY.into(),
+            plaintext: vec![0; 200_000],
+            aad: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
     let s = wrap(&anonymous, KEY, b"x", b"").await.unwrap_err();
     assert!(s.message().contains("no client certificate"), "{s:?}");
 

@@ -1,7 +1,9 @@
-//! Admission before decoding: a call to a Tresor service takes its concurrency permit before
-//! tonic reads and decodes its message, so an overloaded server refuses it
-//! (`RESOURCE_EXHAUSTED`, audited) without reading up to 132 KiB for nothing. Health and
-//! reflection pass through unbounded by the permit, as before.
+//! Admission before decoding: a call to a Tresor service takes its concurrency permit and is
+//! authenticated from its connection's certificate before tonic reads and decodes its message,
+//! so an overloaded server, or a caller without a valid certificate, is refused
+//! (`RESOURCE_EXHAUSTED`, `UNAUTHENTICATED`, audited as in `Api::begin`) without reading up to
+//! 132 KiB for nothing. Authorization (the policy) stays in `Api::begin`. Health and reflection
+//! pass through, as before.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -70,30 +72,41 @@ where
         if !request.uri().path().starts_with("/tresor.v1.") {
             return Box::pin(self.inner.call(request));
         }
-        match self.api.try_admit() {
-            Some(permit) => {
-                request
-                    .extensions_mut()
-                    .insert(Admitted(Arc::new(Mutex::new(Some(permit)))));
-                Box::pin(self.inner.call(request))
-            }
-            None => {
-                let api = self.api.clone();
-                let operation = operation_of(request.uri().path());
-                let peer = request
-                    .extensions()
-                    .get::<tonic::transport::server::TlsConnectInfo<
-                        tonic::transport::server::TcpConnectInfo,
-                    >>()
-                    .and_then(|i| i.get_ref().remote_addr())
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                Box::pin(async move {
-                    let status = api.refuse_overloaded(operation, &peer).await;
-                    Ok(status.into_http())
-                })
-            }
+        let connection = request
+            .extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>();
+        let peer = connection
+            .and_then(|i| i.get_ref().remote_addr())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let identified = self.api.identifies(
+            connection
+                .and_then(|i| i.peer_certs())
+                .as_deref()
+                .map(Vec::as_slice),
+        );
+        let operation = operation_of(request.uri().path());
+        let api = self.api.clone();
+        let Some(permit) = self.api.try_admit() else {
+            return Box::pin(async move {
+                Ok(api.refuse_overloaded(operation, &peer).await.into_http())
+            });
+        };
+        if let Err(e) = identified {
+            // Refused before its message is read; the permit is given back first, as
+            // `Api::begin` does, so refusals do not hold the server's capacity.
+            drop(permit);
+            return Box::pin(async move {
+                Ok(api
+                    .refuse_unauthenticated(operation, &peer, &e)
+                    .await
+                    .into_http())
+            });
         }
+        request
+            .extensions_mut()
+            .insert(Admitted(Arc::new(Mutex::new(Some(permit)))));
+        Box::pin(self.inner.call(request))
     }
 }
 

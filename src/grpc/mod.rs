@@ -217,19 +217,54 @@ impl Api {
         self.refuse(admission, s, "", "", "").await
     }
 
+    /// The audited `UNAUTHENTICATED` of a call whose certificate did not identify a caller.
+    async fn unauthenticated(&self, admission: &Admission<'_>, e: &AuthError) -> Status {
+        tracing::info!(request_id = %admission.request_id, op = admission.operation, peer = %admission.peer, error = %e, "unauthenticated call");
+        let fingerprint = match e {
+            AuthError::Rejected { fingerprint, .. } => fingerprint.as_str(),
+            _ => "",
+        };
+        let s = status::unauthenticated(e, admission.request_id);
+        self.refuse(admission, s, "", "", fingerprint).await
+    }
+
+    /// Whether a connection's certificate chain identifies a caller, for the admission layer:
+    /// a call that would be refused `UNAUTHENTICATED` is refused before its message is read.
+    /// (Verified chains are cached, so [`Api::begin`] identifying again costs a lookup.)
+    fn identifies(
+        &self,
+        certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    ) -> Result<(), AuthError> {
+        self.authenticator.identify(certs).map(|_| ())
+    }
+
+    /// [`Api::unauthenticated`] for the admission layer, before the call's message was read.
+    async fn refuse_unauthenticated(
+        &self,
+        operation: &'static str,
+        peer: &str,
+        e: &AuthError,
+    ) -> Status {
+        let request_id = crate::audit::new_request_id();
+        self.unauthenticated(
+            &Admission {
+                request_id: &request_id,
+                role: role_of(operation),
+                operation,
+                peer,
+                started: std::time::Instant::now(),
+            },
+            e,
+        )
+        .await
+    }
+
     /// [`Api::overloaded`] for the admission layer, before the call's message was read.
     async fn refuse_overloaded(&self, operation: &'static str, peer: &str) -> Status {
         let request_id = crate::audit::new_request_id();
-        let role = match operation {
-            "Wrap" | "Unwrap" | "GenerateDataKey" | "Rewrap" => Role::Service,
-            "ExportAuditLog" | "GetAuditCheckpoint" | "GetAuditPublicKey" | "ComputeAadHmac" => {
-                Role::Auditor
-            }
-            _ => Role::Officer,
-        };
         self.overloaded(&Admission {
             request_id: &request_id,
-            role,
+            role: role_of(operation),
             operation,
             peer,
             started: std::time::Instant::now(),
@@ -273,14 +308,8 @@ impl Api {
         {
             Ok(identity) => identity,
             Err(e) => {
-                tracing::info!(request_id = %request_id, op = operation, peer = %peer, error = %e, "unauthenticated call");
-                let fingerprint = match &e {
-                    AuthError::Rejected { fingerprint, .. } => fingerprint.as_str(),
-                    _ => "",
-                };
-                let s = status::unauthenticated(&e, &request_id);
                 drop(admitted);
-                return Err(self.refuse(&admission, s, "", "", fingerprint).await);
+                return Err(self.unauthenticated(&admission, &e).await);
             }
         };
         let policy = self.policy.current();
@@ -435,6 +464,17 @@ impl Api {
             }
         }
         self.record(call, result, &key, aad_hmac).await
+    }
+}
+
+/// The role an RPC requires, by its name.
+fn role_of(operation: &str) -> Role {
+    match operation {
+        "Wrap" | "Unwrap" | "GenerateDataKey" | "Rewrap" => Role::Service,
+        "ExportAuditLog" | "GetAuditCheckpoint" | "GetAuditPublicKey" | "ComputeAadHmac" => {
+            Role::Auditor
+        }
+        _ => Role::Officer,
     }
 }
 
