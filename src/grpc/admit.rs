@@ -15,7 +15,7 @@ use tonic::body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::Api;
+use super::{Api, Unread};
 
 /// The permit a call was admitted with, handed from the layer to [`Api::begin`] through the
 /// request's extensions (which require `Clone`, hence the shared slot).
@@ -89,7 +89,10 @@ where
         let api = self.api.clone();
         let Some(permit) = self.api.try_admit() else {
             return Box::pin(async move {
-                Ok(api.refuse_overloaded(operation, &peer).await.into_http())
+                Ok(api
+                    .refuse_unread(operation, &peer, Unread::Overloaded)
+                    .await
+                    .into_http())
             });
         };
         if let Err(e) = identified {
@@ -98,7 +101,7 @@ where
             drop(permit);
             return Box::pin(async move {
                 Ok(api
-                    .refuse_unauthenticated(operation, &peer, &e)
+                    .refuse_unread(operation, &peer, Unread::Unauthenticated(&e))
                     .await
                     .into_http())
             });

@@ -238,38 +238,21 @@ impl Api {
         self.authenticator.identify(certs).map(|_| ())
     }
 
-    /// [`Api::unauthenticated`] for the admission layer, before the call's message was read.
-    async fn refuse_unauthenticated(
-        &self,
-        operation: &'static str,
-        peer: &str,
-        e: &AuthError,
-    ) -> Status {
+    /// A refusal by the admission layer, before the call's message was read: audited as
+    /// [`Api::begin`] audits it.
+    async fn refuse_unread(&self, operation: &'static str, peer: &str, why: Unread<'_>) -> Status {
         let request_id = crate::audit::new_request_id();
-        self.unauthenticated(
-            &Admission {
-                request_id: &request_id,
-                role: role_of(operation),
-                operation,
-                peer,
-                started: std::time::Instant::now(),
-            },
-            e,
-        )
-        .await
-    }
-
-    /// [`Api::overloaded`] for the admission layer, before the call's message was read.
-    async fn refuse_overloaded(&self, operation: &'static str, peer: &str) -> Status {
-        let request_id = crate::audit::new_request_id();
-        self.overloaded(&Admission {
+        let admission = Admission {
             request_id: &request_id,
             role: role_of(operation),
             operation,
             peer,
             started: std::time::Instant::now(),
-        })
-        .await
+        };
+        match why {
+            Unread::Overloaded => self.overloaded(&admission).await,
+            Unread::Unauthenticated(e) => self.unauthenticated(&admission, e).await,
+        }
     }
 
     /// Admits, authenticates and authorizes a call for `role`; a refusal is audited here.
@@ -465,6 +448,14 @@ impl Api {
         }
         self.record(call, result, &key, aad_hmac).await
     }
+}
+
+/// Why the admission layer refused a call before reading it.
+enum Unread<'a> {
+    /// No concurrency permit was free.
+    Overloaded,
+    /// The connection's certificate does not identify a caller.
+    Unauthenticated(&'a AuthError),
 }
 
 /// The role an RPC requires, by its name.
