@@ -16,15 +16,17 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{Api, Unread};
+use crate::auth::Identity;
 
-/// The permit a call was admitted with, handed from the layer to [`Api::begin`] through the
-/// request's extensions (which require `Clone`, hence the shared slot).
+/// The permit a call was admitted with and the caller its certificate identified, handed from
+/// the layer to [`Api::begin`] through the request's extensions (which require `Clone`, hence
+/// the shared slot), so the chain is looked up once per call.
 #[derive(Clone)]
-pub(super) struct Admitted(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+pub(super) struct Admitted(Arc<Mutex<Option<(OwnedSemaphorePermit, Identity)>>>);
 
 impl Admitted {
-    /// Takes the permit out (once).
-    pub(super) fn take(&self) -> Option<OwnedSemaphorePermit> {
+    /// Takes the permit and identity out (once).
+    pub(super) fn take(&self) -> Option<(OwnedSemaphorePermit, Identity)> {
         crate::sync::lock(&self.0).take()
     }
 }
@@ -75,11 +77,14 @@ where
         let connection = request
             .extensions()
             .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>();
-        let peer = connection
-            .and_then(|i| i.get_ref().remote_addr())
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let identified = self.api.identifies(
+        // Only a refusal needs the peer as text (its audit record).
+        let peer = || {
+            connection
+                .and_then(|i| i.get_ref().remote_addr())
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        };
+        let identified = self.api.identify(
             connection
                 .and_then(|i| i.peer_certs())
                 .as_deref()
@@ -88,6 +93,7 @@ where
         let operation = operation_of(request.uri().path());
         let api = self.api.clone();
         let Some(permit) = self.api.try_admit() else {
+            let peer = peer();
             return Box::pin(async move {
                 Ok(api
                     .refuse_unread(operation, &peer, Unread::Overloaded)
@@ -95,20 +101,24 @@ where
                     .into_http())
             });
         };
-        if let Err(e) = identified {
-            // Refused before its message is read; the permit is given back first, as
-            // `Api::begin` does, so refusals do not hold the server's capacity.
-            drop(permit);
-            return Box::pin(async move {
-                Ok(api
-                    .refuse_unread(operation, &peer, Unread::Unauthenticated(&e))
-                    .await
-                    .into_http())
-            });
-        }
+        let identity = match identified {
+            Ok(identity) => identity,
+            Err(e) => {
+                // Refused before its message is read; the permit is given back first, so
+                // refusals do not hold the server's capacity.
+                drop(permit);
+                let peer = peer();
+                return Box::pin(async move {
+                    Ok(api
+                        .refuse_unread(operation, &peer, Unread::Unauthenticated(&e))
+                        .await
+                        .into_http())
+                });
+            }
+        };
         request
             .extensions_mut()
-            .insert(Admitted(Arc::new(Mutex::new(Some(permit)))));
+            .insert(Admitted(Arc::new(Mutex::new(Some((permit, identity))))));
         Box::pin(self.inner.call(request))
     }
 }

@@ -228,14 +228,13 @@ impl Api {
         self.refuse(admission, s, "", "", fingerprint).await
     }
 
-    /// Whether a connection's certificate chain identifies a caller, for the admission layer:
-    /// a call that would be refused `UNAUTHENTICATED` is refused before its message is read.
-    /// (Verified chains are cached, so [`Api::begin`] identifying again costs a lookup.)
-    fn identifies(
+    /// The caller a connection's certificate chain identifies, for the admission layer: a call
+    /// that would be refused `UNAUTHENTICATED` is refused before its message is read.
+    fn identify(
         &self,
         certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
-    ) -> Result<(), AuthError> {
-        self.authenticator.identify(certs).map(|_| ())
+    ) -> Result<crate::auth::Identity, AuthError> {
+        self.authenticator.identify(certs)
     }
 
     /// A refusal by the admission layer, before the call's message was read: audited as
@@ -275,25 +274,19 @@ impl Api {
             peer: &peer,
             started,
         };
-        // Normally the admission layer took the permit before the message was decoded.
-        let admitted = request
+        // The admission layer (`admit.rs`) took the permit and identified the caller before
+        // the message was decoded; it stands in front of every Tresor RPC.
+        let Some((admitted, identity)) = request
             .extensions()
             .get::<admit::Admitted>()
             .and_then(admit::Admitted::take)
-            .or_else(|| self.try_admit());
-        let Some(admitted) = admitted else {
-            return Err(self.overloaded(&admission).await);
-        };
-        let certs = request.peer_certs();
-        let identity = match self
-            .authenticator
-            .identify(certs.as_deref().map(Vec::as_slice))
-        {
-            Ok(identity) => identity,
-            Err(e) => {
-                drop(admitted);
-                return Err(self.unauthenticated(&admission, &e).await);
-            }
+        else {
+            tracing::error!(request_id = %request_id, op = operation, "a call reached its service without the admission layer");
+            return Err(status::status(
+                Code::Internal,
+                "internal error",
+                &request_id,
+            ));
         };
         let policy = self.policy.current();
         let grant = match policy.grant(&identity, role) {
