@@ -1,9 +1,11 @@
 //! A flood from the network, bounded in count and time, on loopback: while one service
 //! measures its authenticated Wrap throughput, others open 2,000 idle TCP connections, hold
 //! 500 TLS connections without a client certificate that send calls as fast as they can, and
-//! send oversized messages. The allowed caller must not be starved, the process's memory and
-//! file descriptors stay bounded, and afterwards the audit export verifies and accounts for
-//! the refused calls.
+//! send oversized messages; on the XKS listener of the same server, 200 clients trickle their
+//! request headers and 50 announce large bodies under a signature that does not verify. The
+//! allowed caller must not be starved, the process's memory and file descriptors stay bounded,
+//! and afterwards the audit export verifies and accounts for the refused calls of both
+//! listeners.
 //!
 //! The pass criterion is loose on purpose (a shared, noisy machine): it catches starvation, not
 //! a dip. `scripts/test` runs it alone (no other test loads the CPU meanwhile);
@@ -13,13 +15,87 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "tenants/a/keys/k";
+const XKS_PREFIX: &str = "/flood";
+
+/// The default deployment with an XKS listener for tenant `a` (so its refusals land in the log
+/// auditor A exports).
+fn deployment() -> Deployment {
+    let d = Deployment::new("");
+    let mut policy = std::fs::read_to_string(&d.policy_path).unwrap();
+    policy.push_str(
+        "\n[[identity]]\nname = \"aws-kms-xks-a\"\ntenant = \"a\"\nroles = [\"service\"]\nkeys = [\"k\"]\n",
+    );
+    std::fs::write(&d.policy_path, policy).unwrap();
+    let creds = d.dir().join("xks-credentials.toml");
+    std::fs::write(
+        &creds,
+        "[[credential]]\naccess_key_id = \"AKIAI2SFODNN7EXAMPLE\"\n\
+         secret_access_key = \"FYtE5EFA5FT0mCc3DrGUe2sti527BitkQ0Zr9MO9fvE\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut config = std::fs::read_to_string(&d.config_path).unwrap();
+    config.push_str(&format!(
+        "\n[xks]\nlisten = \"127.0.0.1:0\"\ncert = \"server.pem\"\nkey = \"server.key\"\n\
+         region = \"eu-central-1\"\nlimits = {{ header_timeout_secs = 2 }}\n\
+         [[xks.prefix]]\npath = \"{XKS_PREFIX}\"\nidentity = \"aws-kms-xks-a\"\n\
+         credentials = \"xks-credentials.toml\"\nkeys = {{ \"k\" = \"k\" }}\n"
+    ));
+    std::fs::write(&d.config_path, config).unwrap();
+    d
+}
+
+/// A TLS connection to the XKS listener speaking HTTP/1.1, for requests no real client sends.
+async fn xks_connection(
+    addr: std::net::SocketAddr,
+    tls: &tokio_rustls::TlsConnector,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tls.connect("localhost".try_into().unwrap(), tcp).await
+}
+
+fn xks_tls(server: &TestServer) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tresor::pki::load_certs(&server.deployment.dir().join("ca.pem")).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Reads until the server closes the connection or `limit` passes; true when it closed.
+async fn closed_within(
+    conn: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    limit: Duration,
+) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -68,7 +144,7 @@ async fn measure(service: &tresor::client::Client, callers: usize, duration: Dur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(deployment()).await;
     let officer = server.client(OFFICER_A).await;
     create_key(&officer, KEY).await;
     let service = server.client(SERVICE_A).await;
@@ -143,6 +219,70 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
             }
         }));
     }
+    // (c) 200 XKS clients that trickle their request headers, a byte every 300 ms; the
+    // listener's header time (2 s here) closes them, and they come back.
+    let xks = server.xks.0.unwrap();
+    let tls = xks_tls(&server);
+    let trickles_cut = Arc::new(AtomicU64::new(0));
+    for _ in 0..200 {
+        let (stop, tls, cut) = (Arc::clone(&stop), tls.clone(), Arc::clone(&trickles_cut));
+        flood.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut conn) = xks_connection(xks, &tls).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let _ = conn
+                    .write_all(b"POST /flood/kms/xks/v1/keys/k/encrypt HTTP/1.1\r\nHo")
+                    .await;
+                for byte in b"st: localhost\r\nX-Trickle: aaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+                    if closed_within(&mut conn, Duration::from_millis(300)).await {
+                        cut.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    if conn.write_all(&[*byte]).await.is_err() {
+                        cut.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    // (d) on XKS: 50 clients announcing 200 KB bodies under a signature that does not verify,
+    // each is answered 401 from its headers, and then sends the body anyway.
+    let xks_refused = Arc::new(AtomicU64::new(0));
+    for _ in 0..50 {
+        let (stop, tls, refused) = (Arc::clone(&stop), tls.clone(), Arc::clone(&xks_refused));
+        flood.push(tokio::spawn(async move {
+            let head = format!(
+                "POST {XKS_PREFIX}/kms/xks/v1/keys/k/encrypt HTTP/1.1\r\nHost: localhost\r\n\
+                 Content-Type: application/json\r\nContent-Length: 200000\r\n\
+                 x-amz-date: 20261201T120000Z\r\n\
+                 Authorization: AWS4-HMAC-SHA256 Credential=AKIAI2SFODNN7EXAMPLE/20261201/eu-central-1/kms-xks-proxy/aws4_request, \
+                 SignedHeaders=host;x-amz-date, Signature={}\r\n\r\n",
+                "0".repeat(64)
+            );
+            let body = vec![b'{'; 200_000];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut conn) = xks_connection(xks, &tls).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                if conn.write_all(head.as_bytes()).await.is_err() {
+                    continue;
+                }
+                let mut answer = [0u8; 16];
+                if let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(2), conn.read(&mut answer)).await
+                    && answer[..n].starts_with(b"HTTP/1.1 401")
+                {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+                // The body the server did not wait for, sent anyway, as an attacker would.
+                let _ = conn.write_all(&body).await;
+            }
+        }));
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let flooded = measure(&service, 16, window).await;
     let (rss_during, fds_during) = (rss_kib(), open_fds());
@@ -164,8 +304,10 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
     let ratio = flooded / quiet;
     if std::env::var_os("TRESOR_FLOOD_REPORT").is_some() {
         eprintln!(
-            "flood: quiet {quiet:.0} wraps/s, flooded {flooded:.0} wraps/s, ratio {ratio:.2}; refused calls {}; RSS {rss_before} -> {rss_during} KiB; fds {fds_before} -> {fds_during}",
-            refused.load(Ordering::Relaxed)
+            "flood: quiet {quiet:.0} wraps/s, flooded {flooded:.0} wraps/s, ratio {ratio:.2}; refused gRPC calls {}; XKS: {} trickling clients cut off, {} large unsigned bodies refused; RSS {rss_before} -> {rss_during} KiB; fds {fds_before} -> {fds_during}",
+            refused.load(Ordering::Relaxed),
+            trickles_cut.load(Ordering::Relaxed),
+            xks_refused.load(Ordering::Relaxed),
         );
     }
     assert!(
@@ -199,6 +341,27 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
         })
         .sum();
     let unauthenticated_at_server = refused.load(Ordering::Relaxed);
+    assert!(
+        trickles_cut.load(Ordering::Relaxed) >= 40,
+        "the XKS listener did not cut off the trickling clients"
+    );
+    let xks_refused = xks_refused.load(Ordering::Relaxed);
+    assert!(xks_refused > 0, "no unsigned XKS body was refused");
+    let xks_accounted: u64 = items
+        .iter()
+        .filter_map(|i| match i {
+            tresor::audit_record::ExportItem::Record(r)
+                if r.body.operation.starts_with("Xks") && r.body.outcome == "UNAUTHENTICATED" =>
+            {
+                Some(r.body.repeated.max(1))
+            }
+            _ => None,
+        })
+        .sum();
+    assert!(
+        xks_accounted >= xks_refused,
+        "{xks_refused} XKS requests refused, {xks_accounted} recorded"
+    );
     assert!(accounted > 0, "no refused call was recorded");
     // Calls the client counted as refused include ones the listener closed before the
     // server saw a request; the log can account for at most the ones that reached it.
