@@ -26,6 +26,7 @@ pub mod custody;
 pub mod envelope;
 pub mod grpc;
 pub mod hsm;
+pub mod kmip;
 pub(crate) mod listener;
 pub mod metrics;
 pub mod model;

@@ -37,6 +37,9 @@ pub enum Role {
     Officer,
     /// Auditors: the audit log.
     Auditor,
+    /// KMIP clients (storage arrays, hypervisors, databases): create, fetch and manage the
+    /// tenant's managed objects, whose plaintext they receive (`crate::kmip`).
+    Kmip,
 }
 
 impl fmt::Display for Role {
@@ -45,6 +48,7 @@ impl fmt::Display for Role {
             Self::Service => "service",
             Self::Officer => "officer",
             Self::Auditor => "auditor",
+            Self::Kmip => "kmip",
         })
     }
 }
@@ -163,6 +167,14 @@ impl Grant {
                 .is_none_or(|patterns| patterns.iter().any(|p| p.matches(key.key())))
     }
 
+    /// Whether the caller's key patterns cover a managed object's name (any name when the
+    /// policy gives no patterns; an object without a name only then).
+    pub fn allows_object_name(&self, name: &str) -> bool {
+        self.keys
+            .as_ref()
+            .is_none_or(|patterns| !name.is_empty() && patterns.iter().any(|p| p.matches(name)))
+    }
+
     /// Refuses a key outside the caller's tenant or patterns.
     pub fn check_key(&self, key: &KeyName) -> Result<(), Denied> {
         if self.allows_key(key) {
@@ -276,7 +288,7 @@ impl Policy {
             let tenant = Tenant::new(&e.tenant).map_err(|x| err(format!("{at}.tenant: {x}")))?;
             if e.roles.is_empty() {
                 return Err(err(format!(
-                    "{at}.roles is empty; give at least one of service, officer, auditor"
+                    "{at}.roles is empty; give at least one of service, officer, auditor, kmip"
                 )));
             }
             let keys = match e.keys {

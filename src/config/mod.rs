@@ -4,6 +4,7 @@
 //! not open the HSM, the database or sockets; it only checks that what they need is present and
 //! well-formed. Secrets (the PIN, the TLS private key) are only ever *locations* here.
 
+mod kmip;
 mod limits;
 mod xks;
 
@@ -15,6 +16,8 @@ use serde::Deserialize;
 
 use crate::custody::OrphanPolicy;
 use crate::hsm::{DEFAULT_CALL_TIMEOUT, DEFAULT_SESSIONS, Dispatch, HsmConfig, PinSource};
+pub use kmip::KmipConfig;
+use kmip::{KmipSection, TlsDefaults, parse_kmip};
 pub use xks::{XksConfig, XksPrefix};
 use xks::{XksSection, parse_xks};
 
@@ -44,6 +47,7 @@ struct File {
     #[serde(default)]
     custody: CustodySection,
     xks: Option<XksSection>,
+    kmip: Option<KmipSection>,
 }
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +147,8 @@ pub struct Config {
     pub scheduler_interval: Duration,
     /// The AWS KMS external key store proxy, if configured.
     pub xks: Option<XksConfig>,
+    /// The KMIP server, if configured.
+    pub kmip: Option<KmipConfig>,
 }
 
 impl Config {
@@ -361,8 +367,22 @@ impl Config {
             None => None,
             Some(x) => Some(parse_xks(x, &err, &readable)?),
         };
+        let kmip = match raw.kmip {
+            None => None,
+            Some(k) => Some(parse_kmip(
+                k,
+                TlsDefaults {
+                    cert: &tls_cert,
+                    key: &tls_key,
+                    client_ca: &client_ca,
+                },
+                &err,
+                &readable,
+            )?),
+        };
         Ok(Self {
             xks,
+            kmip,
             destruction_grace: Duration::from_secs(grace * 3600),
             approval_ttl: Duration::from_secs(ttl * 3600),
             scheduler_interval: Duration::from_secs(tick),

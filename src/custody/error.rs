@@ -146,6 +146,25 @@ pub enum CustodyError {
     /// Another writer changed the key at the same time; retry.
     #[error("{0} was changed concurrently; retry")]
     Conflict(String),
+    /// No managed object with this id in the caller's tenant (or none the caller may see).
+    #[error("object {0} not found")]
+    ObjectNotFound(String),
+    /// The managed object is destroyed: its material is gone.
+    #[error("object {0} is destroyed")]
+    ObjectDestroyed(String),
+    /// The managed object's state does not allow the change.
+    #[error("object {id} is {from}; it cannot become {to}")]
+    ObjectState {
+        /// The object.
+        id: String,
+        /// Its state.
+        from: super::ObjectState,
+        /// The state asked for.
+        to: super::ObjectState,
+    },
+    /// The deployment lacks something an operator must set up (named, with the fix).
+    #[error("{0}")]
+    FailedSetup(String),
     /// The HSM failed.
     #[error("HSM: {0}")]
     Hsm(#[from] HsmError),

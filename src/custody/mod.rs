@@ -27,6 +27,7 @@ mod info;
 mod integrity;
 mod lifecycle;
 mod load;
+mod objects;
 mod probe;
 mod reconcile;
 mod schedule;
@@ -50,6 +51,9 @@ pub use error::CustodyError;
 use info::info;
 pub use info::*;
 use integrity::{Seal, Sealer};
+pub use objects::{
+    MAX_OBJECT_TEXT, ManagedObject, NewObject, OBJECT_KEY_BITS, ObjectState, RevocationCode,
+};
 pub use probe::ProbeKey;
 pub use reconcile::{OrphanPolicy, ReconcileReport};
 

@@ -196,9 +196,22 @@ impl Custody {
             grant.check_key(expected)?;
         }
         check_aad(aad)?;
+        self.open_blob_allowed(&|key| grant.allows_key(key), ciphertext, aad, expected_key)
+            .await
+    }
+
+    /// [`Custody::open_blob`] once the caller was authorized: `allows` says which keys the
+    /// blob may belong to.
+    pub(super) async fn open_blob_allowed(
+        &self,
+        allows: &(dyn Fn(&KeyName) -> bool + Sync),
+        ciphertext: &[u8],
+        aad: &[u8],
+        expected_key: Option<&KeyName>,
+    ) -> Result<(Zeroizing<Vec<u8>>, Arc<VersionEntry>, Arc<KeyEntry>), CustodyError> {
         let blob = envelope::parse(ciphertext).map_err(CustodyError::MalformedCiphertext)?;
         let (version, entry) = self
-            .decrypting_version(grant, &blob.version_id, expected_key)
+            .decrypting_version(allows, &blob.version_id, expected_key)
             .await?;
         let full_aad = envelope::gcm_aad(&version.id, &version.full_name, aad);
         let plaintext = self
@@ -220,7 +233,7 @@ impl Custody {
     /// usage allows decrypt, at or above the minimum decryption version, and usable.
     pub(super) async fn decrypting_version(
         &self,
-        grant: &Grant,
+        allows: &(dyn Fn(&KeyName) -> bool + Sync),
         id: &VersionId,
         expected_key: Option<&KeyName>,
     ) -> Result<(Arc<VersionEntry>, Arc<KeyEntry>), CustodyError> {
@@ -236,7 +249,7 @@ impl Custody {
                     expected: expected.to_string(),
                 });
             }
-            if !grant.allows_key(key) {
+            if !allows(key) {
                 return Err(CustodyError::ForeignBlob { key: key.clone() });
             }
             let entry = cache.keys.get(key).ok_or(CustodyError::UnknownVersion)?;
@@ -372,7 +385,9 @@ impl Custody {
     ) -> Result<(Zeroizing<Vec<u8>>, String), CustodyError> {
         grant.require(Role::Service)?;
         grant.check_key(name)?;
-        let (version, _) = self.decrypting_version(grant, id, Some(name)).await?;
+        let (version, _) = self
+            .decrypting_version(&|key| grant.allows_key(key), id, Some(name))
+            .await?;
         let plaintext = self
             .inner
             .hsm

@@ -17,6 +17,12 @@ pub(super) struct Checked {
     pub authenticator: ClientAuthenticator,
     pub policy: Arc<SharedPolicy>,
     pub xks: Option<CheckedXks>,
+    pub kmip: Option<CheckedKmip>,
+}
+
+pub(super) struct CheckedKmip {
+    pub tls: Arc<ServerConfig>,
+    pub authenticator: ClientAuthenticator,
 }
 
 pub(super) struct CheckedXks {
@@ -96,6 +102,25 @@ pub(super) fn check(config: &Config) -> Result<Checked, ConfigError> {
             })
         }
     };
+    let kmip = match &config.kmip {
+        None => None,
+        Some(k) => {
+            let certs = pki::load_certs(&k.cert).map_err(|e| error("kmip.cert", &e))?;
+            let key = pki::load_key(&k.key).map_err(|e| error("kmip.key", &e))?;
+            let cas = pki::load_certs(&k.client_ca).map_err(|e| error("kmip.client_ca", &e))?;
+            let authenticator =
+                ClientAuthenticator::new(&cas).map_err(|e| error("kmip.client_ca", &e))?;
+            // KMIP clients authenticate by certificate: the handshake requires one.
+            let verifier = listener::ca_verifier(cas).map_err(|e| error("kmip.client_ca", &e))?;
+            let tls =
+                listener::server_config(certs, key, Some(verifier), crate::kmip::server::ALPN)
+                    .map_err(|e| error("kmip.key", &e))?;
+            Some(CheckedKmip {
+                tls: Arc::new(tls),
+                authenticator,
+            })
+        }
+    };
     // Read once here so that an unreadable or world-readable PIN file, or an unset PIN
     // variable, is a configuration error; the HSM back-end reads it again when it logs in.
     let pin_key = match &config.hsm.pin {
@@ -108,5 +133,6 @@ pub(super) fn check(config: &Config) -> Result<Checked, ConfigError> {
         authenticator,
         policy: Arc::new(policy),
         xks,
+        kmip,
     })
 }

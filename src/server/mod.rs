@@ -102,6 +102,8 @@ pub struct Server {
     listeners: std::sync::Mutex<Listeners>,
     /// The AWS KMS external key store proxy, when `[xks]` is configured.
     xks: Option<XksParts>,
+    /// The KMIP server, when `[kmip]` is configured.
+    kmip: Option<KmipParts>,
 }
 
 #[derive(Default)]
@@ -109,6 +111,13 @@ struct Listeners {
     metrics: Option<TcpListener>,
     xks: Option<TcpListener>,
     xks_ping: Option<TcpListener>,
+    kmip: Option<TcpListener>,
+}
+
+struct KmipParts {
+    service: crate::kmip::Kmip,
+    tls: Arc<ServerConfig>,
+    authenticator: crate::auth::ClientAuthenticator,
 }
 
 struct XksParts {
@@ -184,6 +193,19 @@ impl Server {
             }),
             _ => None,
         };
+        let kmip = match (&config.kmip, checked.kmip) {
+            (Some(k), Some(parts)) => Some(KmipParts {
+                service: crate::kmip::Kmip::new(
+                    k.clone(),
+                    custody.clone(),
+                    audit.clone(),
+                    Arc::clone(&checked.policy),
+                ),
+                tls: parts.tls,
+                authenticator: parts.authenticator,
+            }),
+            _ => None,
+        };
         let api = Api::new(
             custody.clone(),
             audit.clone(),
@@ -200,6 +222,7 @@ impl Server {
             grpc_tls: checked.grpc_tls,
             listeners: std::sync::Mutex::new(Listeners::default()),
             xks,
+            kmip,
         })
     }
 
@@ -234,8 +257,19 @@ impl Server {
                 bound.xks_ping = Some(bind(addr).await?);
             }
         }
+        if let Some(k) = &self.config.kmip {
+            bound.kmip = Some(bind(k.listen).await?);
+        }
         *lock(&self.listeners) = bound;
         Ok(grpc)
+    }
+
+    /// Where the KMIP server listens, once bound.
+    pub fn kmip_addr(&self) -> Option<SocketAddr> {
+        lock(&self.listeners)
+            .kmip
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Where the XKS proxy listens (HTTPS, and plain-HTTP ping), once bound.
@@ -325,6 +359,23 @@ impl Server {
             }
             let service = parts.service.clone();
             tasks.push(tokio::spawn(async move { service.keep_health().await }));
+        }
+        if let (Some(parts), Some(k), Some(tcp)) = (&self.kmip, &self.config.kmip, bound.kmip) {
+            let (accept, connections) =
+                listener::accept("kmip", tcp, Arc::clone(&parts.tls), k.limits);
+            tasks.push(accept);
+            tasks.push(tokio::spawn(crate::kmip::server::serve(
+                parts.service.clone(),
+                parts.authenticator.clone(),
+                connections,
+                k.limits,
+            )));
+            tasks.push(tokio::spawn(
+                parts
+                    .service
+                    .clone()
+                    .purge_destroyed(self.config.scheduler_interval),
+            ));
         }
         let (accept, connections) = listener::accept(
             "grpc",

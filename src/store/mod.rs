@@ -24,9 +24,11 @@ mod approvals;
 mod audit;
 mod keys;
 mod nodes;
+mod objects;
 pub use approvals::ApprovalRow;
 pub use audit::{AUDIT_CHAIN_LOCK, ChainHead};
 pub use nodes::{SCHEDULER_LOCK, STARTUP_LOCK, SchedulerLock};
+pub use objects::ObjectRow;
 pub mod changes;
 
 use std::fs::OpenOptions;

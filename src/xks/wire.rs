@@ -320,6 +320,11 @@ pub fn from_custody(e: CustodyError) -> XksError {
             XksError::Internal("the key database is unavailable; retry later".into())
         }
         E::Conflict(_) => XksError::Internal("the key changed concurrently; retry".into()),
+        // Managed objects are KMIP's; the proxy never reaches them.
+        E::ObjectNotFound(_)
+        | E::ObjectDestroyed(_)
+        | E::ObjectState { .. }
+        | E::FailedSetup(_) => XksError::Internal("internal error".into()),
         // Officer operations and start-up conditions: no XKS call reaches them, and if one
         // did, AWS KMS can do nothing about it but retry.
         E::KeyExists(_)

@@ -459,6 +459,9 @@ pub struct TestServer {
     /// The XKS proxy's HTTPS and ping addresses, when `[xks]` is configured.
     #[allow(dead_code)]
     pub xks: (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>),
+    /// The KMIP server's address, when `[kmip]` is configured.
+    #[allow(dead_code)]
+    pub kmip: Option<std::net::SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), tresor::server::StartError>>>,
     /// For [`TestServer::reload`]; dropped before stopping, so the HSM context is released.
@@ -505,6 +508,7 @@ impl TestServer {
         let metrics = server.metrics_addr();
         let policy = server.policy();
         let xks = server.xks_addrs();
+        let kmip = server.kmip_addr();
         let server = std::sync::Arc::new(server);
         let serving = std::sync::Arc::clone(&server);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -521,6 +525,7 @@ impl TestServer {
             policy,
             metrics,
             xks,
+            kmip,
             shutdown: Some(tx),
             task: Some(task),
             server: Some(server),

@@ -1,0 +1,642 @@
+//! The KMIP operations this server offers, each from its request payload to its response
+//! payload (KMIP 1.4 §4): DiscoverVersions, Query, Create, Register, Get, GetAttributes,
+//! GetAttributeList, Locate, Activate, Revoke and Destroy, on symmetric (AES) keys. Anything
+//! else answers Operation Not Supported.
+//!
+//! Owns the mapping between KMIP's attributes and custody's managed objects; decides nothing
+//! about who may do what (custody checks the grant) and never sees sealed material.
+
+use std::collections::BTreeMap;
+
+use zeroize::Zeroizing;
+
+use super::message::{self, attribute, operation as op, read_attribute};
+use super::ttlv::{Ttlv, Value, tag};
+use super::{KmipError, required};
+use crate::auth::Grant;
+use crate::config::KmipConfig;
+use crate::custody::{Custody, ManagedObject, NewObject, ObjectState, RevocationCode};
+
+const OBJECT_TYPE_SYMMETRIC_KEY: u32 = 0x02;
+const ALGORITHM_AES: u32 = 0x03;
+const KEY_FORMAT_RAW: u32 = 0x01;
+const KEY_FORMAT_TRANSPARENT_SYMMETRIC: u32 = 0x07;
+const NAME_TYPE_TEXT: u32 = 0x01;
+
+/// The object a batch item touched (for its audit record).
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Its unique identifier.
+    pub object: Option<String>,
+    /// Its name.
+    pub name: Option<String>,
+}
+
+/// Runs one batch item. `placeholder` is the batch's ID Placeholder: the id the last Create or
+/// Register produced, which later items of the batch use when they name none.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    custody: &Custody,
+    config: &KmipConfig,
+    grant: &Grant,
+    version: (i32, i32),
+    operation: u32,
+    payload: &Ttlv,
+    placeholder: &mut Option<String>,
+    touched: &mut Touched,
+) -> Result<Vec<Ttlv>, KmipError> {
+    match operation {
+        op::DISCOVER_VERSIONS => discover_versions(payload),
+        op::QUERY => Ok(query(payload)),
+        op::CREATE => {
+            let object_type = required(payload, tag::OBJECT_TYPE, "Object Type")?;
+            check_object_type(object_type)?;
+            let new = new_object(payload.child(tag::TEMPLATE_ATTRIBUTE), false)?;
+            let created = custody
+                .create_object(grant, &config.wrapping_key, new)
+                .await?;
+            touched.set(&created);
+            *placeholder = Some(created.id.clone());
+            Ok(vec![
+                Ttlv::enumeration(tag::OBJECT_TYPE, OBJECT_TYPE_SYMMETRIC_KEY),
+                Ttlv::text(tag::UNIQUE_IDENTIFIER, created.id),
+            ])
+        }
+        op::REGISTER => {
+            let object_type = required(payload, tag::OBJECT_TYPE, "Object Type")?;
+            check_object_type(object_type)?;
+            let key = required(payload, tag::SYMMETRIC_KEY, "Symmetric Key")?;
+            let (material, bits) = key_block(key)?;
+            let mut new = new_object(payload.child(tag::TEMPLATE_ATTRIBUTE), true)?;
+            if new.length_bits == 0 {
+                new.length_bits = bits;
+            }
+            let registered = custody
+                .register_object(grant, &config.wrapping_key, new, material)
+                .await?;
+            touched.set(&registered);
+            *placeholder = Some(registered.id.clone());
+            Ok(vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, registered.id)])
+        }
+        op::GET => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            let format = payload
+                .child(tag::KEY_FORMAT_TYPE)
+                .map(|f| f.as_enum().ok_or_else(|| invalid("Key Format Type")))
+                .transpose()?
+                .unwrap_or(KEY_FORMAT_RAW);
+            if format != KEY_FORMAT_RAW && format != KEY_FORMAT_TRANSPARENT_SYMMETRIC {
+                return Err(KmipError::KeyFormatTypeNotSupported(format!(
+                    "key format type {format:#x} is not offered; ask for Raw or Transparent Symmetric Key"
+                )));
+            }
+            if payload.child(0x42_0047).is_some() {
+                return Err(KmipError::FeatureNotSupported(
+                    "key wrapping is not offered; the key is protected by the mutually authenticated connection".into(),
+                ));
+            }
+            let (object, material) = custody
+                .object_material(grant, &config.wrapping_key, &id)
+                .await?;
+            touched.set(&object);
+            let key_material = if format == KEY_FORMAT_RAW {
+                Ttlv::bytes(tag::KEY_MATERIAL, material)
+            } else {
+                Ttlv::structure(tag::KEY_MATERIAL, vec![Ttlv::bytes(tag::KEY, material)])
+            };
+            Ok(vec![
+                Ttlv::enumeration(tag::OBJECT_TYPE, OBJECT_TYPE_SYMMETRIC_KEY),
+                Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id.clone()),
+                Ttlv::structure(
+                    tag::SYMMETRIC_KEY,
+                    vec![Ttlv::structure(
+                        tag::KEY_BLOCK,
+                        vec![
+                            Ttlv::enumeration(tag::KEY_FORMAT_TYPE, format),
+                            Ttlv::structure(tag::KEY_VALUE, vec![key_material]),
+                            Ttlv::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, ALGORITHM_AES),
+                            Ttlv::integer(
+                                tag::CRYPTOGRAPHIC_LENGTH,
+                                i32::try_from(object.length_bits).unwrap_or(0),
+                            ),
+                        ],
+                    )],
+                ),
+            ])
+        }
+        op::GET_ATTRIBUTES => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            let object = custody.object(grant, &id).await?;
+            touched.set(&object);
+            let wanted: Vec<&str> = payload
+                .children(tag::ATTRIBUTE_NAME)
+                .map(|n| n.as_text().ok_or_else(|| invalid("Attribute Name")))
+                .collect::<Result<_, _>>()?;
+            let mut out = vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id.clone())];
+            for (name, value) in attributes_of(&object, version) {
+                if wanted.is_empty() || wanted.contains(&name.as_str()) {
+                    out.push(attribute(&name, value));
+                }
+            }
+            Ok(out)
+        }
+        op::GET_ATTRIBUTE_LIST => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            let object = custody.object(grant, &id).await?;
+            touched.set(&object);
+            let mut out = vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id.clone())];
+            out.extend(
+                attributes_of(&object, version)
+                    .into_iter()
+                    .map(|(name, _)| Ttlv::text(tag::ATTRIBUTE_NAME, name)),
+            );
+            Ok(out)
+        }
+        op::LOCATE => locate(custody, grant, version, payload).await,
+        op::ACTIVATE => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            let object = custody.activate_object(grant, &id).await?;
+            touched.set(&object);
+            Ok(vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id)])
+        }
+        op::REVOKE => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            let reason = required(payload, tag::REVOCATION_REASON, "Revocation Reason")?;
+            let code = reason
+                .child(tag::REVOCATION_REASON_CODE)
+                .and_then(Ttlv::as_enum)
+                .ok_or_else(|| {
+                    KmipError::MissingData(
+                        "the Revocation Reason has no Revocation Reason Code".into(),
+                    )
+                })?;
+            let code = revocation_code(code)?;
+            let text = reason
+                .child(tag::REVOCATION_MESSAGE)
+                .map(|m| m.as_text().ok_or_else(|| invalid("Revocation Message")))
+                .transpose()?
+                .unwrap_or("");
+            let occurred = payload
+                .child(tag::COMPROMISE_OCCURRENCE_DATE)
+                .map(|d| {
+                    d.as_date()
+                        .ok_or_else(|| invalid("Compromise Occurrence Date"))
+                })
+                .transpose()?
+                .map_or(0, |s| s.saturating_mul(1000));
+            let object = custody
+                .revoke_object(grant, &id, code, text, occurred)
+                .await?;
+            touched.set(&object);
+            Ok(vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id)])
+        }
+        op::DESTROY => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            let grace = config.destroy_grace_of(grant.tenant().as_str());
+            let object = custody.destroy_object(grant, &id, grace).await?;
+            touched.set(&object);
+            Ok(vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id)])
+        }
+        other => Err(KmipError::OperationNotSupported(format!(
+            "operation {other:#x} is not supported by this server; Query lists those it offers"
+        ))),
+    }
+}
+
+/// The operations Query lists.
+const OFFERED: [u32; 11] = [
+    op::DISCOVER_VERSIONS,
+    op::QUERY,
+    op::CREATE,
+    op::REGISTER,
+    op::GET,
+    op::GET_ATTRIBUTES,
+    op::GET_ATTRIBUTE_LIST,
+    op::LOCATE,
+    op::ACTIVATE,
+    op::REVOKE,
+    op::DESTROY,
+];
+
+fn invalid(field: &str) -> KmipError {
+    KmipError::InvalidField(format!("{field} has the wrong type"))
+}
+
+fn discover_versions(payload: &Ttlv) -> Result<Vec<Ttlv>, KmipError> {
+    let asked: Vec<(i32, i32)> = payload
+        .children(tag::PROTOCOL_VERSION)
+        .map(message::protocol_version)
+        .collect::<Result<_, _>>()?;
+    Ok(message::SUPPORTED_VERSIONS
+        .iter()
+        .filter(|v| asked.is_empty() || asked.contains(v))
+        .map(|v| message::version_item(*v))
+        .collect())
+}
+
+fn query(payload: &Ttlv) -> Vec<Ttlv> {
+    let asked: Vec<u32> = payload
+        .children(tag::QUERY_FUNCTION)
+        .filter_map(Ttlv::as_enum)
+        .collect();
+    let mut out = Vec::new();
+    // Query Operations (1), Query Objects (2), Query Server Information (3); other functions
+    // have nothing to report here.
+    if asked.contains(&1) {
+        out.extend(
+            OFFERED
+                .iter()
+                .map(|o| Ttlv::enumeration(tag::OPERATION, *o)),
+        );
+    }
+    if asked.contains(&2) {
+        out.push(Ttlv::enumeration(
+            tag::OBJECT_TYPE,
+            OBJECT_TYPE_SYMMETRIC_KEY,
+        ));
+    }
+    if asked.contains(&3) {
+        out.push(Ttlv::text(
+            tag::VENDOR_IDENTIFICATION,
+            format!("Tresor {}", env!("CARGO_PKG_VERSION")),
+        ));
+        out.push(Ttlv::structure(tag::SERVER_INFORMATION, Vec::new()));
+    }
+    out
+}
+
+fn check_object_type(t: &Ttlv) -> Result<(), KmipError> {
+    match t.as_enum() {
+        Some(OBJECT_TYPE_SYMMETRIC_KEY) => Ok(()),
+        Some(other) => Err(KmipError::FeatureNotSupported(format!(
+            "object type {other:#x} is not offered; this server manages symmetric keys"
+        ))),
+        None => Err(invalid("Object Type")),
+    }
+}
+
+fn unique_id(payload: &Ttlv, placeholder: &Option<String>) -> Result<String, KmipError> {
+    match payload.child(tag::UNIQUE_IDENTIFIER) {
+        Some(id) => id
+            .as_text()
+            .map(str::to_owned)
+            .ok_or_else(|| invalid("Unique Identifier")),
+        None => placeholder.clone().ok_or_else(|| {
+            KmipError::MissingData(
+                "the request names no Unique Identifier and no earlier item of the batch created one"
+                    .into(),
+            )
+        }),
+    }
+}
+
+/// A Name attribute's value.
+fn name_value(v: &Ttlv) -> Result<&str, KmipError> {
+    v.child(tag::NAME_VALUE)
+        .and_then(Ttlv::as_text)
+        .ok_or_else(|| KmipError::InvalidField("a Name has no Name Value".into()))
+}
+
+fn date_ms(v: &Ttlv, field: &str) -> Result<i64, KmipError> {
+    v.as_date()
+        .map(|s| s.saturating_mul(1000))
+        .ok_or_else(|| invalid(field))
+}
+
+fn int_of(v: &Ttlv, field: &str) -> Result<u32, KmipError> {
+    v.as_int()
+        .and_then(|i| u32::try_from(i).ok())
+        .ok_or_else(|| invalid(field))
+}
+
+/// Custom attributes clients may set: text values of these names.
+fn is_custom(name: &str) -> bool {
+    name.starts_with("x-")
+        || name.starts_with("y-")
+        || matches!(
+            name,
+            "Object Group" | "Contact Information" | "Operation Policy Name"
+        )
+}
+
+/// What a Create's or Register's template asks for.
+fn new_object(template: Option<&Ttlv>, register: bool) -> Result<NewObject, KmipError> {
+    let mut new = NewObject {
+        usage_mask: 0x04 | 0x08,
+        ..NewObject::default()
+    };
+    let mut algorithm = None;
+    for a in template
+        .map(|t| t.children(tag::ATTRIBUTE).collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
+        let (name, value) = read_attribute(a)?;
+        match name {
+            "Cryptographic Algorithm" => {
+                algorithm = Some(value.as_enum().ok_or_else(|| invalid(name))?)
+            }
+            "Cryptographic Length" => new.length_bits = int_of(value, name)?,
+            "Cryptographic Usage Mask" => new.usage_mask = int_of(value, name)?,
+            "Name" => {
+                if !new.name.is_empty() {
+                    return Err(KmipError::InvalidField(
+                        "an object has at most one Name here".into(),
+                    ));
+                }
+                new.name = name_value(value)?.to_owned();
+            }
+            "Activation Date" => new.activation_date = date_ms(value, name)?,
+            "Deactivation Date" => new.deactivation_date = date_ms(value, name)?,
+            custom if is_custom(custom) => {
+                let text = value.as_text().ok_or_else(|| {
+                    KmipError::InvalidField(format!("attribute {custom:?} must be a text string"))
+                })?;
+                new.attributes.insert(custom.to_owned(), text.to_owned());
+            }
+            other => {
+                return Err(KmipError::InvalidField(format!(
+                    "attribute {other:?} cannot be set here"
+                )));
+            }
+        }
+    }
+    match algorithm {
+        Some(ALGORITHM_AES) => {}
+        None if register => {}
+        None => {
+            return Err(KmipError::MissingData(
+                "the template has no Cryptographic Algorithm (AES)".into(),
+            ));
+        }
+        Some(other) => {
+            return Err(KmipError::FeatureNotSupported(format!(
+                "cryptographic algorithm {other:#x} is not offered; this server creates AES keys"
+            )));
+        }
+    }
+    if new.length_bits == 0 && !register {
+        return Err(KmipError::MissingData(
+            "the template has no Cryptographic Length (128, 192 or 256)".into(),
+        ));
+    }
+    Ok(new)
+}
+
+/// A Register's key block: the material and its length in bits.
+fn key_block(key: &Ttlv) -> Result<(Zeroizing<Vec<u8>>, u32), KmipError> {
+    let block = key
+        .child(tag::KEY_BLOCK)
+        .ok_or_else(|| KmipError::MissingData("the Symmetric Key has no Key Block".into()))?;
+    if block.child(0x42_0046).is_some() {
+        return Err(KmipError::FeatureNotSupported(
+            "wrapped key blocks are not accepted; register the key in the clear over this connection".into(),
+        ));
+    }
+    let format = block
+        .child(tag::KEY_FORMAT_TYPE)
+        .and_then(Ttlv::as_enum)
+        .ok_or_else(|| KmipError::MissingData("the Key Block has no Key Format Type".into()))?;
+    if let Some(alg) = block.child(tag::CRYPTOGRAPHIC_ALGORITHM)
+        && alg.as_enum() != Some(ALGORITHM_AES)
+    {
+        return Err(KmipError::FeatureNotSupported(
+            "only AES keys can be registered".into(),
+        ));
+    }
+    let material = block
+        .child(tag::KEY_VALUE)
+        .and_then(|v| v.child(tag::KEY_MATERIAL))
+        .ok_or_else(|| KmipError::MissingData("the Key Value has no Key Material".into()))?;
+    let bytes = match format {
+        KEY_FORMAT_RAW => material.as_bytes(),
+        KEY_FORMAT_TRANSPARENT_SYMMETRIC => material.child(tag::KEY).and_then(Ttlv::as_bytes),
+        other => {
+            return Err(KmipError::KeyFormatTypeNotSupported(format!(
+                "key format type {other:#x} is not accepted; use Raw or Transparent Symmetric Key"
+            )));
+        }
+    }
+    .ok_or_else(|| KmipError::InvalidField("the Key Material is not a byte string".into()))?;
+    let bits = u32::try_from(bytes.len() * 8).unwrap_or(u32::MAX);
+    if let Some(length) = block.child(tag::CRYPTOGRAPHIC_LENGTH) {
+        let declared = int_of(length, "Cryptographic Length")?;
+        if declared != bits {
+            return Err(KmipError::InvalidField(format!(
+                "the key material is {bits} bits, the Key Block says {declared}"
+            )));
+        }
+    }
+    Ok((Zeroizing::new(bytes.to_vec()), bits))
+}
+
+fn revocation_code(code: u32) -> Result<RevocationCode, KmipError> {
+    Ok(match code {
+        1 => RevocationCode::Unspecified,
+        2 => RevocationCode::KeyCompromise,
+        3 => RevocationCode::CaCompromise,
+        4 => RevocationCode::AffiliationChanged,
+        5 => RevocationCode::Superseded,
+        6 => RevocationCode::CessationOfOperation,
+        7 => RevocationCode::PrivilegeWithdrawn,
+        other => {
+            return Err(KmipError::InvalidField(format!(
+                "revocation reason code {other:#x} is not one KMIP defines"
+            )));
+        }
+    })
+}
+
+fn revocation_number(code: RevocationCode) -> u32 {
+    match code {
+        RevocationCode::Unspecified => 1,
+        RevocationCode::KeyCompromise => 2,
+        RevocationCode::CaCompromise => 3,
+        RevocationCode::AffiliationChanged => 4,
+        RevocationCode::Superseded => 5,
+        RevocationCode::CessationOfOperation => 6,
+        RevocationCode::PrivilegeWithdrawn => 7,
+    }
+}
+
+fn state_number(state: ObjectState) -> u32 {
+    match state {
+        ObjectState::PreActive => 1,
+        ObjectState::Active => 2,
+        ObjectState::Deactivated => 3,
+        ObjectState::Compromised => 4,
+        ObjectState::Destroyed => 5,
+        ObjectState::DestroyedCompromised => 6,
+    }
+}
+
+fn state_of_number(n: u32) -> Result<ObjectState, KmipError> {
+    Ok(match n {
+        1 => ObjectState::PreActive,
+        2 => ObjectState::Active,
+        3 => ObjectState::Deactivated,
+        4 => ObjectState::Compromised,
+        5 => ObjectState::Destroyed,
+        6 => ObjectState::DestroyedCompromised,
+        other => {
+            return Err(KmipError::InvalidField(format!(
+                "state {other:#x} is not one KMIP defines"
+            )));
+        }
+    })
+}
+
+fn seconds(ms: i64) -> Value {
+    Value::DateTime(ms.div_euclid(1000))
+}
+
+/// An object's attributes as KMIP names them, in a stable order.
+fn attributes_of(o: &ManagedObject, version: (i32, i32)) -> Vec<(String, Value)> {
+    let mut out: Vec<(String, Value)> = vec![
+        ("Unique Identifier".into(), Value::TextString(o.id.clone())),
+        (
+            "Object Type".into(),
+            Value::Enumeration(OBJECT_TYPE_SYMMETRIC_KEY),
+        ),
+        (
+            "Cryptographic Algorithm".into(),
+            Value::Enumeration(ALGORITHM_AES),
+        ),
+        (
+            "Cryptographic Length".into(),
+            Value::Integer(i32::try_from(o.length_bits).unwrap_or(0)),
+        ),
+        (
+            "Cryptographic Usage Mask".into(),
+            Value::Integer(i32::try_from(o.usage_mask).unwrap_or(0)),
+        ),
+        ("State".into(), Value::Enumeration(state_number(o.state))),
+        ("Initial Date".into(), seconds(o.created_at)),
+    ];
+    if !o.name.is_empty() {
+        out.push((
+            "Name".into(),
+            Value::Structure(vec![
+                Ttlv::text(tag::NAME_VALUE, o.name.clone()),
+                Ttlv::enumeration(tag::NAME_TYPE, NAME_TYPE_TEXT),
+            ]),
+        ));
+    }
+    for (name, ms) in [
+        ("Activation Date", o.activation_date),
+        ("Deactivation Date", o.deactivation_date),
+        ("Compromise Date", o.compromise_date),
+        ("Destroy Date", o.destroy_date),
+    ] {
+        if ms != 0 {
+            out.push((name.into(), seconds(ms)));
+        }
+    }
+    if let Some((code, text)) = &o.revocation {
+        let mut reason = vec![Ttlv::enumeration(
+            tag::REVOCATION_REASON_CODE,
+            revocation_number(*code),
+        )];
+        if !text.is_empty() {
+            reason.push(Ttlv::text(tag::REVOCATION_MESSAGE, text.clone()));
+        }
+        out.push(("Revocation Reason".into(), Value::Structure(reason)));
+    }
+    // Last Change Date is a KMIP 1.1 attribute.
+    if version >= (1, 1) {
+        out.push(("Last Change Date".into(), seconds(o.last_change)));
+    }
+    out.extend(
+        o.attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::TextString(v.clone()))),
+    );
+    out
+}
+
+/// Locate: the caller's objects matching every attribute given, oldest first, from Offset
+/// Items (KMIP 1.3), at most Maximum Items.
+async fn locate(
+    custody: &Custody,
+    grant: &Grant,
+    version: (i32, i32),
+    payload: &Ttlv,
+) -> Result<Vec<Ttlv>, KmipError> {
+    let non_negative = |t: u32, field: &str| -> Result<Option<usize>, KmipError> {
+        payload
+            .child(t)
+            .map(|v| {
+                v.as_int()
+                    .and_then(|i| usize::try_from(i).ok())
+                    .ok_or_else(|| {
+                        KmipError::InvalidField(format!("{field} must be a non-negative integer"))
+                    })
+            })
+            .transpose()
+    };
+    let maximum = non_negative(tag::MAXIMUM_ITEMS, "Maximum Items")?;
+    let offset = non_negative(tag::OFFSET_ITEMS, "Offset Items")?.unwrap_or(0);
+    let mut name = None;
+    let mut state = None;
+    let mut wanted: BTreeMap<String, Value> = BTreeMap::new();
+    for a in payload.children(tag::ATTRIBUTE) {
+        let (attr, value) = read_attribute(a)?;
+        match attr {
+            "Name" => name = Some(name_value(value)?.to_owned()),
+            "State" => {
+                state = Some(state_of_number(
+                    value.as_enum().ok_or_else(|| invalid(attr))?,
+                )?)
+            }
+            "Object Type"
+            | "Cryptographic Algorithm"
+            | "Cryptographic Length"
+            | "Cryptographic Usage Mask"
+            | "Unique Identifier" => {
+                wanted.insert(attr.to_owned(), value.value.clone());
+            }
+            custom if is_custom(custom) => {
+                wanted.insert(custom.to_owned(), value.value.clone());
+            }
+            other => {
+                return Err(KmipError::InvalidField(format!(
+                    "Locate cannot search by {other:?}"
+                )));
+            }
+        }
+    }
+    let objects = custody
+        .locate_objects(grant, name.as_deref(), state)
+        .await?;
+    let matching: Vec<&ManagedObject> = objects
+        .iter()
+        .filter(|o| {
+            let attributes = attributes_of(o, version);
+            wanted.iter().all(|(k, v)| {
+                attributes
+                    .iter()
+                    .any(|(name, value)| name == k && value == v)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    if version >= (1, 3) {
+        out.push(Ttlv::integer(
+            tag::LOCATED_ITEMS,
+            i32::try_from(matching.len()).unwrap_or(i32::MAX),
+        ));
+    }
+    out.extend(
+        matching
+            .iter()
+            .skip(offset)
+            .take(maximum.unwrap_or(usize::MAX))
+            .map(|o| Ttlv::text(tag::UNIQUE_IDENTIFIER, o.id.clone())),
+    );
+    Ok(out)
+}

@@ -1,0 +1,396 @@
+//! The KMIP server end to end: a real `tresor serve` (in process, on a loopback port) driven
+//! by PyKMIP, a third-party KMIP client (`tests/kmip/pykmip_scenario.py`, in the virtual
+//! environment `scripts/test` installs), and by raw TTLV for what no well-behaved client sends.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tresor::audit_record::ExportItem;
+use tresor::kmip::ttlv::{self, Ttlv, tag};
+use zeroize::Zeroizing;
+
+const KMIP_A: &str = "kmip-vsphere-a";
+const KMIP_NARROW: &str = "kmip-vsan-only-a";
+const KMIP_B: &str = "kmip-b";
+
+/// A deployment with `[kmip]` and three KMIP identities: one of tenant `a`, one of `a` limited
+/// to names `vsan-*`, one of `b`. Tenant `a` destroys at once, `b` keeps a day.
+fn deployment() -> Deployment {
+    let d = Deployment::new("");
+    let mut policy = std::fs::read_to_string(&d.policy_path).unwrap();
+    policy.push_str(&format!(
+        "\n[[identity]]\nname = \"{KMIP_A}\"\ntenant = \"a\"\nroles = [\"kmip\"]\n\
+         \n[[identity]]\nname = \"{KMIP_NARROW}\"\ntenant = \"a\"\nroles = [\"kmip\"]\nkeys = [\"vsan-*\"]\n\
+         \n[[identity]]\nname = \"{KMIP_B}\"\ntenant = \"b\"\nroles = [\"kmip\"]\n"
+    ));
+    std::fs::write(&d.policy_path, policy).unwrap();
+    let mut config = std::fs::read_to_string(&d.config_path).unwrap();
+    config.push_str("\n[kmip]\nlisten = \"127.0.0.1:0\"\ntenant_destroy_grace_hours = { a = 0 }\n");
+    std::fs::write(&d.config_path, config).unwrap();
+    d
+}
+
+async fn start() -> TestServer {
+    let server = TestServer::start_on(deployment()).await;
+    create_key(&server.client(OFFICER_A).await, "tenants/a/keys/kmip").await;
+    create_key(&server.client(OFFICER_B).await, "tenants/b/keys/kmip").await;
+    server
+}
+
+/// The client certificate and key of `identity`, as PEM files.
+fn client_files(server: &TestServer, identity: &str) -> (PathBuf, PathBuf) {
+    let dir = server.deployment.dir();
+    let cert = dir.join(format!("{identity}.pem"));
+    let key = dir.join(format!("{identity}.key"));
+    server
+        .deployment
+        .ca
+        .issue_client(identity, tresor::pki::Validity::default())
+        .unwrap()
+        .write(&cert, &key)
+        .unwrap();
+    (cert, key)
+}
+
+fn python() -> PathBuf {
+    let python = std::env::var_os("TRESOR_PYKMIP_PYTHON").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pykmip/bin/python"),
+        PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "PyKMIP's virtual environment is missing at {}: scripts/test installs it (python3 -m venv target/pykmip && target/pykmip/bin/pip install pykmip)",
+        python.display()
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pykmip_creates_registers_gets_locates_and_retires_keys() {
+    let server = start().await;
+    let addr = server.kmip.unwrap();
+    let (cert_a, key_a) = client_files(&server, KMIP_A);
+    let (cert_b, key_b) = client_files(&server, KMIP_B);
+    let (cert_n, key_n) = client_files(&server, KMIP_NARROW);
+    let ca = server.deployment.dir().join("ca.pem");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/kmip/pykmip_scenario.py");
+    let mut args: Vec<String> = vec![
+        script.display().to_string(),
+        addr.ip().to_string(),
+        addr.port().to_string(),
+    ];
+    for p in [&ca, &cert_a, &key_a, &cert_b, &key_b, &cert_n, &key_n] {
+        args.push(p.display().to_string());
+    }
+    let python = python();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python).args(&args).output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "the PyKMIP scenario failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let s = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
+    let uid = s("created");
+    let uid2 = s("registered");
+
+    // Create and Get: 32 bytes, the same on every Get.
+    assert_eq!(seen["created_key_length"], 32);
+    assert_eq!(seen["created_key_hex"], seen["created_key_again_hex"]);
+    assert_eq!(seen["register_roundtrip"], true, "{seen}");
+    assert_eq!(
+        seen["attributes"],
+        serde_json::json!({"State": "PRE_ACTIVE", "Cryptographic Length": 256, "Name": "vsan-disk-1"})
+    );
+    for name in [
+        "Unique Identifier",
+        "State",
+        "Cryptographic Algorithm",
+        "Initial Date",
+    ] {
+        assert!(
+            seen["attribute_list"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n == name),
+            "{name} missing from {}",
+            seen["attribute_list"]
+        );
+    }
+    // Locate by name, by state, with Maximum Items and (KMIP 1.4) Offset Items.
+    assert_eq!(seen["locate_by_name"], serde_json::json!([uid]));
+    assert_eq!(seen["locate_pre_active"], serde_json::json!([uid, uid2]));
+    assert_eq!(seen["locate_max_one"], serde_json::json!([uid]));
+    assert_eq!(seen["locate_active"], serde_json::json!([uid]));
+    assert_eq!(seen["locate_by_name_1_4"], serde_json::json!([uid2]));
+    assert_eq!(seen["locate_offset_1_4"].as_array().unwrap()[0], uid2);
+    // Life cycle and its refusals.
+    assert_eq!(s("activate_twice"), "ILLEGAL_OPERATION");
+    assert_eq!(s("destroy_active"), "ILLEGAL_OPERATION");
+    assert_eq!(s("state_after_revoke"), "DEACTIVATED");
+    assert_eq!(s("state_after_destroy"), "DESTROYED");
+    assert_eq!(s("get_destroyed"), "ILLEGAL_OPERATION");
+    assert_eq!(s("get_unknown"), "ITEM_NOT_FOUND");
+    // The batch: the Get Attribute List used the Create's id (the ID placeholder).
+    assert_eq!(
+        seen["batch_statuses"],
+        serde_json::json!(["SUCCESS", "SUCCESS", "SUCCESS", "SUCCESS"])
+    );
+    assert_eq!(seen["batch_created"], seen["batch_listed_for"]);
+    assert_eq!(
+        seen["batch_versions"],
+        serde_json::json!(["1.4", "1.3", "1.2", "1.1", "1.0"])
+    );
+    assert!(
+        seen["batch_operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o == "LOCATE")
+    );
+    // Another tenant's object is unknown to tenant b, and b sees none of a's objects.
+    assert_eq!(s("b_get_a"), "ITEM_NOT_FOUND");
+    assert_eq!(s("b_destroy_a"), "ITEM_NOT_FOUND");
+    assert_eq!(seen["b_locate"], serde_json::json!([]));
+    // Key-name patterns apply to the object's Name.
+    assert_eq!(s("narrow_get_outside"), "ITEM_NOT_FOUND");
+    assert_eq!(seen["narrow_get_inside"], 16);
+    assert_eq!(s("narrow_create_outside"), "PERMISSION_DENIED");
+    // Without a client certificate the handshake fails.
+    assert_ne!(s("no_certificate"), "SUCCEEDED");
+
+    // Every release of a key is in tenant a's log, with the object, its name and the caller;
+    // b's refused attempts are in b's.
+    let a_log = verified_export(&server.client(AUDITOR_A).await).await;
+    let gets: Vec<_> = a_log
+        .iter()
+        .filter_map(|i| match i {
+            ExportItem::Record(r) if r.body.operation == "KmipGet" && r.body.outcome == "OK" => {
+                Some(r.body.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    let object_key = format!("tenants/a/objects/{uid}");
+    assert_eq!(
+        gets.iter().filter(|b| b.key == object_key).count(),
+        2,
+        "{gets:?}"
+    );
+    assert!(
+        gets.iter()
+            .all(|b| b.caller == KMIP_A || b.caller == KMIP_NARROW)
+    );
+    assert!(
+        gets.iter()
+            .any(|b| b.key == object_key && b.key_version == "vsan-disk-1")
+    );
+    for op in [
+        "KmipCreate",
+        "KmipRegister",
+        "KmipActivate",
+        "KmipRevoke",
+        "KmipDestroy",
+        "KmipLocate",
+    ] {
+        assert!(
+            a_log
+                .iter()
+                .any(|i| matches!(i, ExportItem::Record(r) if r.body.operation == op)),
+            "no {op} record"
+        );
+    }
+    let b_log = verified_export(&server.client(AUDITOR_B).await).await;
+    assert!(b_log.iter().any(|i| matches!(i,
+        ExportItem::Record(r) if r.body.operation == "KmipGet" && r.body.caller == KMIP_B
+            && r.body.outcome == "FAILED")));
+    server.stop().await;
+}
+
+/// A raw TLS connection to the KMIP port as `identity`.
+async fn raw(
+    server: &TestServer,
+    identity: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let (cert, key) = client_files(server, identity);
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tresor::pki::load_certs(&server.deployment.dir().join("ca.pem")).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        tresor::pki::load_certs(&cert).unwrap(),
+        tresor::pki::load_key(&key).unwrap(),
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.kmip.unwrap())
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads one response message.
+async fn answer(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Ttlv {
+    let mut header = [0u8; 8];
+    tls.read_exact(&mut header).await.unwrap();
+    let mut message = vec![0u8; 8 + ttlv::announced_length(&header) as usize];
+    message[..8].copy_from_slice(&header);
+    tls.read_exact(&mut message[8..]).await.unwrap();
+    ttlv::decode(&message).unwrap()
+}
+
+fn reason_of(response: &Ttlv) -> (u32, String) {
+    let item = response.child(tag::BATCH_ITEM).unwrap();
+    (
+        item.child(tag::RESULT_REASON)
+            .and_then(Ttlv::as_enum)
+            .unwrap_or(0),
+        item.child(tag::RESULT_MESSAGE)
+            .and_then(Ttlv::as_text)
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+fn request(operation: u32, payload: Vec<Ttlv>) -> Zeroizing<Vec<u8>> {
+    ttlv::encode(&Ttlv::structure(
+        tag::REQUEST_MESSAGE,
+        vec![
+            Ttlv::structure(
+                tag::REQUEST_HEADER,
+                vec![
+                    tresor::kmip::message::version_item((1, 2)),
+                    Ttlv::integer(tag::BATCH_COUNT, 1),
+                ],
+            ),
+            Ttlv::structure(
+                tag::BATCH_ITEM,
+                vec![
+                    Ttlv::enumeration(tag::OPERATION, operation),
+                    Ttlv::structure(tag::REQUEST_PAYLOAD, payload),
+                ],
+            ),
+        ],
+    ))
+}
+
+/// Malformed TTLV gets a KMIP error response (Invalid Message) and the connection stays
+/// usable; a message that cannot be framed gets one and is closed; an operation the server
+/// does not offer gets Operation Not Supported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_get_kmip_errors_not_closed_connections() {
+    let server = start().await;
+    let mut tls = raw(&server, KMIP_A).await;
+    // A Request Message whose only child is an Integer of 8 bytes.
+    let mut broken = vec![0x42, 0x00, 0x78, 0x01, 0, 0, 0, 16];
+    broken.extend_from_slice(&[0x42, 0x00, 0x0D, 0x02, 0, 0, 0, 8]);
+    broken.extend_from_slice(&[0; 8]);
+    tls.write_all(&broken).await.unwrap();
+    let (reason, message) = reason_of(&answer(&mut tls).await);
+    assert_eq!(reason, 0x04, "{message}");
+    assert!(message.contains("cannot be 8 bytes long"), "{message}");
+    // The same connection still serves.
+    tls.write_all(&request(
+        0x18,
+        vec![Ttlv::enumeration(tag::QUERY_FUNCTION, 1)],
+    ))
+    .await
+    .unwrap();
+    let ok = answer(&mut tls).await;
+    let item = ok.child(tag::BATCH_ITEM).unwrap();
+    assert_eq!(item.child(tag::RESULT_STATUS).unwrap().as_enum(), Some(0));
+    // Rekey (0x04) is not offered.
+    tls.write_all(&request(0x04, vec![])).await.unwrap();
+    assert_eq!(reason_of(&answer(&mut tls).await).0, 0x05);
+    // A message announcing 2 GiB is answered and the connection closed.
+    tls.write_all(&[0x42, 0x00, 0x78, 0x01, 0x80, 0, 0, 0])
+        .await
+        .unwrap();
+    let (reason, _) = reason_of(&answer(&mut tls).await);
+    assert_eq!(reason, 0x04);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tls.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection stayed open after an unframeable message"
+    );
+
+    // Every malformed message is in tenant a's log (the second in a burst record, appended
+    // once its one-second window closed).
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let log = verified_export(&server.client(AUDITOR_A).await).await;
+    let invalid: u64 = log
+        .iter()
+        .filter_map(|i| match i {
+            ExportItem::Record(r) if r.body.operation == "KmipInvalidMessage" => {
+                Some(r.body.repeated.max(1))
+            }
+            _ => None,
+        })
+        .sum();
+    assert_eq!(invalid, 2);
+    server.stop().await;
+}
+
+/// A tenant without the wrapping key gets a General Failure that names the fix, and nothing
+/// is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_without_its_wrapping_key_is_told_how_to_fix_it() {
+    let server = TestServer::start_on(deployment()).await;
+    let mut tls = raw(&server, KMIP_A).await;
+    let template = Ttlv::structure(
+        tag::TEMPLATE_ATTRIBUTE,
+        vec![
+            tresor::kmip::message::attribute(
+                "Cryptographic Algorithm",
+                ttlv::Value::Enumeration(3),
+            ),
+            tresor::kmip::message::attribute("Cryptographic Length", ttlv::Value::Integer(256)),
+        ],
+    );
+    tls.write_all(&request(
+        0x01,
+        vec![Ttlv::enumeration(tag::OBJECT_TYPE, 2), template],
+    ))
+    .await
+    .unwrap();
+    let (reason, message) = reason_of(&answer(&mut tls).await);
+    assert_eq!(reason, 0x100, "{message}");
+    assert!(
+        message.contains("tresor key create tenants/a/keys/kmip"),
+        "{message}"
+    );
+    tls.write_all(&request(0x08, vec![])).await.unwrap();
+    let located = answer(&mut tls).await;
+    let payload = located
+        .child(tag::BATCH_ITEM)
+        .and_then(|i| i.child(tag::RESPONSE_PAYLOAD))
+        .unwrap();
+    assert_eq!(payload.children(tag::UNIQUE_IDENTIFIER).count(), 0);
+    server.stop().await;
+}
