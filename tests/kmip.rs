@@ -161,6 +161,20 @@ async fn pykmip_creates_registers_gets_locates_and_retires_keys() {
             .iter()
             .any(|o| o == "LOCATE")
     );
+    // Attributes: a rename is found by its new name; a deleted Name is gone; modifying an
+    // attribute the object lacks is Item Not Found.
+    assert_eq!(
+        seen["locate_renamed"],
+        serde_json::json!([s("batch_created")])
+    );
+    assert!(
+        !seen["attributes_after_delete"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "Name")
+    );
+    assert_eq!(s("modify_missing"), "ITEM_NOT_FOUND");
     // Another tenant's object is unknown to tenant b, and b sees none of a's objects.
     assert_eq!(s("b_get_a"), "ITEM_NOT_FOUND");
     assert_eq!(s("b_destroy_a"), "ITEM_NOT_FOUND");
@@ -392,5 +406,92 @@ async fn a_tenant_without_its_wrapping_key_is_told_how_to_fix_it() {
         .and_then(|i| i.child(tag::RESPONSE_PAYLOAD))
         .unwrap();
     assert_eq!(payload.children(tag::UNIQUE_IDENTIFIER).count(), 0);
+    server.stop().await;
+}
+
+fn payload_of(response: &Ttlv) -> &Ttlv {
+    let item = response.child(tag::BATCH_ITEM).unwrap();
+    assert_eq!(
+        item.child(tag::RESULT_STATUS).and_then(Ttlv::as_enum),
+        Some(0),
+        "{:?}",
+        reason_of(response)
+    );
+    item.child(tag::RESPONSE_PAYLOAD).unwrap()
+}
+
+/// A custom attribute is added once (a second Add is refused), read back, and searched by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_attributes_are_added_once_and_searchable() {
+    use tresor::kmip::message::attribute;
+    use tresor::kmip::ttlv::Value;
+    let server = start().await;
+    let mut tls = raw(&server, KMIP_A).await;
+    let template = Ttlv::structure(
+        tag::TEMPLATE_ATTRIBUTE,
+        vec![
+            attribute("Cryptographic Algorithm", Value::Enumeration(3)),
+            attribute("Cryptographic Length", Value::Integer(128)),
+        ],
+    );
+    tls.write_all(&request(
+        0x01,
+        vec![Ttlv::enumeration(tag::OBJECT_TYPE, 2), template],
+    ))
+    .await
+    .unwrap();
+    let created = answer(&mut tls).await;
+    let id = payload_of(&created)
+        .child(tag::UNIQUE_IDENTIFIER)
+        .and_then(Ttlv::as_text)
+        .unwrap()
+        .to_owned();
+    let owner = || attribute("x-owner", Value::TextString("storage team".into()));
+    let add = || {
+        request(
+            0x0D,
+            vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, id.clone()), owner()],
+        )
+    };
+    tls.write_all(&add()).await.unwrap();
+    payload_of(&answer(&mut tls).await);
+    tls.write_all(&add()).await.unwrap();
+    let (reason, message) = reason_of(&answer(&mut tls).await);
+    assert_eq!(reason, 0x07, "{message}");
+    assert!(message.contains("already has"), "{message}");
+    tls.write_all(&request(
+        0x0B,
+        vec![
+            Ttlv::text(tag::UNIQUE_IDENTIFIER, id.clone()),
+            Ttlv::text(tag::ATTRIBUTE_NAME, "x-owner"),
+        ],
+    ))
+    .await
+    .unwrap();
+    let got = answer(&mut tls).await;
+    assert_eq!(
+        payload_of(&got)
+            .children(tag::ATTRIBUTE)
+            .collect::<Vec<_>>(),
+        vec![&owner()]
+    );
+    tls.write_all(&request(0x08, vec![owner()])).await.unwrap();
+    let located = answer(&mut tls).await;
+    let ids: Vec<_> = payload_of(&located)
+        .children(tag::UNIQUE_IDENTIFIER)
+        .filter_map(Ttlv::as_text)
+        .collect();
+    assert_eq!(ids, [id.as_str()]);
+    // A server-managed attribute cannot be set by a client.
+    tls.write_all(&request(
+        0x0D,
+        vec![
+            Ttlv::text(tag::UNIQUE_IDENTIFIER, id.clone()),
+            attribute("State", Value::Enumeration(2)),
+        ],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(reason_of(&answer(&mut tls).await).0, 0x07);
     server.stop().await;
 }

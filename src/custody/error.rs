@@ -149,6 +149,14 @@ pub enum CustodyError {
     /// No managed object with this id in the caller's tenant (or none the caller may see).
     #[error("object {0} not found")]
     ObjectNotFound(String),
+    /// The managed object has no such attribute.
+    #[error("object {id} has no {attribute}")]
+    ObjectAttributeNotFound {
+        /// The object.
+        id: String,
+        /// The attribute.
+        attribute: String,
+    },
     /// The managed object is destroyed: its material is gone.
     #[error("object {0} is destroyed")]
     ObjectDestroyed(String),

@@ -52,7 +52,8 @@ use info::info;
 pub use info::*;
 use integrity::{Seal, Sealer};
 pub use objects::{
-    MAX_OBJECT_TEXT, ManagedObject, NewObject, OBJECT_KEY_BITS, ObjectState, RevocationCode,
+    AttributeChange, AttributeValue, MAX_OBJECT_TEXT, ManagedObject, NewObject, OBJECT_KEY_BITS,
+    ObjectAttribute, ObjectState, RevocationCode,
 };
 pub use probe::ProbeKey;
 pub use reconcile::{OrphanPolicy, ReconcileReport};

@@ -55,7 +55,7 @@ pub(crate) fn from_custody(e: &CustodyError, request_id: &str) -> Status {
         E::SelfApproval(_) => (Code::PermissionDenied, e.to_string()),
         E::Conflict(_) => (Code::Aborted, e.to_string()),
         // Managed objects are KMIP's; no gRPC call reaches them today.
-        E::ObjectNotFound(_) => (Code::NotFound, e.to_string()),
+        E::ObjectNotFound(_) | E::ObjectAttributeNotFound { .. } => (Code::NotFound, e.to_string()),
         E::ObjectDestroyed(_) | E::ObjectState { .. } => (Code::FailedPrecondition, e.to_string()),
         E::FailedSetup(_) => (Code::FailedPrecondition, e.to_string()),
         E::Hsm(HsmError::BadCiphertext) => (Code::InvalidArgument, INVALID_CIPHERTEXT.to_owned()),

@@ -107,7 +107,9 @@ impl KmipError {
         match e {
             E::PermissionDenied(d) => Self::PermissionDenied(d.to_string()),
             E::InvalidName(_) | E::InvalidArgument(_) => Self::InvalidField(e.to_string()),
-            E::ObjectNotFound(_) => Self::ItemNotFound(e.to_string()),
+            E::ObjectNotFound(_) | E::ObjectAttributeNotFound { .. } => {
+                Self::ItemNotFound(e.to_string())
+            }
             E::ObjectDestroyed(id) => Self::IllegalOperation(format!(
                 "object {id} is destroyed; its key material is gone"
             )),

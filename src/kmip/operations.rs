@@ -1,6 +1,7 @@
 //! The KMIP operations this server offers, each from its request payload to its response
 //! payload (KMIP 1.4 §4): DiscoverVersions, Query, Create, Register, Get, GetAttributes,
-//! GetAttributeList, Locate, Activate, Revoke and Destroy, on symmetric (AES) keys. Anything
+//! GetAttributeList, Locate, AddAttribute, ModifyAttribute, DeleteAttribute, Activate, Revoke
+//! and Destroy, on symmetric (AES) keys. Anything
 //! else answers Operation Not Supported.
 //!
 //! Owns the mapping between KMIP's attributes and custody's managed objects; decides nothing
@@ -15,7 +16,10 @@ use super::ttlv::{Ttlv, Value, tag};
 use super::{KmipError, required};
 use crate::auth::Grant;
 use crate::config::KmipConfig;
-use crate::custody::{Custody, ManagedObject, NewObject, ObjectState, RevocationCode};
+use crate::custody::{
+    AttributeChange, AttributeValue, Custody, ManagedObject, NewObject, ObjectAttribute,
+    ObjectState, RevocationCode,
+};
 
 const OBJECT_TYPE_SYMMETRIC_KEY: u32 = 0x02;
 const ALGORITHM_AES: u32 = 0x03;
@@ -156,6 +160,45 @@ pub async fn run(
             Ok(out)
         }
         op::LOCATE => locate(custody, grant, version, payload).await,
+        op::ADD_ATTRIBUTE | op::MODIFY_ATTRIBUTE => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            let a = required(payload, tag::ATTRIBUTE, "Attribute")?;
+            let (name, value) = read_attribute(a)?;
+            check_index(a)?;
+            let (attribute, new) = settable(name, value)?;
+            let change = if operation == op::ADD_ATTRIBUTE {
+                AttributeChange::Add(new)
+            } else {
+                AttributeChange::Modify(new)
+            };
+            let (object, _) = custody
+                .change_object_attribute(grant, &id, attribute, change)
+                .await?;
+            touched.set(&object);
+            Ok(vec![
+                Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id),
+                message::attribute(name, value.value.clone()),
+            ])
+        }
+        op::DELETE_ATTRIBUTE => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            let name = required(payload, tag::ATTRIBUTE_NAME, "Attribute Name")?
+                .as_text()
+                .ok_or_else(|| invalid("Attribute Name"))?;
+            check_index(payload)?;
+            let attribute = attribute_named(name)?;
+            let (object, previous) = custody
+                .change_object_attribute(grant, &id, attribute, AttributeChange::Delete)
+                .await?;
+            touched.set(&object);
+            let mut out = vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id)];
+            if let Some(previous) = previous {
+                out.push(message::attribute(name, value_of(name, previous)));
+            }
+            Ok(out)
+        }
         op::ACTIVATE => {
             let id = unique_id(payload, placeholder)?;
             touched.object = Some(id.clone());
@@ -209,8 +252,66 @@ pub async fn run(
     }
 }
 
+/// The attribute a client may change, by its KMIP name.
+fn attribute_named(name: &str) -> Result<ObjectAttribute, KmipError> {
+    Ok(match name {
+        "Name" => ObjectAttribute::Name,
+        "Activation Date" => ObjectAttribute::ActivationDate,
+        "Deactivation Date" => ObjectAttribute::DeactivationDate,
+        custom if is_custom(custom) => ObjectAttribute::Custom(custom.to_owned()),
+        other => {
+            return Err(KmipError::InvalidField(format!(
+                "attribute {other:?} cannot be changed by a client"
+            )));
+        }
+    })
+}
+
+/// An attribute and its new value, from an Attribute structure.
+fn settable(name: &str, value: &Ttlv) -> Result<(ObjectAttribute, AttributeValue), KmipError> {
+    let attribute = attribute_named(name)?;
+    let new = match &attribute {
+        ObjectAttribute::Name => AttributeValue::Text(name_value(value)?.to_owned()),
+        ObjectAttribute::ActivationDate | ObjectAttribute::DeactivationDate => {
+            AttributeValue::Date(date_ms(value, name)?)
+        }
+        ObjectAttribute::Custom(_) => AttributeValue::Text(
+            value
+                .as_text()
+                .ok_or_else(|| {
+                    KmipError::InvalidField(format!("attribute {name:?} must be a text string"))
+                })?
+                .to_owned(),
+        ),
+    };
+    Ok((attribute, new))
+}
+
+/// The TTLV value of an attribute's stored value.
+fn value_of(name: &str, value: AttributeValue) -> Value {
+    match value {
+        AttributeValue::Text(text) if name == "Name" => Value::Structure(vec![
+            Ttlv::text(tag::NAME_VALUE, text),
+            Ttlv::enumeration(tag::NAME_TYPE, NAME_TYPE_TEXT),
+        ]),
+        AttributeValue::Text(text) => Value::TextString(text),
+        AttributeValue::Date(ms) => seconds(ms),
+    }
+}
+
+/// Every attribute this server keeps has one instance: an Attribute Index above 0 names none.
+fn check_index(item: &Ttlv) -> Result<(), KmipError> {
+    match item.child(tag::ATTRIBUTE_INDEX).map(Ttlv::as_int) {
+        None | Some(Some(0)) => Ok(()),
+        Some(Some(i)) => Err(KmipError::ItemNotFound(format!(
+            "attribute index {i}: every attribute here has one instance (index 0)"
+        ))),
+        Some(None) => Err(invalid("Attribute Index")),
+    }
+}
+
 /// The operations Query lists.
-const OFFERED: [u32; 11] = [
+const OFFERED: [u32; 14] = [
     op::DISCOVER_VERSIONS,
     op::QUERY,
     op::CREATE,
@@ -219,6 +320,9 @@ const OFFERED: [u32; 11] = [
     op::GET_ATTRIBUTES,
     op::GET_ATTRIBUTE_LIST,
     op::LOCATE,
+    op::ADD_ATTRIBUTE,
+    op::MODIFY_ATTRIBUTE,
+    op::DELETE_ATTRIBUTE,
     op::ACTIVATE,
     op::REVOKE,
     op::DESTROY,

@@ -4,7 +4,7 @@
 //! Owns decoding bytes from the network into [`Ttlv`] items and encoding them back. Knows
 //! nothing of operations or objects. The decoder is strict about lengths (an Integer is 4
 //! bytes, a Boolean 8 and 0 or 1, a Text String UTF-8) and bounded: at most [`MAX_DEPTH`]
-//! nested structures and [`MAX_ITEMS`] items, so a hostile message cannot make it recurse or
+//! nested structures and [`MAX_ITEMS`] items, padding must be zero, so a hostile message cannot make it recurse or
 //! allocate without limit. Byte strings (key material in Register and Get) are wiped when
 //! dropped and never printed.
 
@@ -175,6 +175,12 @@ pub enum TtlvError {
         /// Offset of the item.
         at: usize,
     },
+    /// Padding bytes that are not zero.
+    #[error("padding bytes must be zero (at byte {at})")]
+    BadPadding {
+        /// Offset of the item.
+        at: usize,
+    },
     /// Nesting deeper than [`MAX_DEPTH`].
     #[error("structures nest deeper than {MAX_DEPTH}")]
     TooDeep,
@@ -223,6 +229,9 @@ fn decode_at(
         .filter(|&e| e <= bytes.len())
         .ok_or(TtlvError::Truncated { at })?;
     let raw = &bytes[start..start + len];
+    if bytes[start + len..end].iter().any(|&b| b != 0) {
+        return Err(TtlvError::BadPadding { at });
+    }
     let bad_length = || TtlvError::BadLength { kind, length, at };
     let fixed = |want: usize| {
         if len == want {
@@ -565,6 +574,13 @@ mod tests {
         assert!(matches!(
             decode(&hex("42 00 20 | 08 | FF FF FF FF")),
             Err(TtlvError::Truncated { .. })
+        ));
+        // Padding that is not zero.
+        assert!(matches!(
+            decode(&hex(
+                "42 00 20 | 02 | 00 00 00 04 | 00 00 00 08 00 00 00 01"
+            )),
+            Err(TtlvError::BadPadding { .. })
         ));
         // Bytes after the item.
         assert!(matches!(

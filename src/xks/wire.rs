@@ -322,6 +322,7 @@ pub fn from_custody(e: CustodyError) -> XksError {
         E::Conflict(_) => XksError::Internal("the key changed concurrently; retry".into()),
         // Managed objects are KMIP's; the proxy never reaches them.
         E::ObjectNotFound(_)
+        | E::ObjectAttributeNotFound { .. }
         | E::ObjectDestroyed(_)
         | E::ObjectState { .. }
         | E::FailedSetup(_) => XksError::Internal("internal error".into()),

@@ -12,6 +12,7 @@ import warnings
 warnings.simplefilter("ignore")
 
 from kmip.core import enums
+from kmip.core import exceptions as core_exceptions
 from kmip.core import objects as core_objects
 from kmip.core.factories import attributes as attribute_factory
 from kmip.core.messages import messages, payloads
@@ -43,7 +44,7 @@ def failure(call):
     """The result reason's name of a call that must fail."""
     try:
         call()
-    except exceptions.KmipOperationFailure as e:
+    except (exceptions.KmipOperationFailure, core_exceptions.OperationFailure) as e:
         return e.reason.name
     return "SUCCEEDED"
 
@@ -143,6 +144,24 @@ with connect(cert_a, key_a) as a:
         "%d.%d" % (v.major, v.minor) for v in items[2].response_payload.protocol_versions
     ]
     seen["batch_operations"] = sorted(o.name for o in items[3].response_payload.operations)
+
+    # Attributes: rename, find by the new name, delete the name, modify what is not there.
+    batch_uid = seen["batch_created"]
+    a.modify_attribute(
+        unique_identifier=batch_uid,
+        attribute=attrs.create_attribute(enums.AttributeType.NAME, "batch-key-renamed"),
+    )
+    seen["locate_renamed"] = locate(
+        a, attrs.create_attribute(enums.AttributeType.NAME, "batch-key-renamed")
+    )
+    a.delete_attribute(unique_identifier=batch_uid, attribute_name="Name", attribute_index=0)
+    seen["attributes_after_delete"] = sorted(a.get_attribute_list(batch_uid))
+    seen["modify_missing"] = failure(
+        lambda: a.modify_attribute(
+            unique_identifier=batch_uid,
+            attribute=attrs.create_attribute("x-owner", "storage team"),
+        )
+    )
 
 with connect(cert_a, key_a, enums.KMIPVersion.KMIP_1_4) as a14:
     seen["locate_by_name_1_4"] = locate(
