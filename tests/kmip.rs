@@ -495,3 +495,159 @@ async fn custom_attributes_are_added_once_and_searchable() {
     assert_eq!(reason_of(&answer(&mut tls).await).0, 0x07);
     server.stop().await;
 }
+
+/// Creates an AES-128 object named `name` over a raw connection; its id.
+async fn create_object(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    name: &str,
+) -> String {
+    use tresor::kmip::message::attribute;
+    use tresor::kmip::ttlv::Value;
+    let template = Ttlv::structure(
+        tag::TEMPLATE_ATTRIBUTE,
+        vec![
+            attribute("Cryptographic Algorithm", Value::Enumeration(3)),
+            attribute("Cryptographic Length", Value::Integer(128)),
+            attribute(
+                "Name",
+                Value::Structure(vec![
+                    Ttlv::text(tag::NAME_VALUE, name),
+                    Ttlv::enumeration(tag::NAME_TYPE, 1),
+                ]),
+            ),
+        ],
+    );
+    tls.write_all(&request(
+        0x01,
+        vec![Ttlv::enumeration(tag::OBJECT_TYPE, 2), template],
+    ))
+    .await
+    .unwrap();
+    let created = answer(tls).await;
+    payload_of(&created)
+        .child(tag::UNIQUE_IDENTIFIER)
+        .and_then(Ttlv::as_text)
+        .unwrap()
+        .to_owned()
+}
+
+/// `tresor` as `identity`, with JSON output.
+fn cli(server: &TestServer, identity: &str, args: &[&str]) -> std::process::Output {
+    let profile = server.deployment.profile(
+        server.addr,
+        Some(identity),
+        tresor::pki::Validity::default(),
+    );
+    std::process::Command::new(env!("CARGO_BIN_EXE_tresor"))
+        .arg("--profile")
+        .arg(&profile)
+        .args(["--output", "json"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn cli_json(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Officers list, inspect, revoke and destroy KMIP objects with the CLI; a destruction waits
+/// for a second officer (the requester cannot approve it), then the KMIP client's Get is
+/// refused. Another tenant's officer sees nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn officers_revoke_and_destroy_kmip_objects_with_four_eyes() {
+    let server = start().await;
+    let mut tls = raw(&server, KMIP_A).await;
+    let id = create_object(&mut tls, "pg-tde-principal").await;
+
+    let listed = cli_json(&cli(&server, OFFICER_A, &["kmip", "list"]));
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["name"], "pg-tde-principal");
+    assert_eq!(listed[0]["state"], "PRE_ACTIVE");
+    assert_eq!(listed[0]["has_material"], true);
+    assert_eq!(
+        cli_json(&cli(&server, OFFICER_B, &["kmip", "list"])),
+        serde_json::json!([])
+    );
+    let refused = cli(&server, OFFICER_B, &["kmip", "get", &id]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    let revoked = cli_json(&cli(
+        &server,
+        OFFICER_A,
+        &[
+            "kmip",
+            "revoke",
+            &id,
+            "--reason",
+            "key_compromise",
+            "--message",
+            "laptop lost",
+        ],
+    ));
+    assert_eq!(revoked["state"], "COMPROMISED");
+    assert_eq!(revoked["revocation_reason"], "KEY_COMPROMISE");
+    let requested = cli_json(&cli(&server, OFFICER_A, &["kmip", "destroy", &id, "--yes"]));
+    assert_eq!(requested["state"], "PENDING");
+    assert_eq!(requested["key_version"], format!("tenants/a/objects/{id}"));
+    assert_eq!(requested["operation"], "DESTROY_MANAGED_OBJECT");
+    let approval = requested["id"].as_str().unwrap().to_owned();
+    // Nothing happened yet: the key is still there.
+    assert_eq!(
+        cli_json(&cli(&server, OFFICER_A, &["kmip", "get", &id]))["state"],
+        "COMPROMISED"
+    );
+    let own = cli(
+        &server,
+        OFFICER_A,
+        &["approvals", "approve", &approval, "--yes"],
+    );
+    assert!(
+        !own.status.success(),
+        "the requester approved its own destruction"
+    );
+    let approved = cli_json(&cli(
+        &server,
+        OFFICER_A2,
+        &["approvals", "approve", &approval, "--yes"],
+    ));
+    assert_eq!(approved["state"], "APPROVED");
+    let destroyed = cli_json(&cli(&server, OFFICER_A, &["kmip", "get", &id]));
+    assert_eq!(destroyed["state"], "DESTROYED_COMPROMISED");
+    // Tenant a's grace is zero: the material is gone, and the KMIP client's Get is refused.
+    assert_eq!(destroyed["has_material"], false);
+    tls.write_all(&request(
+        0x0A,
+        vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, id.clone())],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(reason_of(&answer(&mut tls).await).0, 0x0B);
+
+    // The officers' actions are in tenant a's log under the object.
+    let log = verified_export(&server.client(AUDITOR_A).await).await;
+    let object = format!("tenants/a/objects/{id}");
+    for op in [
+        "RevokeManagedObject",
+        "DestroyManagedObject",
+        "GetManagedObject",
+    ] {
+        assert!(
+            log.iter().any(|i| matches!(i,
+                ExportItem::Record(r) if r.body.operation == op && r.body.key == object && r.body.outcome == "OK")),
+            "no {op} record for {object}"
+        );
+    }
+    server.stop().await;
+}

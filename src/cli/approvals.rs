@@ -45,7 +45,9 @@ pub(super) async fn approvals_command(
         ApprovalCommand::Approve { id, yes } => {
             if !yes {
                 confirm(
-                    &format!("Approving {id} schedules a key version's destruction."),
+                    &format!(
+                        "Approving {id} carries out the destruction it asks for (a key version's, after the grace period, or a KMIP object's)."
+                    ),
                     &id,
                 )?;
             }

@@ -14,6 +14,7 @@ pub mod dev;
 mod exit;
 mod files;
 mod key;
+mod kmip;
 mod logging;
 mod output;
 mod serve;
@@ -29,6 +30,7 @@ use bench::BenchArgs;
 use data::{DatakeyArgs, RewrapArgs, UnwrapArgs, WrapArgs};
 pub use exit::{Exit, Failure};
 use key::KeyCommand;
+use kmip::KmipCommand;
 use output::Output;
 
 /// Tresor: sovereign key custody in front of PKCS#11 HSMs.
@@ -80,6 +82,9 @@ enum Command {
     /// Create, inspect, rotate and manage keys (role officer).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// See, revoke and destroy the keys KMIP clients hold (role officer).
+    #[command(subcommand)]
+    Kmip(KmipCommand),
     /// Export and verify the audit log (role auditor; `verify` works offline).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -147,6 +152,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let client = connect(cli.profile.as_deref()).await?;
             match command {
                 Command::Key(k) => key::key_command(&client, k, &out).await,
+                Command::Kmip(k) => kmip::kmip_command(&client, k, &out).await,
                 Command::Audit(a) => audit::audit_command(&client, a, &out).await,
                 Command::Approvals(a) => approvals::approvals_command(&client, a, &out).await,
                 Command::Wrap(a) => data::wrap(&client, a, &out).await,

@@ -516,3 +516,92 @@ fn usage_name(usage: i32) -> &'static str {
         _ => "encrypt-decrypt",
     }
 }
+
+impl Output {
+    pub(super) fn managed_object(&self, o: &proto::ManagedObject) {
+        if self.format == Format::Json {
+            return Self::print_json(&managed_object_json(o));
+        }
+        say!("object:       {}", o.id);
+        say!("name:         {}", o.name);
+        say!("key:          {}-{}", o.algorithm, o.length_bits);
+        say!("state:        {}", o.state);
+        say!("created:      {}", time(o.create_time.as_ref()));
+        for (label, t) in [
+            ("activated:   ", &o.activation_time),
+            ("deactivated: ", &o.deactivation_time),
+            ("compromised: ", &o.compromise_time),
+            ("destroyed:   ", &o.destroy_time),
+        ] {
+            if t.is_some() {
+                say!("{label} {}", time(t.as_ref()));
+            }
+        }
+        if !o.revocation_reason.is_empty() {
+            say!(
+                "revoked for:  {} {}",
+                o.revocation_reason,
+                o.revocation_message
+            );
+        }
+        say!(
+            "material:     {}",
+            if o.has_material {
+                "stored (sealed)"
+            } else {
+                "removed"
+            }
+        );
+        let mut attributes: Vec<_> = o.attributes.iter().collect();
+        attributes.sort();
+        for (k, v) in attributes {
+            say!("{k}: {v}");
+        }
+    }
+
+    pub(super) fn managed_objects(&self, list: &[proto::ManagedObject]) {
+        if self.format == Format::Json {
+            return Self::print_json(&Value::Array(
+                list.iter().map(managed_object_json).collect(),
+            ));
+        }
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|o| {
+                vec![
+                    o.id.clone(),
+                    o.name.clone(),
+                    format!("{}-{}", o.algorithm, o.length_bits),
+                    o.state.clone(),
+                    time(o.create_time.as_ref()),
+                ]
+            })
+            .collect();
+        say!(
+            "{}",
+            table(&["ID", "NAME", "KEY", "STATE", "CREATED"], &rows)
+        );
+    }
+}
+
+fn managed_object_json(o: &proto::ManagedObject) -> Value {
+    let t = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| time(Some(t)));
+    json!({
+        "id": o.id,
+        "tenant": o.tenant,
+        "name": o.name,
+        "algorithm": o.algorithm,
+        "length_bits": o.length_bits,
+        "usage_mask": o.usage_mask,
+        "state": o.state,
+        "create_time": time(o.create_time.as_ref()),
+        "activation_time": t(&o.activation_time),
+        "deactivation_time": t(&o.deactivation_time),
+        "compromise_time": t(&o.compromise_time),
+        "destroy_time": t(&o.destroy_time),
+        "revocation_reason": o.revocation_reason,
+        "revocation_message": o.revocation_message,
+        "has_material": o.has_material,
+        "attributes": o.attributes,
+    })
+}

@@ -157,6 +157,16 @@ impl Client {
         KeyAdminServiceClient::new(self.channel.clone())
     }
 
+    /// The `ManagedObjectAdminService` client (role officer).
+    pub fn objects(
+        &self,
+    ) -> crate::proto::managed_object_admin_service_client::ManagedObjectAdminServiceClient<Channel>
+    {
+        crate::proto::managed_object_admin_service_client::ManagedObjectAdminServiceClient::new(
+            self.channel.clone(),
+        )
+    }
+
     /// The `AuditService` client (role auditor).
     pub fn audit(&self) -> AuditServiceClient<Channel> {
         AuditServiceClient::new(self.channel.clone())

@@ -20,6 +20,7 @@ pub(super) struct KmipSection {
     wrapping_key: Option<String>,
     destroy_grace_hours: Option<u64>,
     tenant_destroy_grace_hours: Option<BTreeMap<String, u64>>,
+    officer_destroy_approval: Option<bool>,
     max_concurrent_requests: Option<usize>,
     limits: Option<super::limits::LimitsSection>,
 }
@@ -41,6 +42,9 @@ pub struct KmipConfig {
     pub destroy_grace: Duration,
     /// ... and per tenant, where an officer set it (zero: removed at once).
     pub tenant_destroy_grace: BTreeMap<String, Duration>,
+    /// Whether an officer's `tresor kmip destroy` needs a second officer's approval (default
+    /// yes; a KMIP client's own Destroy never does).
+    pub officer_destroy_approval: bool,
     /// Requests served at once; beyond, the request is refused.
     pub max_concurrent_requests: usize,
     /// The listener's bounds (`[kmip.limits]`).
@@ -123,6 +127,7 @@ pub(super) fn parse_kmip(
         wrapping_key,
         destroy_grace,
         tenant_destroy_grace,
+        officer_destroy_approval: k.officer_destroy_approval.unwrap_or(true),
         max_concurrent_requests: max,
         limits: super::limits::parse_limits(
             k.limits,

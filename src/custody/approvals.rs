@@ -84,6 +84,8 @@ pub struct ApprovalInfo {
 }
 
 const DESTROY: &str = "DESTROY_KEY_VERSION";
+/// An officer's destruction of a managed object (`key_name` is the object's id, version 0).
+pub(super) const DESTROY_OBJECT: &str = "DESTROY_MANAGED_OBJECT";
 
 impl Custody {
     pub(crate) fn approval_info(&self, row: ApprovalRow) -> Result<ApprovalInfo, CustodyError> {
@@ -136,16 +138,39 @@ impl Custody {
                 to: VersionState::DestroyScheduled,
             });
         }
+        let info = self
+            .request_approval(grant, name.tenant().as_str(), name.key(), number, DESTROY)
+            .await
+            .map_err(|e| match e {
+                CustodyError::ApprovalPending(_) => {
+                    CustodyError::ApprovalPending(name.version(number))
+                }
+                other => other,
+            })?;
+        tracing::info!(key = %name, version = number, requested_by = %grant.identity(), approval = %info.id, "destruction requested; waiting for a second officer");
+        Ok(info)
+    }
+
+    /// Records a pending request for `operation` on (`key_name`, `version`) of `tenant`,
+    /// sealed; [`CustodyError::ApprovalPending`] if one is already waiting.
+    pub(super) async fn request_approval(
+        &self,
+        grant: &Grant,
+        tenant: &str,
+        key_name: &str,
+        version: u32,
+        operation: &str,
+    ) -> Result<ApprovalInfo, CustodyError> {
         let now = self.now();
         let mut raw = [0u8; 12];
         ring::rand::SecureRandom::fill(&self.inner.rng, &mut raw)
             .map_err(|_| CustodyError::Internal("no system randomness".into()))?;
         let mut row = ApprovalRow {
             id: crate::model::to_hex(&raw),
-            tenant: name.tenant().as_str().to_owned(),
-            key_name: name.key().to_owned(),
-            version: number,
-            operation: DESTROY.into(),
+            tenant: tenant.to_owned(),
+            key_name: key_name.to_owned(),
+            version,
+            operation: operation.into(),
             requested_by: grant.identity().to_owned(),
             requested_at: now,
             expires_at: now + self.inner.options.approval_ttl_ms,
@@ -157,11 +182,12 @@ impl Custody {
         match self.inner.store.insert_approval(&row, now).await {
             Ok(()) => {}
             Err(StoreError::Conflict) => {
-                return Err(CustodyError::ApprovalPending(name.version(number)));
+                return Err(CustodyError::ApprovalPending(format!(
+                    "{tenant}/{key_name}"
+                )));
             }
             Err(e) => return Err(e.into()),
         }
-        tracing::info!(key = %name, version = number, requested_by = %grant.identity(), approval = %row.id, "destruction requested; waiting for a second officer");
         self.approval_info(row)
     }
 
@@ -254,6 +280,24 @@ impl Custody {
         let row = self.open_approval(grant, id).await?;
         if row.requested_by == grant.identity() {
             return Err(CustodyError::SelfApproval(row.requested_by));
+        }
+        if row.operation == DESTROY_OBJECT {
+            // Decided first, as for a version; if the destruction then fails, the request is
+            // put back so the record tells the truth.
+            self.decide_row(&row, ApprovalState::Approved, grant.identity(), self.now())
+                .await?;
+            if let Err(e) = self.destroy_object(grant, &row.key_name).await {
+                self.inner.store.reopen_approval(id, &row.integrity).await?;
+                return Err(e);
+            }
+            tracing::warn!(object = %row.key_name, tenant = %row.tenant, approved_by = %grant.identity(), requested_by = %row.requested_by, "managed object destruction approved and done");
+            let row = self
+                .inner
+                .store
+                .get_approval(id)
+                .await?
+                .ok_or_else(|| CustodyError::ApprovalNotFound(id.to_owned()))?;
+            return self.approval_info(row);
         }
         if row.operation != DESTROY {
             return Err(CustodyError::InvalidArgument(format!(

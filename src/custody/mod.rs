@@ -53,7 +53,7 @@ pub use info::*;
 use integrity::{Seal, Sealer};
 pub use objects::{
     AttributeChange, AttributeValue, MAX_OBJECT_TEXT, ManagedObject, NewObject, OBJECT_KEY_BITS,
-    ObjectAttribute, ObjectState, RevocationCode,
+    ObjectAttribute, ObjectDestruction, ObjectState, RevocationCode,
 };
 pub use probe::ProbeKey;
 pub use reconcile::{OrphanPolicy, ReconcileReport};
@@ -76,6 +76,12 @@ pub struct CustodyOptions {
     pub destruction_grace_ms: Millis,
     /// How long a destruction request waits for its second officer.
     pub approval_ttl_ms: Millis,
+    /// How long a destroyed managed object's material is kept, by default ...
+    pub object_destroy_grace_ms: Millis,
+    /// ... and per tenant, where the configuration sets it (zero: removed at once).
+    pub tenant_object_destroy_grace_ms: std::collections::BTreeMap<String, Millis>,
+    /// Whether an officer's destruction of a managed object needs a second officer.
+    pub object_destroy_approval: bool,
 }
 
 /// A day in milliseconds.
@@ -94,6 +100,9 @@ impl Default for CustodyOptions {
             clock: Arc::new(SystemClock),
             destruction_grace_ms: 7 * DAY_MS,
             approval_ttl_ms: DAY_MS,
+            object_destroy_grace_ms: 7 * DAY_MS,
+            tenant_object_destroy_grace_ms: std::collections::BTreeMap::new(),
+            object_destroy_approval: true,
         }
     }
 }

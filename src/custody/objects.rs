@@ -6,7 +6,9 @@
 //! object is read) and their material: drawn from the HSM's generator (or brought by the
 //! client), stored only sealed under the tenant's HSM-resident wrapping key with the object's
 //! id bound into the AAD, and opened only for a caller with the `kmip` role in the object's
-//! tenant whose key patterns cover its name. Speaks no protocol: `crate::kmip` maps these to
+//! tenant whose key patterns cover its name. Officers of the tenant see, revoke and destroy
+//! objects (never their material), a destruction with a second officer's approval where the
+//! configuration asks for it. Speaks no protocol: `crate::kmip` maps these to
 //! TTLV. Never touches another tenant's rows: every store call names the caller's tenant.
 
 use std::collections::BTreeMap;
@@ -170,6 +172,15 @@ pub struct ManagedObject {
     pub attributes: BTreeMap<String, String>,
     /// Whether the wrapped material is still stored.
     pub has_material: bool,
+}
+
+/// What an officer's destruction did.
+#[derive(Debug, Clone)]
+pub enum ObjectDestruction {
+    /// Destroyed (no second officer is asked for).
+    Destroyed(ManagedObject),
+    /// Waits for a second officer.
+    Requested(super::ApprovalInfo),
 }
 
 /// What a client asks to create or register.
@@ -404,8 +415,11 @@ impl Custody {
         Ok(())
     }
 
+    /// An object's row, for a KMIP client or an officer of its tenant.
     async fn object_row(&self, grant: &Grant, id: &str) -> Result<ObjectRow, CustodyError> {
-        grant.require(Role::Kmip)?;
+        if grant.role() != Role::Officer {
+            grant.require(Role::Kmip)?;
+        }
         let row = self
             .inner
             .store
@@ -433,6 +447,7 @@ impl Custody {
         wrapping_key: &str,
         id: &str,
     ) -> Result<(ManagedObject, Zeroizing<Vec<u8>>), CustodyError> {
+        grant.require(Role::Kmip)?;
         let row = self.object_row(grant, id).await?;
         let object = ManagedObject::from_row(&row, self.now())?;
         if object.state.is_destroyed() || row.material.is_empty() {
@@ -464,7 +479,9 @@ impl Custody {
         name: Option<&str>,
         state: Option<ObjectState>,
     ) -> Result<Vec<ManagedObject>, CustodyError> {
-        grant.require(Role::Kmip)?;
+        if grant.role() != Role::Officer {
+            grant.require(Role::Kmip)?;
+        }
         let now = self.now();
         let rows = self
             .inner
@@ -542,32 +559,68 @@ impl Custody {
         .await
     }
 
-    /// Destroys an object that is not Active: its material is removed once `grace` has passed
-    /// (at once for a zero grace, which only an officer's configuration sets).
+    /// Destroys an object that is not Active: its material is removed once the tenant's grace
+    /// period has passed (at once where the configuration sets it to zero). For a KMIP
+    /// client, or an officer once a second officer approved (or where no approval is asked).
     pub async fn destroy_object(
         &self,
         grant: &Grant,
         id: &str,
-        grace: std::time::Duration,
     ) -> Result<ManagedObject, CustodyError> {
-        let grace = Millis::try_from(grace.as_millis()).unwrap_or(Millis::MAX);
-        let destroyed = self
-            .change_object(grant, id, |object, row, now| {
-                let to = match object.state {
-                    ObjectState::PreActive | ObjectState::Deactivated => ObjectState::Destroyed,
-                    ObjectState::Compromised => ObjectState::DestroyedCompromised,
-                    _ => return Err(object_transition(object, ObjectState::Destroyed)),
-                };
-                row.state = to.as_str().into();
-                row.destroy_date = now;
-                row.purge_after = now.saturating_add(grace);
-                if grace == 0 {
-                    row.material.clear();
-                }
-                Ok(())
-            })
-            .await?;
-        Ok(destroyed)
+        let options = &self.inner.options;
+        let grace = options
+            .tenant_object_destroy_grace_ms
+            .get(grant.tenant().as_str())
+            .copied()
+            .unwrap_or(options.object_destroy_grace_ms);
+        self.change_object(grant, id, |object, row, now| {
+            let to = match object.state {
+                ObjectState::PreActive | ObjectState::Deactivated => ObjectState::Destroyed,
+                ObjectState::Compromised => ObjectState::DestroyedCompromised,
+                _ => return Err(object_transition(object, ObjectState::Destroyed)),
+            };
+            row.state = to.as_str().into();
+            row.destroy_date = now;
+            row.purge_after = now.saturating_add(grace);
+            if grace == 0 {
+                row.material.clear();
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// An officer's destruction of a managed object: done at once where the configuration
+    /// asks for no second officer, otherwise a request another officer approves
+    /// (`tresor approvals approve`).
+    pub async fn officer_destroy_object(
+        &self,
+        grant: &Grant,
+        id: &str,
+    ) -> Result<ObjectDestruction, CustodyError> {
+        grant.require(Role::Officer)?;
+        if !self.inner.options.object_destroy_approval {
+            return self
+                .destroy_object(grant, id)
+                .await
+                .map(ObjectDestruction::Destroyed);
+        }
+        let object = self.object(grant, id).await?;
+        if !matches!(
+            object.state,
+            ObjectState::PreActive | ObjectState::Deactivated | ObjectState::Compromised
+        ) {
+            return Err(object_transition(&object, ObjectState::Destroyed));
+        }
+        self.request_approval(
+            grant,
+            &object.tenant,
+            &object.id,
+            0,
+            super::approvals::DESTROY_OBJECT,
+        )
+        .await
+        .map(ObjectDestruction::Requested)
     }
 
     /// Adds, modifies or deletes one client-settable attribute; returns the object and the

@@ -142,10 +142,21 @@ pub(super) fn export_message(item: ExportItem) -> proto::AuditRecord {
 }
 
 pub(super) fn approval_message(a: ApprovalInfo) -> proto::Approval {
+    // An officer's destruction of a managed object names the object, not a key version.
+    let (key, key_version) = if a.operation == "DESTROY_MANAGED_OBJECT" {
+        let object = format!(
+            "tenants/{}/objects/{}",
+            a.key.tenant().as_str(),
+            a.key.key()
+        );
+        (object.clone(), object)
+    } else {
+        (a.key.to_string(), a.key.version(a.version))
+    };
     proto::Approval {
         id: a.id,
         operation: a.operation,
-        key_version: a.key.version(a.version),
+        key_version,
         requested_by: a.requested_by,
         state: match a.state {
             ApprovalState::Pending => proto::ApprovalState::Pending,
@@ -158,7 +169,7 @@ pub(super) fn approval_message(a: ApprovalInfo) -> proto::Approval {
         expire_time: Some(timestamp(a.expires_at)),
         decided_by: a.decided_by,
         version: a.version,
-        key: a.key.to_string(),
+        key,
         destroy_time: a.destroy_at.map(timestamp),
     }
 }

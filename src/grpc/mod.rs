@@ -12,6 +12,7 @@ mod admit;
 mod audit_service;
 mod convert;
 mod key_service;
+mod object_service;
 mod serve;
 mod status;
 

@@ -14,15 +14,17 @@ use crate::listener::{Connection, ListenerLimits};
 use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::key_admin_service_server::KeyAdminServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
+use crate::proto::managed_object_admin_service_server::ManagedObjectAdminServiceServer;
 use crate::proto::{self, MAX_MESSAGE_BYTES};
 
 /// ALPN for the gRPC listener.
 pub const ALPN: &[&[u8]] = &[b"h2"];
 /// The services whose health `grpc.health.v1.Health` reports ("" is the server as a whole).
-const HEALTH_SERVICES: [&str; 4] = [
+const HEALTH_SERVICES: [&str; 5] = [
     "",
     "tresor.v1.KeyService",
     "tresor.v1.KeyAdminService",
+    "tresor.v1.ManagedObjectAdminService",
     "tresor.v1.AuditService",
 ];
 
@@ -77,6 +79,7 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_service(ManagedObjectAdminServiceServer::new(api.clone()))
         .add_service(AuditServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

@@ -241,8 +241,7 @@ pub async fn run(
         op::DESTROY => {
             let id = unique_id(payload, placeholder)?;
             touched.object = Some(id.clone());
-            let grace = config.destroy_grace_of(grant.tenant().as_str());
-            let object = custody.destroy_object(grant, &id, grace).await?;
+            let object = custody.destroy_object(grant, &id).await?;
             touched.set(&object);
             Ok(vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id)])
         }

@@ -158,6 +158,23 @@ impl Server {
                 .unwrap_or(i64::MAX),
             approval_ttl_ms: i64::try_from(config.approval_ttl.as_millis()).unwrap_or(i64::MAX),
             clock,
+            ..CustodyOptions::default()
+        };
+        let options = match &config.kmip {
+            None => options,
+            Some(k) => {
+                let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                CustodyOptions {
+                    object_destroy_grace_ms: ms(k.destroy_grace),
+                    tenant_object_destroy_grace_ms: k
+                        .tenant_destroy_grace
+                        .iter()
+                        .map(|(t, d)| (t.clone(), ms(*d)))
+                        .collect(),
+                    object_destroy_approval: k.officer_destroy_approval,
+                    ..options
+                }
+            }
         };
         let (custody, report) = Custody::open(hsm.clone(), store.clone(), options).await?;
         if report != Default::default() {
