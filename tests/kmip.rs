@@ -137,6 +137,7 @@ async fn pykmip_creates_registers_gets_locates_and_retires_keys() {
     assert_eq!(seen["locate_active"], serde_json::json!([uid]));
     assert_eq!(seen["locate_by_name_1_4"], serde_json::json!([uid2]));
     assert_eq!(seen["locate_offset_1_4"].as_array().unwrap()[0], uid2);
+    assert_eq!(seen["locate_offset_1_4"].as_array().unwrap().len(), 2);
     // Life cycle and its refusals.
     assert_eq!(s("activate_twice"), "ILLEGAL_OPERATION");
     assert_eq!(s("destroy_active"), "ILLEGAL_OPERATION");
@@ -161,6 +162,13 @@ async fn pykmip_creates_registers_gets_locates_and_retires_keys() {
             .iter()
             .any(|o| o == "LOCATE")
     );
+    // Encrypt and Decrypt: AES-GCM with the server's 12-byte IV and a 16-byte tag; altered
+    // additional data is a Cryptographic Failure; a Pre-Active key cannot encrypt.
+    assert_eq!(s("encrypt_1_2"), "FEATURE_NOT_SUPPORTED");
+    assert_eq!(s("encrypt_pre_active"), "ILLEGAL_OPERATION");
+    assert_eq!(seen["encrypted"], serde_json::json!([12, 12, 16]));
+    assert_eq!(s("decrypted"), "patient 4711");
+    assert_eq!(s("decrypt_wrong_aad"), "CRYPTOGRAPHIC_FAILURE");
     // Attributes: a rename is found by its new name; a deleted Name is gone; modifying an
     // attribute the object lacks is Item Not Found.
     assert_eq!(

@@ -157,6 +157,21 @@ pub enum CustodyError {
         /// The attribute.
         attribute: String,
     },
+    /// The managed object's state does not allow this use.
+    #[error("object {id} is {state}; it cannot {operation}")]
+    ObjectNotUsable {
+        /// The object.
+        id: String,
+        /// Its state.
+        state: super::ObjectState,
+        /// What was asked.
+        operation: &'static str,
+    },
+    /// Data given to decrypt under a managed object does not authenticate.
+    #[error(
+        "the data does not authenticate under object {0} with this IV, tag and additional data"
+    )]
+    ObjectDataUnauthentic(String),
     /// The managed object is destroyed: its material is gone.
     #[error("object {0} is destroyed")]
     ObjectDestroyed(String),

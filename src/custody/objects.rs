@@ -233,6 +233,25 @@ pub enum AttributeValue {
     Date(Millis),
 }
 
+/// KMIP's usage mask bits for Encrypt and Decrypt.
+const USAGE_ENCRYPT: u32 = 0x04;
+const USAGE_DECRYPT: u32 = 0x08;
+
+fn gcm_key(material: &[u8]) -> Result<ring::aead::LessSafeKey, CustodyError> {
+    let algorithm = match material.len() {
+        16 => &ring::aead::AES_128_GCM,
+        32 => &ring::aead::AES_256_GCM,
+        _ => {
+            return Err(CustodyError::InvalidArgument(
+                "AES-GCM here takes 128- or 256-bit keys; this object is 192 bits".into(),
+            ));
+        }
+    };
+    ring::aead::UnboundKey::new(algorithm, material)
+        .map(ring::aead::LessSafeKey::new)
+        .map_err(|_| CustodyError::Internal("AES key setup failed".into()))
+}
+
 /// The AAD a managed object's material is sealed with: its tenant and id, so a DBA cannot
 /// move one object's material to another object or tenant.
 fn object_aad(tenant: &str, id: &str) -> Vec<u8> {
@@ -469,6 +488,94 @@ impl Custody {
             )
             .await?;
         Ok((object, material))
+    }
+
+    /// AES-GCM under an Active object whose usage mask allows Encrypt, for a client that lets
+    /// the server do the cryptography: the IV is always the server's (12 random bytes), so no
+    /// client can make it repeat one. Returns (IV, ciphertext, 16-byte tag).
+    pub async fn encrypt_with_object(
+        &self,
+        grant: &Grant,
+        wrapping_key: &str,
+        id: &str,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<(ManagedObject, [u8; 12], Vec<u8>, Vec<u8>), CustodyError> {
+        super::checks::check_plaintext(plaintext)?;
+        super::checks::check_aad(aad)?;
+        let (object, material) = self.object_material(grant, wrapping_key, id).await?;
+        if object.state != ObjectState::Active {
+            return Err(CustodyError::ObjectNotUsable {
+                id: id.to_owned(),
+                state: object.state,
+                operation: "encrypt",
+            });
+        }
+        if object.usage_mask & USAGE_ENCRYPT == 0 {
+            return Err(CustodyError::InvalidArgument(format!(
+                "object {id}'s usage mask does not allow Encrypt"
+            )));
+        }
+        let iv = self.random_bytes::<12>()?;
+        let key = gcm_key(&material)?;
+        let mut sealed = plaintext.to_vec();
+        let tag = key
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(iv),
+                ring::aead::Aad::from(aad),
+                &mut sealed,
+            )
+            .map_err(|_| CustodyError::Internal("AES-GCM sealing failed".into()))?;
+        Ok((object, iv, sealed, tag.as_ref().to_vec()))
+    }
+
+    /// Opens AES-GCM output of [`Custody::encrypt_with_object`] under an object that is
+    /// Active, Deactivated or Compromised (old data stays readable) and allows Decrypt.
+    pub async fn decrypt_with_object(
+        &self,
+        grant: &Grant,
+        wrapping_key: &str,
+        id: &str,
+        (iv, ciphertext, tag): (&[u8], &[u8], &[u8]),
+        aad: &[u8],
+    ) -> Result<(ManagedObject, Zeroizing<Vec<u8>>), CustodyError> {
+        super::checks::check_aad(aad)?;
+        let (object, material) = self.object_material(grant, wrapping_key, id).await?;
+        if !matches!(
+            object.state,
+            ObjectState::Active | ObjectState::Deactivated | ObjectState::Compromised
+        ) {
+            return Err(CustodyError::ObjectNotUsable {
+                id: id.to_owned(),
+                state: object.state,
+                operation: "decrypt",
+            });
+        }
+        if object.usage_mask & USAGE_DECRYPT == 0 {
+            return Err(CustodyError::InvalidArgument(format!(
+                "object {id}'s usage mask does not allow Decrypt"
+            )));
+        }
+        let iv: [u8; 12] = iv.try_into().map_err(|_| {
+            CustodyError::InvalidArgument("the IV must be the 12 bytes Encrypt returned".into())
+        })?;
+        if tag.len() != 16 || ciphertext.len() > crate::envelope::MAX_PLAINTEXT_LEN {
+            return Err(CustodyError::InvalidArgument(
+                "the tag must be 16 bytes and the data at most 64 KiB".into(),
+            ));
+        }
+        let key = gcm_key(&material)?;
+        let mut opened = Zeroizing::new([ciphertext, tag].concat());
+        let len = key
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(iv),
+                ring::aead::Aad::from(aad),
+                &mut opened,
+            )
+            .map_err(|_| CustodyError::ObjectDataUnauthentic(id.to_owned()))?
+            .len();
+        opened.truncate(len);
+        Ok((object, opened))
     }
 
     /// The caller's objects, oldest first, narrowed by name and state; only those whose

@@ -56,7 +56,10 @@ pub(crate) fn from_custody(e: &CustodyError, request_id: &str) -> Status {
         E::Conflict(_) => (Code::Aborted, e.to_string()),
         // Managed objects are KMIP's; no gRPC call reaches them today.
         E::ObjectNotFound(_) | E::ObjectAttributeNotFound { .. } => (Code::NotFound, e.to_string()),
-        E::ObjectDestroyed(_) | E::ObjectState { .. } => (Code::FailedPrecondition, e.to_string()),
+        E::ObjectDestroyed(_)
+        | E::ObjectState { .. }
+        | E::ObjectNotUsable { .. }
+        | E::ObjectDataUnauthentic(_) => (Code::FailedPrecondition, e.to_string()),
         E::FailedSetup(_) => (Code::FailedPrecondition, e.to_string()),
         E::Hsm(HsmError::BadCiphertext) => (Code::InvalidArgument, INVALID_CIPHERTEXT.to_owned()),
         E::Hsm(_) => (

@@ -29,6 +29,8 @@ pub mod operation {
     pub const DESTROY: u32 = 0x14;
     pub const QUERY: u32 = 0x18;
     pub const DISCOVER_VERSIONS: u32 = 0x1E;
+    pub const ENCRYPT: u32 = 0x1F;
+    pub const DECRYPT: u32 = 0x20;
 
     /// The audit record's operation name.
     pub fn audit_name(code: u32) -> &'static str {
@@ -47,6 +49,8 @@ pub mod operation {
             DESTROY => "KmipDestroy",
             QUERY => "KmipQuery",
             DISCOVER_VERSIONS => "KmipDiscoverVersions",
+            ENCRYPT => "KmipEncrypt",
+            DECRYPT => "KmipDecrypt",
             _ => "KmipUnsupportedOperation",
         }
     }

@@ -57,6 +57,9 @@ pub enum KmipError {
     /// No such object (or one the caller may not see).
     #[error("{0}")]
     ItemNotFound(String),
+    /// Data did not authenticate (Decrypt).
+    #[error("{0}")]
+    CryptographicFailure(String),
     /// The caller may not do this.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
@@ -83,6 +86,7 @@ impl KmipError {
             Self::KeyFormatTypeNotSupported(_) => ResultReason::KeyFormatTypeNotSupported,
             Self::ItemNotFound(_) => ResultReason::ItemNotFound,
             Self::PermissionDenied(_) => ResultReason::PermissionDenied,
+            Self::CryptographicFailure(_) => ResultReason::CryptographicFailure,
             Self::IllegalOperation(_) => ResultReason::IllegalOperation,
             Self::AuthenticationNotSuccessful(_) => ResultReason::AuthenticationNotSuccessful,
             Self::General(_) => ResultReason::GeneralFailure,
@@ -113,8 +117,11 @@ impl KmipError {
             E::ObjectDestroyed(id) => Self::IllegalOperation(format!(
                 "object {id} is destroyed; its key material is gone"
             )),
-            E::ObjectState { .. } => Self::IllegalOperation(e.to_string()),
+            E::ObjectState { .. } | E::ObjectNotUsable { .. } => {
+                Self::IllegalOperation(e.to_string())
+            }
             E::FailedSetup(_) => Self::General(e.to_string()),
+            E::ObjectDataUnauthentic(_) => Self::CryptographicFailure(e.to_string()),
             // The tenant's wrapping key refuses: disabled, worn out, of the wrong usage, or
             // the sealed material does not authenticate.
             E::KeyNotFound(_)

@@ -1,7 +1,7 @@
 //! The KMIP operations this server offers, each from its request payload to its response
 //! payload (KMIP 1.4 §4): DiscoverVersions, Query, Create, Register, Get, GetAttributes,
 //! GetAttributeList, Locate, AddAttribute, ModifyAttribute, DeleteAttribute, Activate, Revoke
-//! and Destroy, on symmetric (AES) keys. Anything
+//! and Destroy on symmetric (AES) keys, and Encrypt and Decrypt (AES-GCM) under them. Anything
 //! else answers Operation Not Supported.
 //!
 //! Owns the mapping between KMIP's attributes and custody's managed objects; decides nothing
@@ -245,10 +245,100 @@ pub async fn run(
             touched.set(&object);
             Ok(vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id)])
         }
+        op::ENCRYPT => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            check_gcm(version, payload)?;
+            if payload.child(tag::IV_COUNTER_NONCE).is_some() {
+                return Err(KmipError::InvalidField(
+                    "the server chooses the IV: leave IV/Counter/Nonce out of Encrypt".into(),
+                ));
+            }
+            let data = bytes_field(payload, tag::DATA, "Data")?;
+            let aad = optional_bytes(payload, tag::AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)?;
+            let (object, iv, ciphertext, auth_tag) = custody
+                .encrypt_with_object(grant, &config.wrapping_key, &id, data, aad)
+                .await?;
+            touched.set(&object);
+            Ok(vec![
+                Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id),
+                Ttlv::bytes(tag::DATA, Zeroizing::new(ciphertext)),
+                Ttlv::bytes(tag::IV_COUNTER_NONCE, Zeroizing::new(iv.to_vec())),
+                Ttlv::bytes(tag::AUTHENTICATED_ENCRYPTION_TAG, Zeroizing::new(auth_tag)),
+            ])
+        }
+        op::DECRYPT => {
+            let id = unique_id(payload, placeholder)?;
+            touched.object = Some(id.clone());
+            check_gcm(version, payload)?;
+            let data = bytes_field(payload, tag::DATA, "Data")?;
+            let iv = bytes_field(payload, tag::IV_COUNTER_NONCE, "IV/Counter/Nonce")?;
+            let auth_tag = bytes_field(
+                payload,
+                tag::AUTHENTICATED_ENCRYPTION_TAG,
+                "Authenticated Encryption Tag",
+            )?;
+            let aad = optional_bytes(payload, tag::AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)?;
+            let (object, plaintext) = custody
+                .decrypt_with_object(grant, &config.wrapping_key, &id, (iv, data, auth_tag), aad)
+                .await?;
+            touched.set(&object);
+            Ok(vec![
+                Ttlv::text(tag::UNIQUE_IDENTIFIER, object.id),
+                Ttlv::bytes(tag::DATA, plaintext),
+            ])
+        }
         other => Err(KmipError::OperationNotSupported(format!(
             "operation {other:#x} is not supported by this server; Query lists those it offers"
         ))),
     }
+}
+
+/// Encrypt and Decrypt offer AES-GCM with 16-byte tags only, from KMIP 1.4 on (the tag and
+/// additional data fields are 1.4's).
+fn check_gcm(version: (i32, i32), payload: &Ttlv) -> Result<(), KmipError> {
+    const GCM: u32 = 0x09;
+    if version < (1, 4) {
+        return Err(KmipError::FeatureNotSupported(
+            "Encrypt and Decrypt (AES-GCM) need KMIP 1.4, whose messages carry the tag and additional data".into(),
+        ));
+    }
+    let Some(params) = payload.child(tag::CRYPTOGRAPHIC_PARAMETERS) else {
+        return Ok(());
+    };
+    if let Some(mode) = params.child(tag::BLOCK_CIPHER_MODE)
+        && mode.as_enum() != Some(GCM)
+    {
+        return Err(KmipError::FeatureNotSupported(
+            "only the GCM block cipher mode is offered".into(),
+        ));
+    }
+    if let Some(alg) = params.child(tag::CRYPTOGRAPHIC_ALGORITHM)
+        && alg.as_enum() != Some(ALGORITHM_AES)
+    {
+        return Err(KmipError::FeatureNotSupported("only AES is offered".into()));
+    }
+    if let Some(len) = params.child(tag::TAG_LENGTH)
+        && len.as_int() != Some(16)
+    {
+        return Err(KmipError::FeatureNotSupported(
+            "only 16-byte GCM tags are offered".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn bytes_field<'a>(payload: &'a Ttlv, t: u32, what: &str) -> Result<&'a [u8], KmipError> {
+    required(payload, t, what)?
+        .as_bytes()
+        .ok_or_else(|| invalid(what))
+}
+
+fn optional_bytes(payload: &Ttlv, t: u32) -> Result<&[u8], KmipError> {
+    payload.child(t).map_or(Ok(&[][..]), |v| {
+        v.as_bytes()
+            .ok_or_else(|| invalid("Authenticated Encryption Additional Data"))
+    })
 }
 
 /// The attribute a client may change, by its KMIP name.
@@ -310,7 +400,7 @@ fn check_index(item: &Ttlv) -> Result<(), KmipError> {
 }
 
 /// The operations Query lists.
-const OFFERED: [u32; 14] = [
+const OFFERED: [u32; 16] = [
     op::DISCOVER_VERSIONS,
     op::QUERY,
     op::CREATE,
@@ -325,6 +415,8 @@ const OFFERED: [u32; 14] = [
     op::ACTIVATE,
     op::REVOKE,
     op::DESTROY,
+    op::ENCRYPT,
+    op::DECRYPT,
 ];
 
 fn invalid(field: &str) -> KmipError {

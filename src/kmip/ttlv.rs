@@ -25,13 +25,16 @@ pub mod tag {
     pub const ATTRIBUTE_INDEX: u32 = 0x42_0009;
     pub const ATTRIBUTE_NAME: u32 = 0x42_000A;
     pub const ATTRIBUTE_VALUE: u32 = 0x42_000B;
+    pub const BLOCK_CIPHER_MODE: u32 = 0x42_0011;
     pub const BATCH_COUNT: u32 = 0x42_000D;
     pub const BATCH_ERROR_CONTINUATION_OPTION: u32 = 0x42_000E;
     pub const BATCH_ITEM: u32 = 0x42_000F;
     pub const COMPROMISE_OCCURRENCE_DATE: u32 = 0x42_0021;
     pub const CRYPTOGRAPHIC_ALGORITHM: u32 = 0x42_0028;
     pub const CRYPTOGRAPHIC_LENGTH: u32 = 0x42_002A;
+    pub const CRYPTOGRAPHIC_PARAMETERS: u32 = 0x42_002B;
     pub const CRYPTOGRAPHIC_USAGE_MASK: u32 = 0x42_002C;
+    pub const IV_COUNTER_NONCE: u32 = 0x42_003D;
     pub const KEY: u32 = 0x42_003F;
     pub const KEY_BLOCK: u32 = 0x42_0040;
     pub const KEY_FORMAT_TYPE: u32 = 0x42_0042;
@@ -66,8 +69,12 @@ pub mod tag {
     pub const UNIQUE_BATCH_ITEM_ID: u32 = 0x42_0093;
     pub const UNIQUE_IDENTIFIER: u32 = 0x42_0094;
     pub const VENDOR_IDENTIFICATION: u32 = 0x42_009D;
+    pub const DATA: u32 = 0x42_00C2;
+    pub const TAG_LENGTH: u32 = 0x42_00CE;
     pub const OFFSET_ITEMS: u32 = 0x42_00D4;
     pub const LOCATED_ITEMS: u32 = 0x42_00D5;
+    pub const AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA: u32 = 0x42_00FE;
+    pub const AUTHENTICATED_ENCRYPTION_TAG: u32 = 0x42_00FF;
 }
 
 /// One TTLV item.

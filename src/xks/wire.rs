@@ -323,6 +323,8 @@ pub fn from_custody(e: CustodyError) -> XksError {
         // Managed objects are KMIP's; the proxy never reaches them.
         E::ObjectNotFound(_)
         | E::ObjectAttributeNotFound { .. }
+        | E::ObjectNotUsable { .. }
+        | E::ObjectDataUnauthentic(_)
         | E::ObjectDestroyed(_)
         | E::ObjectState { .. }
         | E::FailedSetup(_) => XksError::Internal("internal error".into()),

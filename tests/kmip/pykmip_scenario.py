@@ -13,6 +13,7 @@ warnings.simplefilter("ignore")
 
 from kmip.core import enums
 from kmip.core import exceptions as core_exceptions
+from kmip.core import attributes as core_attributes
 from kmip.core import objects as core_objects
 from kmip.core.factories import attributes as attribute_factory
 from kmip.core.messages import messages, payloads
@@ -145,6 +146,7 @@ with connect(cert_a, key_a) as a:
     ]
     seen["batch_operations"] = sorted(o.name for o in items[3].response_payload.operations)
 
+    seen["encrypt_1_2"] = failure(lambda: a.encrypt(b"x", uid=uid2))
     # Attributes: rename, find by the new name, delete the name, modify what is not there.
     batch_uid = seen["batch_created"]
     a.modify_attribute(
@@ -168,6 +170,46 @@ with connect(cert_a, key_a, enums.KMIPVersion.KMIP_1_4) as a14:
         a14, attrs.create_attribute(enums.AttributeType.NAME, "vsan-registered")
     )
     seen["locate_offset_1_4"] = locate(a14, offset_items=1)
+    # Encrypt and Decrypt (AES-GCM) under an active key, with additional data and the tag;
+    # the same with altered additional data fails, and an inactive key cannot encrypt.
+    gcm = a14.create(enums.CryptographicAlgorithm.AES, 256, name="mongodb-master")
+    params = core_attributes.CryptographicParameters(
+        block_cipher_mode=enums.BlockCipherMode.GCM,
+        tag_length=16,
+        cryptographic_algorithm=enums.CryptographicAlgorithm.AES,
+    )
+
+    def encrypt(uid_, data, aad):
+        return a14.proxy.send_request_payload(
+            enums.Operation.ENCRYPT,
+            payloads.EncryptRequestPayload(
+                unique_identifier=uid_,
+                cryptographic_parameters=params,
+                data=data,
+                auth_additional_data=aad,
+            ),
+        )
+
+    def decrypt(uid_, sealed, aad):
+        return a14.proxy.send_request_payload(
+            enums.Operation.DECRYPT,
+            payloads.DecryptRequestPayload(
+                unique_identifier=uid_,
+                cryptographic_parameters=params,
+                data=sealed.data,
+                iv_counter_nonce=sealed.iv_counter_nonce,
+                auth_additional_data=aad,
+                auth_tag=sealed.auth_tag,
+            ),
+        )
+
+    seen["encrypt_pre_active"] = failure(lambda: encrypt(gcm, b"patient 4711", b"ward 7"))
+    a14.activate(gcm)
+    sealed = encrypt(gcm, b"patient 4711", b"ward 7")
+    seen["encrypted"] = [len(sealed.data), len(sealed.iv_counter_nonce), len(sealed.auth_tag)]
+    seen["decrypted"] = decrypt(gcm, sealed, b"ward 7").data.decode()
+    seen["decrypt_wrong_aad"] = failure(lambda: decrypt(gcm, sealed, b"ward 8"))
+
 
 with connect(cert_b, key_b) as b:
     seen["b_get_a"] = failure(lambda: b.get(uid2))
