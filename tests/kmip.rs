@@ -659,3 +659,72 @@ async fn officers_revoke_and_destroy_kmip_objects_with_four_eyes() {
     }
     server.stop().await;
 }
+
+/// `tresor bench --kmip` drives Get, Encrypt and Decrypt over KMIP with no errors, and a
+/// request that fails is counted by its result reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_drives_kmip_get_encrypt_and_decrypt() {
+    let server = start().await;
+    let mut tls = raw(&server, KMIP_A).await;
+    let id = create_object(&mut tls, "bench").await;
+    let profile =
+        server
+            .deployment
+            .profile(server.addr, Some(KMIP_A), tresor::pki::Validity::default());
+    let kmip = server.kmip.unwrap().to_string();
+    let bench = |op: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tresor"))
+            .arg("--profile")
+            .arg(&profile)
+            .args([
+                "--output",
+                "json",
+                "bench",
+                "--kmip",
+                &kmip,
+                "--kmip-object",
+                &id,
+            ])
+            .args([
+                "--op",
+                op,
+                "--requests",
+                "40",
+                "--connections",
+                "2",
+                "--in-flight",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    // Pre-Active: Get works, Encrypt is refused (Illegal Operation, 0xb) and counted.
+    let r = bench("get");
+    assert_eq!(
+        (r["ok"].as_u64(), &r["errors"]),
+        (Some(40), &serde_json::json!({})),
+        "{r}"
+    );
+    tls.write_all(&request(
+        0x12,
+        vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, id.clone())],
+    ))
+    .await
+    .unwrap();
+    payload_of(&answer(&mut tls).await);
+    for op in ["wrap", "unwrap"] {
+        let r = bench(op);
+        assert_eq!(
+            (r["ok"].as_u64(), &r["errors"]),
+            (Some(40), &serde_json::json!({})),
+            "{op}: {r}"
+        );
+    }
+    server.stop().await;
+}

@@ -1,5 +1,6 @@
 //! `tresor bench`: a load generator for sizing a deployment, through the real client and mTLS,
-//! or against the XKS proxy's HTTPS API with requests it signs itself (SigV4), as AWS KMS does.
+//! or against the XKS proxy's HTTPS API with requests it signs itself (SigV4), as AWS KMS does,
+//! or against the KMIP server (Encrypt, Decrypt, Get over TTLV, one connection per worker).
 //!
 //! Owns load shapes and their measurement: `connections` HTTP/2 connections, each carrying
 //! `in_flight` concurrent requests; a duration or a request count; closed loop by default, or
@@ -45,10 +46,165 @@ pub struct XksTarget {
     pub http: HttpVersion,
 }
 
+/// The KMIP server as a bench target: each worker holds its own mutually authenticated
+/// connection (a KMIP client waits for each answer) and uses one managed object.
+#[derive(Debug, Clone)]
+pub struct KmipTarget {
+    /// Where the server listens.
+    pub addr: std::net::SocketAddr,
+    /// The name its certificate is checked against.
+    pub server_name: String,
+    /// The TLS client configuration (trust anchors and the client certificate).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The managed object's Unique Identifier.
+    pub object: String,
+}
+
+type KmipStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// One worker's connection.
 enum Conn {
     Grpc(Client),
     Xks(XksClient, Arc<XksTarget>),
+    Kmip(Box<KmipStream>, Arc<KmipTarget>),
+}
+
+/// A KMIP 1.4 request message of one batch item.
+fn kmip_request(
+    operation: u32,
+    payload: Vec<crate::kmip::ttlv::Ttlv>,
+) -> zeroize::Zeroizing<Vec<u8>> {
+    use crate::kmip::ttlv::{Ttlv, encode, tag};
+    encode(&Ttlv::structure(
+        tag::REQUEST_MESSAGE,
+        vec![
+            Ttlv::structure(
+                tag::REQUEST_HEADER,
+                vec![
+                    crate::kmip::message::version_item((1, 4)),
+                    Ttlv::integer(tag::BATCH_COUNT, 1),
+                ],
+            ),
+            Ttlv::structure(
+                tag::BATCH_ITEM,
+                vec![
+                    Ttlv::enumeration(tag::OPERATION, operation),
+                    Ttlv::structure(tag::REQUEST_PAYLOAD, payload),
+                ],
+            ),
+        ],
+    ))
+}
+
+/// Sends one KMIP request and returns the batch item's response payload, or the result
+/// reason's number as the error name.
+async fn kmip_exchange(
+    stream: &mut KmipStream,
+    request: &[u8],
+) -> Result<crate::kmip::ttlv::Ttlv, String> {
+    use crate::kmip::ttlv::{self, Ttlv, tag};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(request)
+        .await
+        .map_err(|_| "CONNECTION".to_owned())?;
+    let mut header = [0u8; 8];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|_| "CONNECTION".to_owned())?;
+    let length = ttlv::announced_length(&header) as usize;
+    if length > crate::kmip::MAX_MESSAGE {
+        return Err("RESPONSE_TOO_LARGE".into());
+    }
+    let mut message = zeroize::Zeroizing::new(vec![0u8; 8 + length]);
+    message[..8].copy_from_slice(&header);
+    stream
+        .read_exact(&mut message[8..])
+        .await
+        .map_err(|_| "CONNECTION".to_owned())?;
+    let response = ttlv::decode(&message).map_err(|_| "INVALID_RESPONSE".to_owned())?;
+    let item = response
+        .child(tag::BATCH_ITEM)
+        .ok_or_else(|| "INVALID_RESPONSE".to_owned())?;
+    if item.child(tag::RESULT_STATUS).and_then(Ttlv::as_enum) != Some(0) {
+        let reason = item
+            .child(tag::RESULT_REASON)
+            .and_then(Ttlv::as_enum)
+            .unwrap_or(0);
+        return Err(format!("KMIP_REASON_{reason:#x}"));
+    }
+    item.child(tag::RESPONSE_PAYLOAD)
+        .cloned()
+        .ok_or_else(|| "INVALID_RESPONSE".to_owned())
+}
+
+/// One KMIP Encrypt (wrap), Decrypt (unwrap; `blob` is an encoded Encrypt answer) or Get.
+async fn kmip_call(
+    stream: &mut KmipStream,
+    target: &KmipTarget,
+    op: BenchOp,
+    payload: &[u8],
+    aad: &[u8],
+    blob: &[u8],
+) -> Result<crate::kmip::ttlv::Ttlv, String> {
+    use crate::kmip::message::operation;
+    use crate::kmip::ttlv::{Ttlv, tag};
+    let id = Ttlv::text(tag::UNIQUE_IDENTIFIER, target.object.clone());
+    let bytes = |t, b: &[u8]| Ttlv::bytes(t, zeroize::Zeroizing::new(b.to_vec()));
+    let request = match op {
+        BenchOp::Get => kmip_request(operation::GET, vec![id]),
+        BenchOp::Wrap | BenchOp::Mixed | BenchOp::Datakey => kmip_request(
+            operation::ENCRYPT,
+            vec![
+                id,
+                bytes(tag::DATA, payload),
+                bytes(tag::AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA, aad),
+            ],
+        ),
+        BenchOp::Unwrap | BenchOp::Rewrap => {
+            let sealed = crate::kmip::ttlv::decode(blob).map_err(|_| "BAD_BLOB".to_owned())?;
+            let field = |t| {
+                sealed
+                    .child(t)
+                    .and_then(Ttlv::as_bytes)
+                    .map(|b| bytes(t, b))
+                    .ok_or_else(|| "BAD_BLOB".to_owned())
+            };
+            kmip_request(
+                operation::DECRYPT,
+                vec![
+                    id,
+                    field(tag::DATA)?,
+                    field(tag::IV_COUNTER_NONCE)?,
+                    field(tag::AUTHENTICATED_ENCRYPTION_TAG)?,
+                    bytes(tag::AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA, aad),
+                ],
+            )
+        }
+    };
+    kmip_exchange(stream, &request).await
+}
+
+/// A worker's KMIP connection.
+async fn kmip_connect(target: &KmipTarget) -> Result<KmipStream, Failure> {
+    let unreachable = |e: String| {
+        Failure::new(
+            Exit::Dependency,
+            format!("KMIP server: {e}"),
+            "check --kmip, --kmip-ca and the client certificate",
+        )
+    };
+    let tcp = tokio::net::TcpStream::connect(target.addr)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from(target.server_name.clone())
+        .map_err(|e| unreachable(e.to_string()))?;
+    tokio_rustls::TlsConnector::from(Arc::clone(&target.tls))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| unreachable(e.to_string()))
 }
 
 impl Conn {
@@ -66,6 +222,11 @@ impl Conn {
             Conn::Grpc(client) => client,
             Conn::Xks(client, target) => {
                 return xks_call(client, target, op, payload, aad, blob).await;
+            }
+            Conn::Kmip(stream, target) => {
+                return kmip_call(stream, target, op, payload, aad, blob)
+                    .await
+                    .map(|_| ());
             }
         };
         let mut keys = client.keys();
@@ -102,6 +263,7 @@ impl Conn {
                 })
                 .await
                 .map(|_| ()),
+            BenchOp::Get => return Err("GET_IS_KMIP_ONLY".into()),
         };
         result.map_err(|s| crate::cli::exit::code_name(s.code()).to_owned())
     }
@@ -211,6 +373,8 @@ pub enum Target {
     Grpc(Profile),
     /// The XKS proxy.
     Xks(XksTarget),
+    /// The KMIP server.
+    Kmip(KmipTarget),
 }
 
 /// Operations the benchmark can send.
@@ -226,6 +390,8 @@ pub enum BenchOp {
     Rewrap,
     /// Half `Wrap`, half `Unwrap`.
     Mixed,
+    /// KMIP `Get` of the object (with `--kmip` only).
+    Get,
 }
 
 /// What to send, how much, how fast.
@@ -288,6 +454,18 @@ async fn make_blob(
             .map_err(|s| crate::cli::exit::from_status(&s))?
             .into_inner()
             .ciphertext),
+        Conn::Kmip(stream, target) => {
+            let sealed = kmip_call(stream, target, BenchOp::Wrap, payload, aad, &[])
+                .await
+                .map_err(|e| {
+                    Failure::new(
+                        Exit::Other,
+                        format!("KMIP Encrypt failed: {e}"),
+                        "check --kmip-object: an Active AES-128 or AES-256 object your certificate may use",
+                    )
+                })?;
+            Ok(crate::kmip::ttlv::encode(&sealed).to_vec())
+        }
         Conn::Xks(client, target) => {
             let (_, body) = xks_body(BenchOp::Wrap, payload, aad, &[])
                 .map_err(|e| Failure::new(Exit::Other, e, "report this"))?;
@@ -346,6 +524,15 @@ pub async fn run(target: &Target, plan: &BenchPlan) -> Result<BenchReport, Failu
                             )
                         })?;
                 conns.push(Conn::Xks(client, Arc::clone(&x)));
+            }
+        }
+        Target::Kmip(k) => {
+            let k = Arc::new(k.clone());
+            for _ in 0..workers {
+                conns.push(Conn::Kmip(
+                    Box::new(kmip_connect(&k).await?),
+                    Arc::clone(&k),
+                ));
             }
         }
     }

@@ -11,12 +11,12 @@ use clap::Args;
 use super::output::Output;
 use super::{Exit, Failure};
 use crate::client::Profile;
-pub(super) use load::{BenchOp, BenchPlan, BenchReport, Target, XksTarget, run};
+pub(super) use load::{BenchOp, BenchPlan, BenchReport, KmipTarget, Target, XksTarget, run};
 
 #[derive(Debug, Args)]
 pub(super) struct BenchArgs {
     /// The key to use (tenants/{tenant}/keys/{key}); not needed with --raw-hsm or --xks.
-    #[arg(long, required_unless_present_any = ["raw_hsm", "xks"])]
+    #[arg(long, required_unless_present_any = ["raw_hsm", "xks", "kmip"])]
     pub(super) key: Option<String>,
     /// Load the XKS proxy instead of the gRPC API: its base URL up to the path prefix, e.g.
     /// https://xks.example.org:443/uksh (requests go to {URL}/kms/xks/v1/...). wrap = Encrypt,
@@ -35,6 +35,14 @@ pub(super) struct BenchArgs {
     /// CA certificate(s) (PEM) that issued the proxy's certificate.
     #[arg(long)]
     pub(super) xks_ca: Option<PathBuf>,
+    /// Load the KMIP server instead: its HOST:PORT. The connection profile gives the CA, the
+    /// client certificate (an identity with role kmip) and the server name. wrap = Encrypt,
+    /// unwrap = Decrypt (AES-GCM, KMIP 1.4), get = Get; one connection per worker.
+    #[arg(long, requires = "kmip_object", conflicts_with_all = ["xks", "raw_hsm"])]
+    pub(super) kmip: Option<String>,
+    /// The managed object (Unique Identifier) to use with --kmip: Active, AES-128 or AES-256.
+    #[arg(long)]
+    pub(super) kmip_object: Option<String>,
     /// Speak HTTP/1.1 to the proxy (default HTTP/2).
     #[arg(long)]
     xks_http1: bool,
@@ -159,6 +167,55 @@ pub(super) async fn xks_target(url: &str, a: &BenchArgs) -> Result<XksTarget, Fa
     })
 }
 
+/// The bench's KMIP target: `HOST:PORT`, with the profile's CA and client certificate.
+async fn kmip_target(addr: &str, object: String, p: &Profile) -> Result<KmipTarget, Failure> {
+    let config = |what: String, hint: &str| Failure::new(Exit::Config, what, hint.to_owned());
+    let (host, _) = addr.rsplit_once(':').ok_or_else(|| {
+        config(
+            format!("{addr:?} is not HOST:PORT"),
+            "write --kmip kmip.example.org:5696",
+        )
+    })?;
+    let resolved = tokio::net::lookup_host(addr)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| config(format!("cannot resolve {addr}"), "check --kmip"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::pki::load_certs(&p.ca)
+        .map_err(|e| config(e.to_string(), "the profile's ca must be PEM"))?
+    {
+        roots
+            .add(cert)
+            .map_err(|e| config(e.to_string(), "the profile's ca must be a CA certificate"))?;
+    }
+    let (Some(cert), Some(key)) = (&p.cert, &p.key) else {
+        return Err(config(
+            "the profile has no client certificate".into(),
+            "KMIP needs one: use a profile with cert and key of an identity with role kmip",
+        ));
+    };
+    let chain = crate::pki::load_certs(cert)
+        .map_err(|e| config(e.to_string(), "the profile's cert must be PEM"))?;
+    let key = crate::pki::load_key(key)
+        .map_err(|e| config(e.to_string(), "the profile's key must be PEM"))?;
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| {
+        b.with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+    })
+    .map_err(|e| config(e.to_string(), "check the profile's certificate and key"))?;
+    Ok(KmipTarget {
+        addr: resolved,
+        server_name: p.server_name.clone().unwrap_or_else(|| host.to_owned()),
+        tls: std::sync::Arc::new(tls),
+        object,
+    })
+}
+
 pub(super) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = n
@@ -210,14 +267,26 @@ pub(super) async fn command(
         out.raw(&r, threads, None);
         return Ok(());
     }
-    let target = match &a.xks {
-        Some(url) => Target::Xks(xks_target(url, &a).await?),
-        None => {
-            let path = profile.ok_or_else(|| {
-                Failure::new(Exit::Config, "no connection profile", "pass --profile FILE or set TRESOR_PROFILE (see README \"Connection profiles\")")
-            })?;
-            Target::Grpc(Profile::load(path)?)
-        }
+    let profile_file = || {
+        profile.ok_or_else(|| {
+            Failure::new(
+                Exit::Config,
+                "no connection profile",
+                "pass --profile FILE or set TRESOR_PROFILE (see README \"Connection profiles\")",
+            )
+        })
+    };
+    let target = match (&a.xks, &a.kmip) {
+        (Some(url), _) => Target::Xks(xks_target(url, &a).await?),
+        (None, Some(addr)) => Target::Kmip(
+            kmip_target(
+                addr,
+                a.kmip_object.clone().unwrap_or_default(),
+                &Profile::load(profile_file()?)?,
+            )
+            .await?,
+        ),
+        (None, None) => Target::Grpc(Profile::load(profile_file()?)?),
     };
     let plan = BenchPlan {
         key: a.key.clone().unwrap_or_default(),
