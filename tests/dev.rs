@@ -20,6 +20,7 @@ impl Dev {
         let mut child = Command::new(BIN)
             .current_dir(dir)
             .args(["dev", "--listen", listen])
+            .args(["--kmip-listen", &format!("127.0.0.1:{}", free_port())])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("dev.log")).unwrap())
             .spawn()

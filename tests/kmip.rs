@@ -657,6 +657,26 @@ async fn officers_revoke_and_destroy_kmip_objects_with_four_eyes() {
             "no {op} record for {object}"
         );
     }
+    // An export filtered by the object holds its records only (the others withheld).
+    let mut stream = server
+        .client(AUDITOR_A)
+        .await
+        .audit()
+        .export_audit_log(tresor::proto::ExportAuditLogRequest {
+            key: object.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut records = Vec::new();
+    while let Some(item) = stream.message().await.unwrap() {
+        if let ExportItem::Record(r) = tresor::client::audit_item(item).unwrap() {
+            records.push(r.body);
+        }
+    }
+    assert!(records.len() >= 4, "{records:?}");
+    assert!(records.iter().all(|b| b.key == object), "{records:?}");
     server.stop().await;
 }
 

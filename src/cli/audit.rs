@@ -21,7 +21,8 @@ pub(super) enum AuditCommand {
         /// End of the range (default: now).
         #[arg(long)]
         to: Option<String>,
-        /// Only records of this key.
+        /// Only records of this key (tenants/T/keys/K), or of this KMIP object
+        /// (tenants/T/objects/ID).
         #[arg(long)]
         key: Option<String>,
         /// Only records of this caller identity.

@@ -19,7 +19,7 @@ use crate::pki::{DevCa, Validity};
 pub const DEV_TENANT: &str = "demo";
 /// The token hsm-sim creates for `tresor dev`.
 pub const DEV_TOKEN: &str = "tresor-dev";
-const ROLES: [&str; 3] = ["officer", "service", "auditor"];
+const ROLES: [&str; 4] = ["officer", "service", "auditor", "kmip"];
 
 /// Finds hsm-sim's module next to an executable, where cargo builds it (`target/<profile>/` or
 /// its `deps/`).
@@ -66,7 +66,12 @@ fn random_pin() -> Result<String, Failure> {
 }
 
 /// Creates what is missing under `dir` and returns the server configuration file.
-pub fn prepare(dir: &Path, listen: SocketAddr, module: &Path) -> Result<PathBuf, Failure> {
+pub fn prepare(
+    dir: &Path,
+    listen: SocketAddr,
+    kmip_listen: SocketAddr,
+    module: &Path,
+) -> Result<PathBuf, Failure> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -159,7 +164,8 @@ pub fn prepare(dir: &Path, listen: SocketAddr, module: &Path) -> Result<PathBuf,
          [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n\n\
          [hsm]\nmodule = \"{}\"\ntoken_label = \"{DEV_TOKEN}\"\npin_file = \"user.pin\"\n\n\
          [database]\nurl = \"sqlite://tresor.db\"\n\n\
-         [policy]\nfile = \"policy.toml\"\n",
+         [policy]\nfile = \"policy.toml\"\n\n\
+         [kmip]\nlisten = \"{kmip_listen}\"\n",
         module.display()
     );
     let config_path = dir.join("tresor.toml");
@@ -168,7 +174,12 @@ pub fn prepare(dir: &Path, listen: SocketAddr, module: &Path) -> Result<PathBuf,
 }
 
 /// Prepares `./tresor-dev/`, prints how to use it, and becomes `tresor serve`.
-pub fn run(dir: &Path, listen: SocketAddr, module: Option<PathBuf>) -> Failure {
+pub fn run(
+    dir: &Path,
+    listen: SocketAddr,
+    kmip_listen: SocketAddr,
+    module: Option<PathBuf>,
+) -> Failure {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -190,7 +201,7 @@ pub fn run(dir: &Path, listen: SocketAddr, module: Option<PathBuf>) -> Failure {
             "run `cargo run --release -- dev` from the source tree, or pass --hsm-module PATH",
         );
     };
-    let config = match prepare(dir, listen, &module) {
+    let config = match prepare(dir, listen, kmip_listen, &module) {
         Ok(c) => c,
         Err(f) => return f,
     };
@@ -207,7 +218,10 @@ pub fn run(dir: &Path, listen: SocketAddr, module: Option<PathBuf>) -> Failure {
         listen.port()
     );
     println!(
-        "  profiles:   {d}/officer.profile.toml, {d}/service.profile.toml, {d}/auditor.profile.toml"
+        "  KMIP:       {kmip_listen} (client certificate {d}/kmip.pem, key {d}/kmip.key, CA {d}/ca.pem)"
+    );
+    println!(
+        "  profiles:   {d}/officer.profile.toml, {d}/service.profile.toml, {d}/auditor.profile.toml, {d}/kmip.profile.toml"
     );
     println!();
     println!("Try, in another terminal:");
@@ -219,6 +233,9 @@ pub fn run(dir: &Path, listen: SocketAddr, module: Option<PathBuf>) -> Failure {
     );
     println!(
         "  {tresor} --profile {d}/service.profile.toml unwrap --aad record-1 --ciphertext-base64 <ciphertext printed by wrap>"
+    );
+    println!(
+        "  {tresor} --profile {d}/officer.profile.toml key create tenants/{DEV_TENANT}/keys/kmip   # before KMIP clients create keys"
     );
     println!();
     use std::io::Write;

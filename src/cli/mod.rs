@@ -72,6 +72,9 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: std::net::SocketAddr,
+        /// Address of the KMIP server.
+        #[arg(long, default_value = "127.0.0.1:5696")]
+        kmip_listen: std::net::SocketAddr,
         /// hsm-sim's module (default: found next to this executable).
         #[arg(long)]
         hsm_module: Option<PathBuf>,
@@ -107,11 +110,12 @@ pub fn main() -> i32 {
     if let Command::Dev {
         dir,
         listen,
+        kmip_listen,
         hsm_module,
     } = cli.command
     {
         // Returns only if it could not become `tresor serve`.
-        return report(dev::run(&dir, listen, hsm_module));
+        return report(dev::run(&dir, listen, kmip_listen, hsm_module));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

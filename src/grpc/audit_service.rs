@@ -23,14 +23,25 @@ impl AuditService for Api {
             .await?;
         let r = request.into_inner();
         let filter = (|| {
-            let key = match optional_key_name(&call, "key", &r.key)? {
-                Some(k) => {
+            let key = match object_of(&r.key) {
+                // A KMIP managed object: tenants/{tenant}/objects/{id}.
+                Some((tenant, _)) => {
+                    let tenant = crate::model::Tenant::new(tenant)
+                        .map_err(|e| super::invalid(&call, &format!("key: {e}")))?;
                     call.grant
-                        .check_key(&k)
+                        .check_tenant(&tenant)
                         .map_err(|e| status::denied(&e, &call.request_id))?;
-                    Some(k.to_string())
+                    Some(r.key.clone())
                 }
-                None => None,
+                None => match optional_key_name(&call, "key", &r.key)? {
+                    Some(k) => {
+                        call.grant
+                            .check_key(&k)
+                            .map_err(|e| status::denied(&e, &call.request_id))?;
+                        Some(k.to_string())
+                    }
+                    None => None,
+                },
             };
             Ok(ExportFilter {
                 tenant: call.grant.tenant().as_str().to_owned(),
@@ -141,4 +152,11 @@ impl AuditService for Api {
         };
         self.record(call, Ok(done(answer, "")), "", aad_hmac).await
     }
+}
+
+/// The tenant and id of `tenants/{tenant}/objects/{id}` (a KMIP managed object's audit key).
+fn object_of(key: &str) -> Option<(&str, &str)> {
+    let (tenant, id) = key.strip_prefix("tenants/")?.split_once("/objects/")?;
+    let id_ok = (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit());
+    id_ok.then_some((tenant, id))
 }
