@@ -186,8 +186,24 @@ async fn kmip_call(
     kmip_exchange(stream, &request).await
 }
 
-/// A worker's KMIP connection.
+/// A worker's KMIP connection. The listener lets one address start only so many handshakes
+/// per second (`[kmip.limits]`), so a connection it closed at accept is retried for a while
+/// (before the clock starts).
 async fn kmip_connect(target: &KmipTarget) -> Result<KmipStream, Failure> {
+    let mut attempt = 0;
+    loop {
+        match kmip_connect_once(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(_) if attempt < 50 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn kmip_connect_once(target: &KmipTarget) -> Result<KmipStream, Failure> {
     let unreachable = |e: String| {
         Failure::new(
             Exit::Dependency,
