@@ -51,16 +51,6 @@ pub struct KmipConfig {
     pub limits: crate::listener::ListenerLimits,
 }
 
-impl KmipConfig {
-    /// The grace period of a tenant's destroyed objects.
-    pub fn destroy_grace_of(&self, tenant: &str) -> Duration {
-        self.tenant_destroy_grace
-            .get(tenant)
-            .copied()
-            .unwrap_or(self.destroy_grace)
-    }
-}
-
 /// The TLS files the `[tls]` section names, which `[kmip]` uses where it names none.
 pub(super) struct TlsDefaults<'a> {
     pub cert: &'a Path,

@@ -516,6 +516,50 @@ mod tests {
     }
 
     #[test]
+    fn kmip_sections_default_to_the_tls_files_and_name_the_key_of_a_problem() {
+        let (dir, text) = setup();
+        let path = dir.path().join("tresor.toml");
+        let kmip =
+            "\n[kmip]\nlisten = \"127.0.0.1:5696\"\ntenant_destroy_grace_hours = { lab = 0 }\n";
+        let c = Config::parse(&format!("{text}{kmip}"), &path).unwrap();
+        let k = c.kmip.unwrap();
+        assert_eq!(
+            (k.cert, k.key, k.client_ca),
+            (c.tls_cert, c.tls_key, c.client_ca)
+        );
+        assert_eq!(k.wrapping_key, "kmip");
+        assert_eq!(k.destroy_grace, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(k.tenant_destroy_grace["lab"], Duration::ZERO);
+        assert!(k.officer_destroy_approval);
+        for (from, to, key) in [
+            ("127.0.0.1:5696", "localhost", "kmip.listen"),
+            (
+                "{ lab = 0 }",
+                "{ Lab = 0 }",
+                "kmip.tenant_destroy_grace_hours",
+            ),
+            (
+                "{ lab = 0 }",
+                "{ lab = 9000 }",
+                "kmip.tenant_destroy_grace_hours",
+            ),
+            (
+                "listen = ",
+                "wrapping_key = \"Kmip Key\"\nlisten = ",
+                "kmip.wrapping_key",
+            ),
+            (
+                "listen = ",
+                "cert = \"missing.pem\"\nlisten = ",
+                "kmip.cert",
+            ),
+        ] {
+            let e = Config::parse(&format!("{text}{}", kmip.replace(from, to)), &path).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
     fn a_postgres_url_is_taken_as_given_and_its_password_is_never_printed() {
         let (dir, text) = setup();
         let path = dir.path().join("tresor.toml");
