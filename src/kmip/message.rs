@@ -9,6 +9,10 @@
 use super::KmipError;
 use super::ttlv::{Ttlv, Value, tag};
 
+/// Batch items in one request, at most: each is audited before the answer, so a longer batch
+/// would hold a concurrency permit for long.
+pub const MAX_BATCH_ITEMS: usize = 256;
+
 /// Protocol versions this server speaks, the preferred first (KMIP 1.4 down to 1.0).
 pub const SUPPORTED_VERSIONS: [(i32, i32); 5] = [(1, 4), (1, 3), (1, 2), (1, 1), (1, 0)];
 
@@ -195,6 +199,12 @@ pub fn parse_request(message: &Ttlv) -> Result<Request, ((i32, i32), KmipError)>
                 .unwrap_or_else(|| Ttlv::structure(tag::REQUEST_PAYLOAD, Vec::new())),
         });
     }
+    if items.len() > MAX_BATCH_ITEMS {
+        return Err(at(KmipError::InvalidMessage(format!(
+            "{} batch items; this server takes at most {MAX_BATCH_ITEMS} per request",
+            items.len()
+        ))));
+    }
     if items.is_empty() || usize::try_from(count).ok() != Some(items.len()) {
         return Err(at(KmipError::InvalidMessage(format!(
             "the Batch Count is {count} but the message holds {} batch items",
@@ -345,6 +355,13 @@ mod tests {
         assert_eq!(answer_in, (1, 4));
         let (_, e) = parse_request(&Ttlv::integer(tag::REQUEST_MESSAGE, 1)).unwrap_err();
         assert_eq!(e.reason(), ResultReason::InvalidMessage);
+        let (_, e) = parse_request(&request(
+            vec![version_item((1, 2)), Ttlv::integer(tag::BATCH_COUNT, 257)],
+            (0..257).map(|_| item(operation::QUERY)).collect(),
+        ))
+        .unwrap_err();
+        assert_eq!(e.reason(), ResultReason::InvalidMessage);
+        assert!(e.to_string().contains("at most 256"), "{e}");
     }
 
     #[test]
