@@ -304,3 +304,65 @@ conformance!(
     the_pin_never_appears_in_debug_output,
     token_objects_survive_reopening_the_module,
 );
+
+/// Reads hsm-sim's call count after waiting out its write interval and making one cheap call
+/// (which writes the count, itself included).
+async fn calls_so_far(hsm: &Hsm, file: &std::path::Path) -> u64 {
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    hsm.random(1).await.unwrap();
+    std::fs::read_to_string(file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A Wrap costs two PKCS#11 calls (`C_EncryptInit`, `C_Encrypt` into a buffer of the known
+/// size) and so does an Unwrap: no length query (counted in hsm-sim).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrap_and_an_unwrap_cost_two_pkcs11_calls_each() {
+    let token = TestToken::with(Backend::HsmSim);
+    let file = token.dir.path().join("calls.txt");
+    token.faults(&hsm_sim::Faults {
+        count_calls_to: Some(file.clone()),
+        ..Default::default()
+    });
+    let hsm = token.open();
+    let id = ObjectId([4; 16]);
+    hsm.generate_version_key(id, "test/calls".into())
+        .await
+        .unwrap();
+    // The key's handle is looked up once and then cached.
+    let first = hsm
+        .encrypt_gcm(id, [1; 12], b"a".to_vec(), Zeroizing::new(vec![7; 32]))
+        .await
+        .unwrap();
+    let before = calls_so_far(&hsm, &file).await;
+    let mut sealed = Vec::new();
+    for i in 0..50u8 {
+        sealed.push(
+            hsm.encrypt_gcm(id, [i; 12], b"a".to_vec(), Zeroizing::new(vec![i; 32]))
+                .await
+                .unwrap(),
+        );
+    }
+    let wrapped = calls_so_far(&hsm, &file).await;
+    assert_eq!(wrapped - before - 1, 100, "calls for 50 wraps");
+    for (i, s) in sealed.into_iter().enumerate() {
+        let opened = hsm
+            .decrypt_gcm(id, [i as u8; 12], b"a".to_vec(), s)
+            .await
+            .unwrap();
+        assert_eq!(opened.as_slice(), vec![i as u8; 32].as_slice());
+    }
+    let unwrapped = calls_so_far(&hsm, &file).await;
+    assert_eq!(unwrapped - wrapped - 1, 100, "calls for 50 unwraps");
+    // And a blob of the two-call path opens like any other.
+    assert_eq!(
+        hsm.decrypt_gcm(id, [1; 12], b"a".to_vec(), first)
+            .await
+            .unwrap()
+            .as_slice(),
+        [7; 32].as_slice()
+    );
+}

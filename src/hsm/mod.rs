@@ -37,6 +37,7 @@
 
 mod ckr;
 mod data;
+mod direct;
 mod dispatch;
 mod objects;
 mod pin;
@@ -305,8 +306,16 @@ impl Hsm {
             reason: e.to_string(),
         })?;
         let pool_size = u32::try_from(config.sessions.clamp(1, 1024)).unwrap_or(1);
+        let direct = match direct::DirectCalls::load(&config.module) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(module = %config.module.display(), error = %e, "the module's function list is not readable: Wrap and Unwrap cost three PKCS#11 calls instead of two");
+                None
+            }
+        };
         let inner = Inner {
             pkcs11,
+            direct,
             module: config.module.clone(),
             token_label: config.token_label.clone(),
             token_serial: config.token_serial.clone(),

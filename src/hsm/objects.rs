@@ -60,9 +60,15 @@ impl Hsm {
             let handle = cx.object(key, Kind::Secret)?;
             let mut iv = iv;
             let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
-            Ok(cx
-                .session
-                .encrypt(&Mechanism::AesGcm(params), handle, &plaintext)?)
+            let mechanism = Mechanism::AesGcm(params);
+            match &cx.inner.direct {
+                // Two calls: C_EncryptInit, and C_Encrypt into plaintext + tag.
+                Some(direct) => {
+                    cx.session.encrypt_init(&mechanism, handle)?;
+                    Ok(direct.encrypt(cx.session.handle(), &plaintext, plaintext.len() + 16)?)
+                }
+                None => Ok(cx.session.encrypt(&mechanism, handle, &plaintext)?),
+            }
         })
         .await
     }
@@ -80,10 +86,18 @@ impl Hsm {
             let handle = cx.object(key, Kind::Secret)?;
             let mut iv = iv;
             let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
-            let plaintext = cx
-                .session
-                .decrypt(&Mechanism::AesGcm(params), handle, &sealed)?;
-            Ok(Zeroizing::new(plaintext))
+            let mechanism = Mechanism::AesGcm(params);
+            match &cx.inner.direct {
+                // Two calls: C_DecryptInit, and C_Decrypt into a buffer as long as the input
+                // (the plaintext is 16 bytes shorter; some tokens want the room anyway).
+                Some(direct) => {
+                    cx.session.decrypt_init(&mechanism, handle)?;
+                    Ok(direct.decrypt(cx.session.handle(), &sealed, sealed.len())?)
+                }
+                None => Ok(Zeroizing::new(
+                    cx.session.decrypt(&mechanism, handle, &sealed)?,
+                )),
+            }
         })
         .await
     }

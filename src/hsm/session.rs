@@ -25,6 +25,9 @@ use crate::sync::{lock, read, write};
 
 pub(super) struct Inner {
     pub(super) pkcs11: Pkcs11,
+    /// `C_Encrypt` and `C_Decrypt` without the length query (`direct.rs`); `None` if the
+    /// module's function list could not be read, and cryptoki's calls are used instead.
+    pub(super) direct: Option<super::direct::DirectCalls>,
     pub(super) module: PathBuf,
     pub(super) token_label: String,
     pub(super) token_serial: Option<String>,

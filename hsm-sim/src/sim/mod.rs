@@ -227,6 +227,10 @@ struct Control {
     checked: Instant,
     stamp: Option<(SystemTime, u64)>,
     faults: Faults,
+    /// PKCS#11 calls made through this module instance.
+    calls: u64,
+    /// When `calls` was last written to `faults.count_calls_to`.
+    calls_written: Option<Instant>,
 }
 
 /// What the entry point must do before running a call.
@@ -283,6 +287,8 @@ impl Sim {
                 checked: Instant::now(),
                 stamp: None,
                 faults: Faults::default(),
+                calls: 0,
+                calls_written: None,
             },
             rng,
         };
@@ -397,6 +403,7 @@ impl Sim {
     /// Applies the control file to this call: latency to sleep, or a failure to return.
     pub(crate) fn preflight(&mut self, kind: CallKind) -> Preflight {
         self.refresh_control();
+        self.count_call();
         let f = &self.control.faults;
         let mut delay = Duration::from_millis(f.latency_ms);
         if f.latency_jitter_ms > 0 {
@@ -417,6 +424,27 @@ impl Sim {
             None
         };
         Preflight { delay, fail }
+    }
+
+    /// Counts this call, and writes the count where the control file asks, at most every
+    /// 100 ms (write, then rename, so a reader never sees half a number).
+    fn count_call(&mut self) {
+        self.control.calls += 1;
+        let Some(path) = &self.control.faults.count_calls_to else {
+            return;
+        };
+        if self
+            .control
+            .calls_written
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+        {
+            return;
+        }
+        self.control.calls_written = Some(Instant::now());
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, self.control.calls.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
     }
 
     fn chance(&self, p: f64) -> bool {
