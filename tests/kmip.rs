@@ -296,25 +296,7 @@ fn reason_of(response: &Ttlv) -> (u32, String) {
 }
 
 fn request(operation: u32, payload: Vec<Ttlv>) -> Zeroizing<Vec<u8>> {
-    ttlv::encode(&Ttlv::structure(
-        tag::REQUEST_MESSAGE,
-        vec![
-            Ttlv::structure(
-                tag::REQUEST_HEADER,
-                vec![
-                    tresor::kmip::message::version_item((1, 2)),
-                    Ttlv::integer(tag::BATCH_COUNT, 1),
-                ],
-            ),
-            Ttlv::structure(
-                tag::BATCH_ITEM,
-                vec![
-                    Ttlv::enumeration(tag::OPERATION, operation),
-                    Ttlv::structure(tag::REQUEST_PAYLOAD, payload),
-                ],
-            ),
-        ],
-    ))
+    ttlv::encode(&tresor::kmip::message::request((1, 2), operation, payload))
 }
 
 /// Malformed TTLV gets a KMIP error response (Invalid Message) and the connection stays

@@ -241,6 +241,26 @@ pub fn version_item((major, minor): (i32, i32)) -> Ttlv {
     )
 }
 
+/// A request message in `version` of one batch item (for clients: the bench, tests).
+pub fn request(version: (i32, i32), operation: u32, payload: Vec<Ttlv>) -> Ttlv {
+    Ttlv::structure(
+        tag::REQUEST_MESSAGE,
+        vec![
+            Ttlv::structure(
+                tag::REQUEST_HEADER,
+                vec![version_item(version), Ttlv::integer(tag::BATCH_COUNT, 1)],
+            ),
+            Ttlv::structure(
+                tag::BATCH_ITEM,
+                vec![
+                    Ttlv::enumeration(tag::OPERATION, operation),
+                    Ttlv::structure(tag::REQUEST_PAYLOAD, payload),
+                ],
+            ),
+        ],
+    )
+}
+
 /// The response message for `items`, in `version`, stamped `now` (seconds).
 pub fn response(version: (i32, i32), now: i64, items: Vec<ResponseItem>) -> Ttlv {
     let count = i32::try_from(items.len()).unwrap_or(i32::MAX);

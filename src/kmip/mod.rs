@@ -198,6 +198,28 @@ pub struct Caller {
     pub peer: Option<SocketAddr>,
 }
 
+impl Caller {
+    /// An audit record of this caller's `operation` with its outcome and result reason.
+    fn record(&self, operation: &str, outcome: &str, status: i32) -> RecordBody {
+        let (caller, fingerprint) = self
+            .identity
+            .as_ref()
+            .map(|i| (i.name.clone(), i.fingerprint.clone()))
+            .unwrap_or_default();
+        RecordBody {
+            request_id: crate::audit::new_request_id(),
+            caller,
+            fingerprint,
+            role: Role::Kmip.to_string(),
+            operation: operation.into(),
+            outcome: outcome.into(),
+            status_code: status,
+            peer: self.peer.map(|p| p.to_string()).unwrap_or_default(),
+            ..RecordBody::default()
+        }
+    }
+}
+
 impl Kmip {
     /// The service over custody and the audit log.
     pub fn new(
@@ -371,29 +393,13 @@ impl Kmip {
         };
         let tenant = grant.map_or_else(String::new, |g| g.tenant().as_str().to_owned());
         let body = RecordBody {
-            request_id: crate::audit::new_request_id(),
-            caller: caller
-                .identity
-                .as_ref()
-                .map(|i| i.name.clone())
-                .unwrap_or_default(),
-            fingerprint: caller
-                .identity
-                .as_ref()
-                .map(|i| i.fingerprint.clone())
-                .unwrap_or_default(),
-            role: Role::Kmip.to_string(),
-            operation: message::operation::audit_name(operation).into(),
             key: touched
                 .object
                 .as_deref()
                 .map(|id| format!("tenants/{tenant}/objects/{id}"))
                 .unwrap_or_default(),
             key_version: touched.name.clone().unwrap_or_default(),
-            outcome: outcome.into(),
-            status_code: status,
-            peer: caller.peer.map(|p| p.to_string()).unwrap_or_default(),
-            ..RecordBody::default()
+            ..caller.record(message::operation::audit_name(operation), outcome, status)
         };
         let appended = if grant.is_none() {
             // Refusals before the caller is known fold into burst records (SECURITY.md).
@@ -419,25 +425,7 @@ impl Kmip {
                     .map(|t| t.as_str().to_owned())
             })
             .unwrap_or_default();
-        let body = RecordBody {
-            request_id: crate::audit::new_request_id(),
-            caller: caller
-                .identity
-                .as_ref()
-                .map(|i| i.name.clone())
-                .unwrap_or_default(),
-            fingerprint: caller
-                .identity
-                .as_ref()
-                .map(|i| i.fingerprint.clone())
-                .unwrap_or_default(),
-            role: Role::Kmip.to_string(),
-            operation: "KmipInvalidMessage".into(),
-            outcome: e.outcome().into(),
-            status_code: e.reason() as i32,
-            peer: caller.peer.map(|p| p.to_string()).unwrap_or_default(),
-            ..RecordBody::default()
-        };
+        let body = caller.record("KmipInvalidMessage", e.outcome(), e.reason() as i32);
         if let Err(err) = self.inner.audit.append_refusal(&tenant, body).await {
             tracing::error!(error = %err, "audit record of a malformed KMIP message failed");
         }

@@ -74,26 +74,7 @@ fn kmip_request(
     operation: u32,
     payload: Vec<crate::kmip::ttlv::Ttlv>,
 ) -> zeroize::Zeroizing<Vec<u8>> {
-    use crate::kmip::ttlv::{Ttlv, encode, tag};
-    encode(&Ttlv::structure(
-        tag::REQUEST_MESSAGE,
-        vec![
-            Ttlv::structure(
-                tag::REQUEST_HEADER,
-                vec![
-                    crate::kmip::message::version_item((1, 4)),
-                    Ttlv::integer(tag::BATCH_COUNT, 1),
-                ],
-            ),
-            Ttlv::structure(
-                tag::BATCH_ITEM,
-                vec![
-                    Ttlv::enumeration(tag::OPERATION, operation),
-                    Ttlv::structure(tag::REQUEST_PAYLOAD, payload),
-                ],
-            ),
-        ],
-    ))
+    crate::kmip::ttlv::encode(&crate::kmip::message::request((1, 4), operation, payload))
 }
 
 /// Sends one KMIP request and returns the batch item's response payload, or the result
