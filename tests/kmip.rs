@@ -720,6 +720,28 @@ async fn bench_drives_kmip_get_encrypt_and_decrypt() {
     .await
     .unwrap();
     payload_of(&answer(&mut tls).await);
+    // `--op get` is a KMIP Get: against the gRPC API it is a usage error, not a silent Wrap.
+    let misuse = std::process::Command::new(env!("CARGO_BIN_EXE_tresor"))
+        .arg("--profile")
+        .arg(&profile)
+        .args([
+            "bench",
+            "--key",
+            "tenants/a/keys/kmip",
+            "--op",
+            "get",
+            "--requests",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        misuse.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&misuse.stderr)
+    );
+    assert!(String::from_utf8_lossy(&misuse.stderr).contains("--kmip"));
     for op in ["wrap", "unwrap"] {
         let r = bench(op);
         assert_eq!(

@@ -288,6 +288,13 @@ pub(super) async fn command(
         ),
         (None, None) => Target::Grpc(Profile::load(profile_file()?)?),
     };
+    if a.op == BenchOp::Get && !matches!(target, Target::Kmip(_)) {
+        return Err(Failure::new(
+            Exit::Usage,
+            "--op get is a KMIP Get",
+            "use it with --kmip HOST:PORT --kmip-object ID",
+        ));
+    }
     let plan = BenchPlan {
         key: a.key.clone().unwrap_or_default(),
         op: a.op,
