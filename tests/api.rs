@@ -774,6 +774,20 @@ async fn callers_without_a_valid_certificate_are_unauthenticated() {
         wrap(&stranger, KEY, b"x", b"").await,
         Code::PermissionDenied,
     );
+    // Refused before its message is read too: an officer's Wrap (the wrong role), and the
+    // stranger's, with a message too large to decode, get the authorization answer.
+    let officer = server.client(OFFICER_A).await;
+    for (who, client) in [("officer", &officer), ("stranger", &stranger)] {
+        let s = proto::key_service_client::KeyServiceClient::new(client.channel())
+            .wrap(proto::WrapRequest {
+                key: KEY.into(),
+                plaintext: vec![0; 200_000],
+                aad: Vec::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::PermissionDenied, "{who}: {s:?}");
+    }
     server.stop().await;
 }
 

@@ -2,8 +2,9 @@
 //! authenticated from its connection's certificate before tonic reads and decodes its message,
 //! so an overloaded server, or a caller without a valid certificate, is refused
 //! (`RESOURCE_EXHAUSTED`, `UNAUTHENTICATED`, audited as in `Api::begin`) without reading up to
-//! 132 KiB for nothing. Authorization (the policy) stays in `Api::begin`. Health and reflection
-//! pass through, as before.
+//! 132 KiB for nothing; so is a caller the policy does not give the operation's role
+//! (`PERMISSION_DENIED`). Key patterns need the message and are checked by the service. Health
+//! and reflection pass through, as before.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -116,6 +117,20 @@ where
                 });
             }
         };
+        // The policy's role check, before the message is read (key patterns need the message
+        // and are checked by the service). Unknown methods are left to tonic's UNIMPLEMENTED.
+        if operation != "Unknown"
+            && let Err(e) = self.api.authorize(&identity, operation)
+        {
+            drop(permit);
+            let peer = peer();
+            return Box::pin(async move {
+                Ok(api
+                    .refuse_unread(operation, &peer, Unread::Denied(&identity, &e))
+                    .await
+                    .into_http())
+            });
+        }
         request
             .extensions_mut()
             .insert(Admitted(Arc::new(Mutex::new(Some((permit, identity))))));
@@ -146,6 +161,10 @@ fn operation_of(path: &str) -> &'static str {
         "GetAuditCheckpoint",
         "GetAuditPublicKey",
         "ComputeAadHmac",
+        "ListManagedObjects",
+        "GetManagedObject",
+        "RevokeManagedObject",
+        "DestroyManagedObject",
     ];
     let method = path.rsplit('/').next().unwrap_or("");
     OPERATIONS

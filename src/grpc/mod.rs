@@ -252,7 +252,40 @@ impl Api {
         match why {
             Unread::Overloaded => self.overloaded(&admission).await,
             Unread::Unauthenticated(e) => self.unauthenticated(&admission, e).await,
+            Unread::Denied(identity, e) => self.denied(&admission, identity, e).await,
         }
+    }
+
+    /// Whether the policy lets `identity` act in the role `operation` needs, for the admission
+    /// layer (key patterns are checked later, against the key the message names).
+    fn authorize(
+        &self,
+        identity: &crate::auth::Identity,
+        operation: &str,
+    ) -> Result<(), crate::auth::Denied> {
+        self.policy
+            .current()
+            .grant(identity, role_of(operation))
+            .map(|_| ())
+    }
+
+    /// The audited `PERMISSION_DENIED` of a caller the policy does not allow the role.
+    async fn denied(
+        &self,
+        admission: &Admission<'_>,
+        identity: &crate::auth::Identity,
+        e: &crate::auth::Denied,
+    ) -> Status {
+        let tenant = self
+            .policy
+            .current()
+            .tenant_of(identity)
+            .map(|t| t.as_str().to_owned())
+            .unwrap_or_default();
+        tracing::info!(request_id = %admission.request_id, op = admission.operation, caller = %identity.name, error = %e, "call denied");
+        let s = status::denied(e, admission.request_id);
+        self.refuse(admission, s, &tenant, &identity.name, &identity.fingerprint)
+            .await
     }
 
     /// Admits, authenticates and authorizes a call for `role`; a refusal is audited here.
@@ -292,23 +325,9 @@ impl Api {
         let policy = self.policy.current();
         let grant = match policy.grant(&identity, role) {
             Ok(grant) => grant,
-            Err(e) => {
-                let tenant = policy
-                    .tenant_of(&identity)
-                    .map(|t| t.as_str().to_owned())
-                    .unwrap_or_default();
-                tracing::info!(request_id = %request_id, op = operation, caller = %identity.name, error = %e, "call denied");
-                let s = status::denied(&e, &request_id);
-                return Err(self
-                    .refuse(
-                        &admission,
-                        s,
-                        &tenant,
-                        &identity.name,
-                        &identity.fingerprint,
-                    )
-                    .await);
-            }
+            // The admission layer checked the role before the message was read; a policy
+            // reloaded since may still refuse here.
+            Err(e) => return Err(self.denied(&admission, &identity, &e).await),
         };
         Ok(Call {
             request_id,
@@ -450,6 +469,8 @@ enum Unread<'a> {
     Overloaded,
     /// The connection's certificate does not identify a caller.
     Unauthenticated(&'a AuthError),
+    /// The policy does not give the caller the operation's role.
+    Denied(&'a crate::auth::Identity, &'a crate::auth::Denied),
 }
 
 /// The role an RPC requires, by its name.
