@@ -155,6 +155,8 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let refused = Arc::new(AtomicU64::new(0));
+    // Calls the server itself answered UNAUTHENTICATED: each must be in the log.
+    let answered = Arc::new(AtomicU64::new(0));
     let mut flood = Vec::new();
     // (a) 2,000 idle TCP connections.
     let addr = server.addr;
@@ -180,6 +182,7 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
         let profile = anonymous.clone();
         let stop = Arc::clone(&stop);
         let refused = Arc::clone(&refused);
+        let answered = Arc::clone(&answered);
         flood.push(tokio::spawn(async move {
             // Over the listener's bounds a connection is closed at once: try again, as an
             // attacker would.
@@ -211,6 +214,11 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
                     .await;
                 if r.is_err() {
                     refused.fetch_add(1, Ordering::Relaxed);
+                }
+                if r.as_ref()
+                    .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
+                {
+                    answered.fetch_add(1, Ordering::Relaxed);
                 }
                 if r.is_err_and(|s| s.code() == tonic::Code::Unavailable) {
                     // A connection the server closed: the client reconnects.
@@ -304,8 +312,9 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
     let ratio = flooded / quiet;
     if std::env::var_os("TRESOR_FLOOD_REPORT").is_some() {
         eprintln!(
-            "flood: quiet {quiet:.0} wraps/s, flooded {flooded:.0} wraps/s, ratio {ratio:.2}; refused gRPC calls {}; XKS: {} trickling clients cut off, {} large unsigned bodies refused; RSS {rss_before} -> {rss_during} KiB; fds {fds_before} -> {fds_during}",
+            "flood: quiet {quiet:.0} wraps/s, flooded {flooded:.0} wraps/s, ratio {ratio:.2}; refused gRPC calls {} ({} answered UNAUTHENTICATED by the server); XKS: {} trickling clients cut off, {} large unsigned bodies refused; RSS {rss_before} -> {rss_during} KiB; fds {fds_before} -> {fds_during}",
             refused.load(Ordering::Relaxed),
+            answered.load(Ordering::Relaxed),
             trickles_cut.load(Ordering::Relaxed),
             xks_refused.load(Ordering::Relaxed),
         );
@@ -364,7 +373,13 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
         xks_accounted >= xks_refused,
         "{xks_refused} XKS requests refused, {xks_accounted} recorded"
     );
-    assert!(accounted > 0, "no refused call was recorded");
+    // Whether certificate-less calls got in at all depends on the race with the 2,000 idle
+    // connections for the source address's bound; each one the server answered is recorded.
+    let answered = answered.load(Ordering::Relaxed);
+    assert!(
+        accounted >= answered,
+        "{answered} calls answered UNAUTHENTICATED, {accounted} recorded"
+    );
     // Calls the client counted as refused include ones the listener closed before the
     // server saw a request; the log can account for at most the ones that reached it.
     assert!(
