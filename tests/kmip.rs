@@ -235,6 +235,16 @@ async fn pykmip_creates_registers_gets_locates_and_retires_keys() {
             "no {op} record"
         );
     }
+    // Tenant b's attempts on a's object are in a's log too, under the object, with b's caller.
+    let probed = format!("tenants/a/objects/{uid2}");
+    for op in ["KmipGet", "KmipDestroy"] {
+        assert!(
+            a_log.iter().any(|i| matches!(i,
+                ExportItem::Record(r) if r.body.operation == op && r.body.caller == KMIP_B
+                    && r.body.key == probed && r.body.outcome == "DENIED")),
+            "no {op} probe by tenant b in tenant a's log"
+        );
+    }
     let b_log = verified_export(&server.client(AUDITOR_B).await).await;
     assert!(b_log.iter().any(|i| matches!(i,
         ExportItem::Record(r) if r.body.operation == "KmipGet" && r.body.caller == KMIP_B

@@ -149,6 +149,17 @@ pub enum CustodyError {
     /// No managed object with this id in the caller's tenant (or none the caller may see).
     #[error("object {0} not found")]
     ObjectNotFound(String),
+    /// The managed object belongs to another tenant. Its message is [`ObjectNotFound`]'s, so
+    /// the caller learns nothing; `owner` is for the owner's audit log only.
+    ///
+    /// [`ObjectNotFound`]: CustodyError::ObjectNotFound
+    #[error("object {id} not found")]
+    ForeignObject {
+        /// The object.
+        id: String,
+        /// The tenant that owns it.
+        owner: String,
+    },
     /// The managed object has no such attribute.
     #[error("object {id} has no {attribute}")]
     ObjectAttributeNotFound {

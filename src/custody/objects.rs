@@ -439,13 +439,17 @@ impl Custody {
         if grant.role() != Role::Officer {
             grant.require(Role::Kmip)?;
         }
-        let row = self
-            .inner
-            .store
-            .object(grant.tenant().as_str(), id)
-            .await?
-            // Another tenant's id reads as unknown: no existence oracle.
-            .ok_or_else(|| CustodyError::ObjectNotFound(id.to_owned()))?;
+        let Some(row) = self.inner.store.object(grant.tenant().as_str(), id).await? else {
+            // Another tenant's id reads as unknown to the caller (no existence oracle), but the
+            // front-end records the attempt where the owner's auditors see it.
+            return Err(match self.inner.store.object_tenant(id).await? {
+                Some(owner) => CustodyError::ForeignObject {
+                    id: id.to_owned(),
+                    owner,
+                },
+                None => CustodyError::ObjectNotFound(id.to_owned()),
+            });
+        };
         if !grant.allows_object_name(&row.name) {
             return Err(CustodyError::ObjectNotFound(id.to_owned()));
         }

@@ -55,7 +55,9 @@ pub(crate) fn from_custody(e: &CustodyError, request_id: &str) -> Status {
         E::SelfApproval(_) => (Code::PermissionDenied, e.to_string()),
         E::Conflict(_) => (Code::Aborted, e.to_string()),
         // Managed objects are KMIP's; no gRPC call reaches them today.
-        E::ObjectNotFound(_) | E::ObjectAttributeNotFound { .. } => (Code::NotFound, e.to_string()),
+        E::ObjectNotFound(_) | E::ForeignObject { .. } | E::ObjectAttributeNotFound { .. } => {
+            (Code::NotFound, e.to_string())
+        }
         E::ObjectDestroyed(_)
         | E::ObjectState { .. }
         | E::ObjectNotUsable { .. }

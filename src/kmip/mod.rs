@@ -57,6 +57,15 @@ pub enum KmipError {
     /// No such object (or one the caller may not see).
     #[error("{0}")]
     ItemNotFound(String),
+    /// Another tenant's object: answered exactly as Item Not Found; `owner` is for the owner's
+    /// audit record.
+    #[error("{message}")]
+    ForeignObject {
+        /// The Item Not Found message.
+        message: String,
+        /// The owning tenant.
+        owner: String,
+    },
     /// Data did not authenticate (Decrypt).
     #[error("{0}")]
     CryptographicFailure(String),
@@ -84,7 +93,7 @@ impl KmipError {
             Self::InvalidField(_) => ResultReason::InvalidField,
             Self::FeatureNotSupported(_) => ResultReason::FeatureNotSupported,
             Self::KeyFormatTypeNotSupported(_) => ResultReason::KeyFormatTypeNotSupported,
-            Self::ItemNotFound(_) => ResultReason::ItemNotFound,
+            Self::ItemNotFound(_) | Self::ForeignObject { .. } => ResultReason::ItemNotFound,
             Self::PermissionDenied(_) => ResultReason::PermissionDenied,
             Self::CryptographicFailure(_) => ResultReason::CryptographicFailure,
             Self::IllegalOperation(_) => ResultReason::IllegalOperation,
@@ -114,6 +123,10 @@ impl KmipError {
             E::ObjectNotFound(_) | E::ObjectAttributeNotFound { .. } => {
                 Self::ItemNotFound(e.to_string())
             }
+            E::ForeignObject { ref owner, .. } => Self::ForeignObject {
+                message: e.to_string(),
+                owner: owner.clone(),
+            },
             E::ObjectDestroyed(id) => Self::IllegalOperation(format!(
                 "object {id} is destroyed; its key material is gone"
             )),
@@ -355,6 +368,21 @@ impl Kmip {
                 // Fail closed: no key leaves without its audit record.
                 Err(e) => Err(e),
             };
+            // A probe of another tenant's object is also recorded where the owner's auditors
+            // see it, with the object and the caller (the caller's answer says nothing).
+            if let Err(KmipError::ForeignObject { owner, .. }) = &result {
+                let mut body = caller.record(
+                    message::operation::audit_name(item.operation),
+                    "DENIED",
+                    ResultReason::ItemNotFound as i32,
+                );
+                if let Some(id) = &touched.object {
+                    body.key = format!("tenants/{owner}/objects/{id}");
+                }
+                if let Err(e) = self.inner.audit.append(owner, body).await {
+                    tracing::error!(error = %e, "the owner's record of a probe across tenants failed");
+                }
+            }
             failed |= result.is_err();
             answers.push(ResponseItem {
                 operation: Some(item.operation),

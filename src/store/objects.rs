@@ -142,6 +142,17 @@ impl Store {
         .transpose()
     }
 
+    /// The tenant that owns object `id`, if any (for the audit record of a probe across
+    /// tenants; never for an answer).
+    pub async fn object_tenant(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT tenant FROM managed_objects WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     /// The objects of `tenant`, oldest first, narrowed by name and state when given.
     pub async fn objects(
         &self,

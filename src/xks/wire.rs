@@ -323,6 +323,7 @@ pub fn from_custody(e: CustodyError) -> XksError {
         // Managed objects are KMIP's; the proxy never reaches them.
         E::ObjectNotFound(_)
         | E::ObjectAttributeNotFound { .. }
+        | E::ForeignObject { .. }
         | E::ObjectNotUsable { .. }
         | E::ObjectDataUnauthentic(_)
         | E::ObjectDestroyed(_)
