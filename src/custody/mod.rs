@@ -27,6 +27,8 @@ mod info;
 mod integrity;
 mod lifecycle;
 mod load;
+mod object_attributes;
+mod object_crypto;
 mod objects;
 mod probe;
 mod reconcile;
@@ -51,9 +53,10 @@ pub use error::CustodyError;
 use info::info;
 pub use info::*;
 use integrity::{Seal, Sealer};
+pub use object_attributes::{AttributeChange, AttributeValue, ObjectAttribute};
 pub use objects::{
-    AttributeChange, AttributeValue, MAX_OBJECT_TEXT, ManagedObject, NewObject, OBJECT_KEY_BITS,
-    ObjectAttribute, ObjectDestruction, ObjectState, RevocationCode,
+    MAX_OBJECT_TEXT, ManagedObject, NewObject, OBJECT_KEY_BITS, ObjectDestruction, ObjectState,
+    RevocationCode,
 };
 pub use probe::ProbeKey;
 pub use reconcile::{OrphanPolicy, ReconcileReport};

@@ -8,7 +8,8 @@
 //! id bound into the AAD, and opened only for a caller with the `kmip` role in the object's
 //! tenant whose key patterns cover its name. Officers of the tenant see, revoke and destroy
 //! objects (never their material), a destruction with a second officer's approval where the
-//! configuration asks for it. Speaks no protocol: `crate::kmip` maps these to
+//! configuration asks for it. Client-settable attributes are in `object_attributes.rs`, KMIP's
+//! Encrypt and Decrypt in `object_crypto.rs`. Speaks no protocol: `crate::kmip` maps these to
 //! TTLV. Never touches another tenant's rows: every store call names the caller's tenant.
 
 use std::collections::BTreeMap;
@@ -65,6 +66,16 @@ impl ObjectState {
                 }));
             }
         })
+    }
+
+    /// The state a Destroy leads to, if the object may be destroyed (not while Active, not
+    /// twice).
+    fn after_destroy(self) -> Option<Self> {
+        match self {
+            Self::PreActive | Self::Deactivated => Some(Self::Destroyed),
+            Self::Compromised => Some(Self::DestroyedCompromised),
+            Self::Active | Self::Destroyed | Self::DestroyedCompromised => None,
+        }
     }
 
     /// Whether the object is destroyed (either way).
@@ -137,7 +148,7 @@ pub const OBJECT_KEY_BITS: [u32; 3] = [128, 192, 256];
 /// The longest Name or attribute value accepted.
 pub const MAX_OBJECT_TEXT: usize = 1024;
 /// Custom attributes per object, at most.
-pub const MAX_OBJECT_ATTRIBUTES: usize = 64;
+pub(super) const MAX_OBJECT_ATTRIBUTES: usize = 64;
 
 /// A managed object's metadata (never its material).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,58 +209,6 @@ pub struct NewObject {
     pub deactivation_date: Millis,
     /// Other attributes.
     pub attributes: BTreeMap<String, String>,
-}
-
-/// A client-settable attribute of a managed object.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ObjectAttribute {
-    /// The Name.
-    Name,
-    /// A text attribute kept as given (`x-…`, Object Group, Contact Information, …).
-    Custom(String),
-    /// The Activation Date (only while Pre-Active).
-    ActivationDate,
-    /// The Deactivation Date (only before it passed).
-    DeactivationDate,
-}
-
-/// What a client does to an attribute (KMIP's Add, Modify and Delete Attribute).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttributeChange {
-    /// Sets an attribute the object does not have.
-    Add(AttributeValue),
-    /// Replaces an attribute the object has.
-    Modify(AttributeValue),
-    /// Removes an attribute the object has.
-    Delete,
-}
-
-/// An attribute's new value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AttributeValue {
-    /// For Name and custom attributes.
-    Text(String),
-    /// For dates.
-    Date(Millis),
-}
-
-/// KMIP's usage mask bits for Encrypt and Decrypt.
-const USAGE_ENCRYPT: u32 = 0x04;
-const USAGE_DECRYPT: u32 = 0x08;
-
-fn gcm_key(material: &[u8]) -> Result<ring::aead::LessSafeKey, CustodyError> {
-    let algorithm = match material.len() {
-        16 => &ring::aead::AES_128_GCM,
-        32 => &ring::aead::AES_256_GCM,
-        _ => {
-            return Err(CustodyError::InvalidArgument(
-                "AES-GCM here takes 128- or 256-bit keys; this object is 192 bits".into(),
-            ));
-        }
-    };
-    ring::aead::UnboundKey::new(algorithm, material)
-        .map(ring::aead::LessSafeKey::new)
-        .map_err(|_| CustodyError::Internal("AES key setup failed".into()))
 }
 
 /// The AAD a managed object's material is sealed with: its tenant and id, so a DBA cannot
@@ -330,7 +289,7 @@ fn check_new(new: &NewObject) -> Result<(), CustodyError> {
     Ok(())
 }
 
-fn check_text(what: &str, text: &str) -> Result<(), CustodyError> {
+pub(super) fn check_text(what: &str, text: &str) -> Result<(), CustodyError> {
     if text.len() > MAX_OBJECT_TEXT || text.chars().any(char::is_control) {
         return Err(CustodyError::InvalidArgument(format!(
             "{what} must be at most {MAX_OBJECT_TEXT} bytes without control characters"
@@ -419,7 +378,7 @@ impl Custody {
         ManagedObject::from_row(&row, now)
     }
 
-    fn check_object_grant(&self, grant: &Grant, name: &str) -> Result<(), CustodyError> {
+    pub(super) fn check_object_grant(&self, grant: &Grant, name: &str) -> Result<(), CustodyError> {
         grant.require(Role::Kmip)?;
         if !grant.allows_object_name(name) {
             return Err(CustodyError::PermissionDenied(crate::auth::Denied::Key {
@@ -492,94 +451,6 @@ impl Custody {
             )
             .await?;
         Ok((object, material))
-    }
-
-    /// AES-GCM under an Active object whose usage mask allows Encrypt, for a client that lets
-    /// the server do the cryptography: the IV is always the server's (12 random bytes), so no
-    /// client can make it repeat one. Returns (IV, ciphertext, 16-byte tag).
-    pub async fn encrypt_with_object(
-        &self,
-        grant: &Grant,
-        wrapping_key: &str,
-        id: &str,
-        plaintext: &[u8],
-        aad: &[u8],
-    ) -> Result<(ManagedObject, [u8; 12], Vec<u8>, Vec<u8>), CustodyError> {
-        super::checks::check_plaintext(plaintext)?;
-        super::checks::check_aad(aad)?;
-        let (object, material) = self.object_material(grant, wrapping_key, id).await?;
-        if object.state != ObjectState::Active {
-            return Err(CustodyError::ObjectNotUsable {
-                id: id.to_owned(),
-                state: object.state,
-                operation: "encrypt",
-            });
-        }
-        if object.usage_mask & USAGE_ENCRYPT == 0 {
-            return Err(CustodyError::InvalidArgument(format!(
-                "object {id}'s usage mask does not allow Encrypt"
-            )));
-        }
-        let iv = self.random_bytes::<12>()?;
-        let key = gcm_key(&material)?;
-        let mut sealed = plaintext.to_vec();
-        let tag = key
-            .seal_in_place_separate_tag(
-                ring::aead::Nonce::assume_unique_for_key(iv),
-                ring::aead::Aad::from(aad),
-                &mut sealed,
-            )
-            .map_err(|_| CustodyError::Internal("AES-GCM sealing failed".into()))?;
-        Ok((object, iv, sealed, tag.as_ref().to_vec()))
-    }
-
-    /// Opens AES-GCM output of [`Custody::encrypt_with_object`] under an object that is
-    /// Active, Deactivated or Compromised (old data stays readable) and allows Decrypt.
-    pub async fn decrypt_with_object(
-        &self,
-        grant: &Grant,
-        wrapping_key: &str,
-        id: &str,
-        (iv, ciphertext, tag): (&[u8], &[u8], &[u8]),
-        aad: &[u8],
-    ) -> Result<(ManagedObject, Zeroizing<Vec<u8>>), CustodyError> {
-        super::checks::check_aad(aad)?;
-        let (object, material) = self.object_material(grant, wrapping_key, id).await?;
-        if !matches!(
-            object.state,
-            ObjectState::Active | ObjectState::Deactivated | ObjectState::Compromised
-        ) {
-            return Err(CustodyError::ObjectNotUsable {
-                id: id.to_owned(),
-                state: object.state,
-                operation: "decrypt",
-            });
-        }
-        if object.usage_mask & USAGE_DECRYPT == 0 {
-            return Err(CustodyError::InvalidArgument(format!(
-                "object {id}'s usage mask does not allow Decrypt"
-            )));
-        }
-        let iv: [u8; 12] = iv.try_into().map_err(|_| {
-            CustodyError::InvalidArgument("the IV must be the 12 bytes Encrypt returned".into())
-        })?;
-        if tag.len() != 16 || ciphertext.len() > crate::envelope::MAX_PLAINTEXT_LEN {
-            return Err(CustodyError::InvalidArgument(
-                "the tag must be 16 bytes and the data at most 64 KiB".into(),
-            ));
-        }
-        let key = gcm_key(&material)?;
-        let mut opened = Zeroizing::new([ciphertext, tag].concat());
-        let len = key
-            .open_in_place(
-                ring::aead::Nonce::assume_unique_for_key(iv),
-                ring::aead::Aad::from(aad),
-                &mut opened,
-            )
-            .map_err(|_| CustodyError::ObjectDataUnauthentic(id.to_owned()))?
-            .len();
-        opened.truncate(len);
-        Ok((object, opened))
     }
 
     /// The caller's objects, oldest first, narrowed by name and state; only those whose
@@ -685,11 +556,10 @@ impl Custody {
             .copied()
             .unwrap_or(options.object_destroy_grace_ms);
         self.change_object(grant, id, |object, row, now| {
-            let to = match object.state {
-                ObjectState::PreActive | ObjectState::Deactivated => ObjectState::Destroyed,
-                ObjectState::Compromised => ObjectState::DestroyedCompromised,
-                _ => return Err(object_transition(object, ObjectState::Destroyed)),
-            };
+            let to = object
+                .state
+                .after_destroy()
+                .ok_or_else(|| object_transition(object, ObjectState::Destroyed))?;
             row.state = to.as_str().into();
             row.destroy_date = now;
             row.purge_after = now.saturating_add(grace);
@@ -717,10 +587,7 @@ impl Custody {
                 .map(ObjectDestruction::Destroyed);
         }
         let object = self.object(grant, id).await?;
-        if !matches!(
-            object.state,
-            ObjectState::PreActive | ObjectState::Deactivated | ObjectState::Compromised
-        ) {
+        if object.state.after_destroy().is_none() {
             return Err(object_transition(&object, ObjectState::Destroyed));
         }
         self.request_approval(
@@ -734,126 +601,12 @@ impl Custody {
         .map(ObjectDestruction::Requested)
     }
 
-    /// Adds, modifies or deletes one client-settable attribute; returns the object and the
-    /// attribute's value before the change (for Delete's answer).
-    pub async fn change_object_attribute(
-        &self,
-        grant: &Grant,
-        id: &str,
-        attribute: ObjectAttribute,
-        change: AttributeChange,
-    ) -> Result<(ManagedObject, Option<AttributeValue>), CustodyError> {
-        let mut previous = None;
-        let object = self
-            .change_object(grant, id, |object, row, now| {
-                let current = match &attribute {
-                    ObjectAttribute::Name => {
-                        (!row.name.is_empty()).then(|| AttributeValue::Text(row.name.clone()))
-                    }
-                    ObjectAttribute::Custom(name) => object
-                        .attributes
-                        .get(name)
-                        .map(|v| AttributeValue::Text(v.clone())),
-                    ObjectAttribute::ActivationDate => (row.activation_date != 0)
-                        .then_some(AttributeValue::Date(row.activation_date)),
-                    ObjectAttribute::DeactivationDate => (row.deactivation_date != 0)
-                        .then_some(AttributeValue::Date(row.deactivation_date)),
-                };
-                let new = match (&change, &current) {
-                    (AttributeChange::Add(_), Some(_)) => {
-                        return Err(CustodyError::InvalidArgument(format!(
-                            "object {id} already has {}; modify it instead",
-                            attribute_label(&attribute)
-                        )));
-                    }
-                    (AttributeChange::Modify(_) | AttributeChange::Delete, None) => {
-                        return Err(CustodyError::ObjectAttributeNotFound {
-                            id: id.to_owned(),
-                            attribute: attribute_label(&attribute),
-                        });
-                    }
-                    (AttributeChange::Add(v) | AttributeChange::Modify(v), _) => Some(v.clone()),
-                    (AttributeChange::Delete, Some(_)) => None,
-                };
-                match (&attribute, new) {
-                    (ObjectAttribute::Name, Some(AttributeValue::Text(name))) => {
-                        check_text("Name", &name)?;
-                        self.check_object_grant(grant, &name)?;
-                        row.name = name;
-                    }
-                    (ObjectAttribute::Name, None) => {
-                        // An object whose name no longer matches the caller's patterns would
-                        // vanish from the caller's sight.
-                        self.check_object_grant(grant, "")?;
-                        row.name.clear();
-                    }
-                    (ObjectAttribute::Custom(name), value) => {
-                        let mut attributes = object.attributes.clone();
-                        match value {
-                            Some(AttributeValue::Text(text)) => {
-                                check_text(name, &text)?;
-                                if attributes.len() >= MAX_OBJECT_ATTRIBUTES
-                                    && !attributes.contains_key(name)
-                                {
-                                    return Err(CustodyError::InvalidArgument(format!(
-                                        "at most {MAX_OBJECT_ATTRIBUTES} custom attributes"
-                                    )));
-                                }
-                                attributes.insert(name.clone(), text);
-                            }
-                            None => {
-                                attributes.remove(name);
-                            }
-                            Some(AttributeValue::Date(_)) => {
-                                return Err(CustodyError::InvalidArgument(format!(
-                                    "{name} is a text attribute"
-                                )));
-                            }
-                        }
-                        row.attributes = serde_json::to_string(&attributes)
-                            .map_err(|e| CustodyError::Internal(e.to_string()))?;
-                    }
-                    (ObjectAttribute::ActivationDate, value) => {
-                        if object.state != ObjectState::PreActive {
-                            return Err(CustodyError::InvalidArgument(format!(
-                                "object {id} is {}; its activation date can change only while it is PRE_ACTIVE",
-                                object.state
-                            )));
-                        }
-                        row.activation_date = date_of(value)?;
-                    }
-                    (ObjectAttribute::DeactivationDate, value) => {
-                        if !matches!(object.state, ObjectState::PreActive | ObjectState::Active) {
-                            return Err(CustodyError::InvalidArgument(format!(
-                                "object {id} is {}; its deactivation date can no longer change",
-                                object.state
-                            )));
-                        }
-                        let date = date_of(value)?;
-                        if date != 0 && date < now {
-                            return Err(CustodyError::InvalidArgument(
-                                "a deactivation date in the past: revoke the object instead".into(),
-                            ));
-                        }
-                        row.deactivation_date = date;
-                    }
-                    (ObjectAttribute::Name, Some(AttributeValue::Date(_))) => {
-                        return Err(CustodyError::InvalidArgument("Name is a text attribute".into()));
-                    }
-                }
-                previous = current;
-                Ok(())
-            })
-            .await?;
-        Ok((object, previous))
-    }
-
     /// Removes the material of destroyed objects whose grace period ended; how many.
     pub async fn purge_destroyed_objects(&self) -> Result<u64, CustodyError> {
         Ok(self.inner.store.purge_destroyed_objects(self.now()).await?)
     }
 
-    async fn change_object(
+    pub(super) async fn change_object(
         &self,
         grant: &Grant,
         id: &str,
@@ -878,7 +631,7 @@ impl Custody {
         ManagedObject::from_row(&row, now)
     }
 
-    fn random_bytes<const N: usize>(&self) -> Result<[u8; N], CustodyError> {
+    pub(super) fn random_bytes<const N: usize>(&self) -> Result<[u8; N], CustodyError> {
         use ring::rand::SecureRandom;
         let mut b = [0u8; N];
         self.inner
@@ -886,25 +639,6 @@ impl Custody {
             .fill(&mut b)
             .map_err(|_| CustodyError::Internal("no randomness".into()))?;
         Ok(b)
-    }
-}
-
-fn attribute_label(attribute: &ObjectAttribute) -> String {
-    match attribute {
-        ObjectAttribute::Name => "a Name".into(),
-        ObjectAttribute::Custom(name) => format!("attribute {name:?}"),
-        ObjectAttribute::ActivationDate => "an Activation Date".into(),
-        ObjectAttribute::DeactivationDate => "a Deactivation Date".into(),
-    }
-}
-
-fn date_of(value: Option<AttributeValue>) -> Result<Millis, CustodyError> {
-    match value {
-        None => Ok(0),
-        Some(AttributeValue::Date(ms)) => Ok(ms),
-        Some(AttributeValue::Text(_)) => Err(CustodyError::InvalidArgument(
-            "a date attribute needs a date".into(),
-        )),
     }
 }
 

@@ -17,17 +17,20 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{Api, Unread};
-use crate::auth::Identity;
+use crate::auth::{Grant, Identity};
 
-/// The permit a call was admitted with and the caller its certificate identified, handed from
-/// the layer to [`Api::begin`] through the request's extensions (which require `Clone`, hence
-/// the shared slot), so the chain is looked up once per call.
+/// What the layer established for a call: its permit, the caller its certificate identified
+/// and the grant the policy gave it for the operation's role (none for a method the layer does
+/// not know). Handed to [`Api::begin`] through the request's extensions (which require
+/// `Clone`, hence the shared slot), so the chain and the policy are looked up once per call.
+pub(super) type AdmittedCall = (OwnedSemaphorePermit, Identity, Option<Grant>);
+
 #[derive(Clone)]
-pub(super) struct Admitted(Arc<Mutex<Option<(OwnedSemaphorePermit, Identity)>>>);
+pub(super) struct Admitted(Arc<Mutex<Option<AdmittedCall>>>);
 
 impl Admitted {
-    /// Takes the permit and identity out (once).
-    pub(super) fn take(&self) -> Option<(OwnedSemaphorePermit, Identity)> {
+    /// Takes what the layer established out (once).
+    pub(super) fn take(&self) -> Option<AdmittedCall> {
         crate::sync::lock(&self.0).take()
     }
 }
@@ -119,21 +122,28 @@ where
         };
         // The policy's role check, before the message is read (key patterns need the message
         // and are checked by the service). Unknown methods are left to tonic's UNIMPLEMENTED.
-        if operation != "Unknown"
-            && let Err(e) = self.api.authorize(&identity, operation)
-        {
-            drop(permit);
-            let peer = peer();
-            return Box::pin(async move {
-                Ok(api
-                    .refuse_unread(operation, &peer, Unread::Denied(&identity, &e))
-                    .await
-                    .into_http())
-            });
-        }
+        let grant = if operation == "Unknown" {
+            None
+        } else {
+            match self.api.authorize(&identity, operation) {
+                Ok(grant) => Some(grant),
+                Err(e) => {
+                    drop(permit);
+                    let peer = peer();
+                    return Box::pin(async move {
+                        Ok(api
+                            .refuse_unread(operation, &peer, Unread::Denied(&identity, &e))
+                            .await
+                            .into_http())
+                    });
+                }
+            }
+        };
         request
             .extensions_mut()
-            .insert(Admitted(Arc::new(Mutex::new(Some((permit, identity))))));
+            .insert(Admitted(Arc::new(Mutex::new(Some((
+                permit, identity, grant,
+            ))))));
         Box::pin(self.inner.call(request))
     }
 }

@@ -256,17 +256,14 @@ impl Api {
         }
     }
 
-    /// Whether the policy lets `identity` act in the role `operation` needs, for the admission
-    /// layer (key patterns are checked later, against the key the message names).
+    /// The grant of the role `operation` needs, for the admission layer (key patterns are
+    /// checked later, against the key the message names).
     fn authorize(
         &self,
         identity: &crate::auth::Identity,
         operation: &str,
-    ) -> Result<(), crate::auth::Denied> {
-        self.policy
-            .current()
-            .grant(identity, role_of(operation))
-            .map(|_| ())
+    ) -> Result<Grant, crate::auth::Denied> {
+        self.policy.current().grant(identity, role_of(operation))
     }
 
     /// The audited `PERMISSION_DENIED` of a caller the policy does not allow the role.
@@ -308,9 +305,9 @@ impl Api {
             peer: &peer,
             started,
         };
-        // The admission layer (`admit.rs`) took the permit and identified the caller before
-        // the message was decoded; it stands in front of every Tresor RPC.
-        let Some((admitted, identity)) = request
+        // The admission layer (`admit.rs`) took the permit, identified the caller and asked
+        // the policy before the message was decoded; it stands in front of every Tresor RPC.
+        let Some((admitted, identity, granted)) = request
             .extensions()
             .get::<admit::Admitted>()
             .and_then(admit::Admitted::take)
@@ -322,11 +319,13 @@ impl Api {
                 &request_id,
             ));
         };
-        let policy = self.policy.current();
-        let grant = match policy.grant(&identity, role) {
+        let grant = match granted.filter(|g| g.role() == role) {
+            Some(grant) => Ok(grant),
+            // A method the layer does not name: the policy is asked here.
+            None => self.policy.current().grant(&identity, role),
+        };
+        let grant = match grant {
             Ok(grant) => grant,
-            // The admission layer checked the role before the message was read; a policy
-            // reloaded since may still refuse here.
             Err(e) => return Err(self.denied(&admission, &identity, &e).await),
         };
         Ok(Call {

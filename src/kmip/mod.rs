@@ -9,6 +9,7 @@
 //! custody for everything (managed objects live in `crate::custody`), and appends one audit
 //! record per batch item before answering. It never touches the HSM or the database itself.
 
+pub mod attributes;
 pub mod message;
 pub mod operations;
 pub mod server;

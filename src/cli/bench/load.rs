@@ -47,8 +47,9 @@ pub struct XksTarget {
 }
 
 /// The KMIP server as a bench target: each worker holds its own mutually authenticated
-/// connection (a KMIP client waits for each answer) and uses one managed object.
-#[derive(Debug, Clone)]
+/// connection (a KMIP client waits for each answer) and uses one managed object. `Debug`
+/// leaves out the TLS configuration (it holds the client's private key).
+#[derive(Clone)]
 pub struct KmipTarget {
     /// Where the server listens.
     pub addr: std::net::SocketAddr,
@@ -58,6 +59,16 @@ pub struct KmipTarget {
     pub tls: Arc<rustls::ClientConfig>,
     /// The managed object's Unique Identifier.
     pub object: String,
+}
+
+impl std::fmt::Debug for KmipTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KmipTarget")
+            .field("addr", &self.addr)
+            .field("server_name", &self.server_name)
+            .field("object", &self.object)
+            .finish_non_exhaustive()
+    }
 }
 
 type KmipStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
