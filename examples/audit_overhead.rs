@@ -93,6 +93,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         let r = client
                             .keys()
                             .wrap(proto::WrapRequest {
+                                justification: None,
                                 key: key.clone(),
                                 plaintext: vec![7; 32],
                                 aad: aad.clone(),

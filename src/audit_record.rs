@@ -16,6 +16,7 @@ const RECORD_DOMAIN: &[u8] = b"tresor/audit/record/v1\0";
 const BODY_DOMAIN: &[u8] = b"tresor/audit/body/v1\0";
 const BODY_DOMAIN_V2: &[u8] = b"tresor/audit/body/v2\0";
 const BODY_DOMAIN_V3: &[u8] = b"tresor/audit/body/v3\0";
+const BODY_DOMAIN_V4: &[u8] = b"tresor/audit/body/v4\0";
 const CHECKPOINT_DOMAIN: &[u8] = b"tresor/audit/checkpoint/v1\0";
 
 /// What an audit record says about one RPC. Never plaintext, AAD or PINs: the AAD appears only
@@ -70,6 +71,28 @@ pub struct RecordBody {
     /// See `first_ms`.
     #[serde(default)]
     pub last_ms: i64,
+    /// The access rule that decided the call (`default-deny` when rules cover the key but
+    /// none matched); empty when no rule covers the key.
+    #[serde(default)]
+    pub access_rule: String,
+    /// The break-glass window the call used; empty if none.
+    #[serde(default)]
+    pub access_window: String,
+    /// The justification code the call declared (or, under a window, the window's reason).
+    #[serde(default)]
+    pub justification: String,
+    /// The justification's free-text reference (a ticket or case number).
+    #[serde(default)]
+    pub justification_reference: String,
+    /// XKS calls: the AWS service that called KMS for the principal.
+    #[serde(default)]
+    pub kms_via_service: String,
+    /// XKS calls: the VPC the request came from.
+    #[serde(default)]
+    pub aws_source_vpc: String,
+    /// XKS calls: the VPC endpoint the request came through.
+    #[serde(default)]
+    pub aws_source_vpce: String,
 }
 
 /// A record in the chain.
@@ -119,7 +142,11 @@ impl RecordBody {
     /// ‖ str(kms_key_arn)`; records with none of them (written before they existed) keep the
     /// v1 encoding, so old logs still verify. A burst record (`repeated` > 0) uses
     /// `"tresor/audit/body/v3\0"`, the v2 fields, and then `‖ u64be(repeated) ‖ i64be(first_ms)
-    /// ‖ i64be(last_ms)`.
+    /// ‖ i64be(last_ms)`. A record with any access-rule, justification or further XKS field
+    /// uses `"tresor/audit/body/v4\0"`, the v3 encoding's fields (burst or not), and then
+    /// `‖ str(access_rule) ‖ str(access_window) ‖ str(justification)
+    /// ‖ str(justification_reference) ‖ str(kms_via_service) ‖ str(aws_source_vpc)
+    /// ‖ str(aws_source_vpce)`.
     pub fn digest(&self) -> [u8; 32] {
         let v2 = [
             &self.node,
@@ -128,10 +155,22 @@ impl RecordBody {
             &self.aws_principal_arn,
             &self.kms_key_arn,
         ];
-        let is_v3 = self.repeated > 0;
+        let v4 = [
+            &self.access_rule,
+            &self.access_window,
+            &self.justification,
+            &self.justification_reference,
+            &self.kms_via_service,
+            &self.aws_source_vpc,
+            &self.aws_source_vpce,
+        ];
+        let is_v4 = v4.iter().any(|s| !s.is_empty());
+        let is_v3 = is_v4 || self.repeated > 0;
         let is_v2 = is_v3 || v2.iter().any(|s| !s.is_empty());
         let mut b = Vec::with_capacity(256);
-        b.extend_from_slice(if is_v3 {
+        b.extend_from_slice(if is_v4 {
+            BODY_DOMAIN_V4
+        } else if is_v3 {
             BODY_DOMAIN_V3
         } else if is_v2 {
             BODY_DOMAIN_V2
@@ -162,6 +201,11 @@ impl RecordBody {
             b.extend_from_slice(&self.repeated.to_be_bytes());
             b.extend_from_slice(&self.first_ms.to_be_bytes());
             b.extend_from_slice(&self.last_ms.to_be_bytes());
+        }
+        if is_v4 {
+            for s in v4 {
+                put_str(&mut b, s);
+            }
         }
         sha256(&b)
     }
@@ -550,6 +594,83 @@ mod tests {
             verify(&items, &public),
             Err(VerifyError::Altered { seq: 4 })
         );
+    }
+
+    #[test]
+    fn access_fields_use_the_v4_encoding_and_every_one_is_covered() {
+        let plain = RecordBody {
+            operation: "Unwrap".into(),
+            node: "n".into(),
+            ..Default::default()
+        };
+        let ruled = RecordBody {
+            access_rule: "support-break-glass".into(),
+            access_window: "w1".into(),
+            justification: "support".into(),
+            justification_reference: "INC-4711".into(),
+            ..plain.clone()
+        };
+        // By hand, as SECURITY.md states it: v2's fields, the burst fields (zero), then v4's.
+        let mut v4 = b"tresor/audit/body/v4\0".to_vec();
+        let put = |b: &mut Vec<u8>, s: &str| {
+            b.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            b.extend_from_slice(s.as_bytes());
+        };
+        for s in ["", "", "", "", "Unwrap", "", "", ""] {
+            put(&mut v4, s);
+        }
+        v4.extend_from_slice(&0i32.to_be_bytes());
+        put(&mut v4, "");
+        put(&mut v4, "");
+        for s in ["n", "", "", "", ""] {
+            put(&mut v4, s);
+        }
+        v4.extend_from_slice(&[0; 24]);
+        for s in [
+            "support-break-glass",
+            "w1",
+            "support",
+            "INC-4711",
+            "",
+            "",
+            "",
+        ] {
+            put(&mut v4, s);
+        }
+        assert_eq!(ruled.digest(), sha256(&v4));
+        assert_ne!(ruled.digest(), plain.digest());
+        for changed in [
+            RecordBody {
+                access_rule: "other".into(),
+                ..ruled.clone()
+            },
+            RecordBody {
+                access_window: "w2".into(),
+                ..ruled.clone()
+            },
+            RecordBody {
+                justification: "treatment".into(),
+                ..ruled.clone()
+            },
+            RecordBody {
+                justification_reference: "INC-4712".into(),
+                ..ruled.clone()
+            },
+            RecordBody {
+                kms_via_service: "ebs".into(),
+                ..ruled.clone()
+            },
+            RecordBody {
+                aws_source_vpc: "vpc-1".into(),
+                ..ruled.clone()
+            },
+            RecordBody {
+                aws_source_vpce: "vpce-1".into(),
+                ..ruled.clone()
+            },
+        ] {
+            assert_ne!(changed.digest(), ruled.digest(), "{changed:?}");
+        }
     }
 
     #[test]

@@ -77,6 +77,7 @@ mod tests {
         shows_no_secret(format!(
             "{:?}",
             WrapRequest {
+                justification: None,
                 key: "k".into(),
                 plaintext: s.clone(),
                 aad: s.clone()
@@ -85,6 +86,7 @@ mod tests {
         shows_no_secret(format!(
             "{:?}",
             UnwrapRequest {
+                justification: None,
                 ciphertext: vec![1],
                 aad: s.clone(),
                 key: String::new()
@@ -100,6 +102,7 @@ mod tests {
         shows_no_secret(format!(
             "{:?}",
             GenerateDataKeyRequest {
+                justification: None,
                 key: "k".into(),
                 aad: s.clone(),
                 length_bytes: 32,
@@ -117,6 +120,7 @@ mod tests {
         shows_no_secret(format!(
             "{:?}",
             RewrapRequest {
+                justification: None,
                 ciphertext: vec![1],
                 aad: s.clone(),
                 key: String::new()
@@ -127,6 +131,7 @@ mod tests {
         let d = format!(
             "{:?}",
             WrapRequest {
+                justification: None,
                 key: "tenants/t/keys/k".into(),
                 plaintext: s.clone(),
                 aad: s

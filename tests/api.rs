@@ -36,6 +36,7 @@ async fn wrap(
     service
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: key.into(),
             plaintext: plaintext.to_vec(),
             aad: aad.to_vec(),
@@ -52,6 +53,7 @@ async fn unwrap(
     service
         .keys()
         .unwrap(proto::UnwrapRequest {
+            justification: None,
             ciphertext: ciphertext.to_vec(),
             aad: aad.to_vec(),
             key: String::new(),
@@ -80,6 +82,7 @@ async fn every_key_service_rpc_works_end_to_end() {
     let response = service
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: b"dek-1".to_vec(),
             aad: b"record 7".to_vec(),
@@ -98,6 +101,7 @@ async fn every_key_service_rpc_works_end_to_end() {
     let dk = service
         .keys()
         .generate_data_key(proto::GenerateDataKeyRequest {
+            justification: None,
             key: KEY.into(),
             aad: b"x".to_vec(),
             length_bytes: 0,
@@ -117,6 +121,7 @@ async fn every_key_service_rpc_works_end_to_end() {
     let blind = service
         .keys()
         .generate_data_key(proto::GenerateDataKeyRequest {
+            justification: None,
             key: KEY.into(),
             aad: vec![],
             length_bytes: 64,
@@ -143,6 +148,7 @@ async fn every_key_service_rpc_works_end_to_end() {
     let moved = service
         .keys()
         .rewrap(proto::RewrapRequest {
+            justification: None,
             ciphertext: wrapped.ciphertext.clone(),
             aad: b"record 7".to_vec(),
             key: KEY.into(),
@@ -155,6 +161,7 @@ async fn every_key_service_rpc_works_end_to_end() {
     let again = service
         .keys()
         .rewrap(proto::RewrapRequest {
+            justification: None,
             ciphertext: moved.ciphertext.clone(),
             aad: b"record 7".to_vec(),
             key: String::new(),
@@ -758,6 +765,7 @@ async fn callers_without_a_valid_certificate_are_unauthenticated() {
     // authentication answer, not a decoding error.
     let s = proto::key_service_client::KeyServiceClient::new(anonymous.channel())
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: vec![0; 200_000],
             aad: Vec::new(),
@@ -780,6 +788,7 @@ async fn callers_without_a_valid_certificate_are_unauthenticated() {
     for (who, client) in [("officer", &officer), ("stranger", &stranger)] {
         let s = proto::key_service_client::KeyServiceClient::new(client.channel())
             .wrap(proto::WrapRequest {
+                justification: None,
                 key: KEY.into(),
                 plaintext: vec![0; 200_000],
                 aad: Vec::new(),
@@ -832,6 +841,7 @@ async fn roles_tenants_and_keys_are_enforced() {
         service_b
             .keys()
             .rewrap(proto::RewrapRequest {
+                justification: None,
                 ciphertext: blob.clone(),
                 ..Default::default()
             })
@@ -1016,6 +1026,7 @@ async fn overload_is_refused_at_once_not_queued() {
                 let size = if i % 2 == 0 { 4096 } else { 200_000 };
                 tokio::spawn(async move {
                     raw.wrap(proto::WrapRequest {
+                        justification: None,
                         key: KEY.into(),
                         plaintext: vec![7; size],
                         aad: Vec::new(),
@@ -1089,6 +1100,7 @@ async fn metrics_count_requests_hsm_calls_and_audit_commits_and_reveal_no_names(
         service
             .keys()
             .wrap(proto::WrapRequest {
+                justification: None,
                 key: KEY.into(),
                 plaintext: b"dek".to_vec(),
                 aad: b"patient-4711".to_vec(),
@@ -1101,6 +1113,7 @@ async fn metrics_count_requests_hsm_calls_and_audit_commits_and_reveal_no_names(
         .await
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: b"dek".to_vec(),
             aad: vec![],

@@ -57,6 +57,7 @@ async fn a_mixed_workload_yields_one_verifiable_record_per_call_in_order() {
     let blob = service
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: b"dek".to_vec(),
             aad: b"record-1".to_vec(),
@@ -68,6 +69,7 @@ async fn a_mixed_workload_yields_one_verifiable_record_per_call_in_order() {
     service
         .keys()
         .unwrap(proto::UnwrapRequest {
+            justification: None,
             ciphertext: blob.clone(),
             aad: b"record-1".to_vec(),
             key: String::new(),
@@ -77,6 +79,7 @@ async fn a_mixed_workload_yields_one_verifiable_record_per_call_in_order() {
     let wrong = service
         .keys()
         .unwrap(proto::UnwrapRequest {
+            justification: None,
             ciphertext: blob.clone(),
             aad: b"record-2".to_vec(),
             key: String::new(),
@@ -86,6 +89,7 @@ async fn a_mixed_workload_yields_one_verifiable_record_per_call_in_order() {
     let denied = service_b
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: b"x".to_vec(),
             aad: vec![],
@@ -95,6 +99,7 @@ async fn a_mixed_workload_yields_one_verifiable_record_per_call_in_order() {
     let unauthenticated = anonymous
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: b"x".to_vec(),
             aad: vec![],
@@ -258,6 +263,7 @@ async fn exports_verify_offline_and_every_tampering_is_named() {
         service
             .keys()
             .wrap(proto::WrapRequest {
+                justification: None,
                 key: KEY.into(),
                 plaintext: vec![i; 16],
                 aad: vec![i],
@@ -441,6 +447,7 @@ async fn when_the_audit_store_fails_nothing_is_returned() {
     let blob = service
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: PLAINTEXT_MARKER.to_vec(),
             aad: vec![],
@@ -462,6 +469,7 @@ async fn when_the_audit_store_fails_nothing_is_returned() {
     let unwrap = service
         .keys()
         .unwrap(proto::UnwrapRequest {
+            justification: None,
             ciphertext: blob.clone(),
             aad: vec![],
             key: String::new(),
@@ -472,6 +480,7 @@ async fn when_the_audit_store_fails_nothing_is_returned() {
     let wrap = service
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: b"x".to_vec(),
             aad: vec![],
@@ -481,6 +490,7 @@ async fn when_the_audit_store_fails_nothing_is_returned() {
     let dk = service
         .keys()
         .generate_data_key(proto::GenerateDataKeyRequest {
+            justification: None,
             key: KEY.into(),
             ..Default::default()
         })
@@ -493,6 +503,7 @@ async fn when_the_audit_store_fails_nothing_is_returned() {
     let back = service
         .keys()
         .unwrap(proto::UnwrapRequest {
+            justification: None,
             ciphertext: blob,
             aad: vec![],
             key: String::new(),
@@ -752,6 +763,7 @@ async fn a_burst_of_refusals_is_accounted_for_in_few_records() {
         async move {
             let mut keys = keys;
             keys.wrap(tresor::proto::WrapRequest {
+                justification: None,
                 key: "tenants/a/keys/k".into(),
                 plaintext: b"x".to_vec(),
                 aad: Vec::new(),

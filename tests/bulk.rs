@@ -40,6 +40,7 @@ async fn ten_thousand_blobs_over_three_versions_interrupted_and_resumed() {
                         let r = service
                             .keys()
                             .wrap(proto::WrapRequest {
+                                justification: None,
                                 key: KEY.into(),
                                 plaintext: format!("dek {i}").into_bytes(),
                                 aad: format!("object {i}").into_bytes(),
@@ -157,6 +158,7 @@ async fn ten_thousand_blobs_over_three_versions_interrupted_and_resumed() {
                     let r = service
                         .keys()
                         .unwrap(proto::UnwrapRequest {
+                            justification: None,
                             ciphertext: ct,
                             aad,
                             key: String::new(),

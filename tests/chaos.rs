@@ -72,6 +72,7 @@ async fn sixty_seconds_of_chaos_lose_nothing() {
                 match service
                     .keys()
                     .wrap(proto::WrapRequest {
+                        justification: None,
                         key: KEY.into(),
                         plaintext: plaintext.clone(),
                         aad: aad.clone(),
@@ -99,6 +100,7 @@ async fn sixty_seconds_of_chaos_lose_nothing() {
                     match service
                         .keys()
                         .unwrap(proto::UnwrapRequest {
+                            justification: None,
                             ciphertext: blob,
                             aad,
                             key: String::new(),
@@ -242,6 +244,7 @@ async fn sixty_seconds_of_chaos_lose_nothing() {
                     let r = service
                         .keys()
                         .unwrap(proto::UnwrapRequest {
+                            justification: None,
                             ciphertext: blob,
                             aad,
                             key: String::new(),

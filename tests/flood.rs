@@ -125,6 +125,7 @@ async fn measure(service: &tresor::client::Client, callers: usize, duration: Dur
             while Instant::now() < until {
                 let r = keys
                     .wrap(tresor::proto::WrapRequest {
+                        justification: None,
                         key: KEY.into(),
                         plaintext: vec![7; 32],
                         aad: b"flood".to_vec(),
@@ -207,6 +208,7 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
             while !stop.load(Ordering::Relaxed) {
                 let r = keys
                     .wrap(tresor::proto::WrapRequest {
+                        justification: None,
                         key: KEY.into(),
                         plaintext: plaintext.clone(),
                         aad: Vec::new(),

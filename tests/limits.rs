@@ -30,6 +30,7 @@ async fn wrap_works(server: &TestServer) -> bool {
     service
         .keys()
         .wrap(tresor::proto::WrapRequest {
+            justification: None,
             key: "tenants/a/keys/k".into(),
             plaintext: b"dek".to_vec(),
             aad: Vec::new(),

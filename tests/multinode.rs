@@ -34,6 +34,7 @@ async fn wrap(
     service
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: plaintext.to_vec(),
             aad: b"patient-4711".to_vec(),
@@ -55,6 +56,7 @@ async fn unwrap(service: &Client, ciphertext: &[u8]) -> Result<Vec<u8>, tonic::S
     service
         .keys()
         .unwrap(proto::UnwrapRequest {
+            justification: None,
             ciphertext: ciphertext.to_vec(),
             aad: b"patient-4711".to_vec(),
             key: String::new(),

@@ -31,6 +31,7 @@ fn faults(server: &TestServer, f: hsm_sim::Faults) {
 async fn wrap(c: &Client, plaintext: &[u8]) -> Result<Vec<u8>, tonic::Status> {
     c.keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: plaintext.to_vec(),
             aad: b"r".to_vec(),
@@ -42,6 +43,7 @@ async fn wrap(c: &Client, plaintext: &[u8]) -> Result<Vec<u8>, tonic::Status> {
 async fn unwrap(c: &Client, blob: &[u8]) -> Result<Vec<u8>, tonic::Status> {
     c.keys()
         .unwrap(proto::UnwrapRequest {
+            justification: None,
             ciphertext: blob.to_vec(),
             aad: b"r".to_vec(),
             key: String::new(),

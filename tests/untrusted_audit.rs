@@ -199,6 +199,8 @@ async fn a_deleted_checkpoint_loses_no_record(db: Db) {
         to_ms: i64::MAX,
         key: None,
         caller: None,
+        justification: None,
+        outcome: None,
     };
     assert_eq!(audit.export(&filter, &tx).await.unwrap(), 251);
     drop(tx);
@@ -395,6 +397,7 @@ async fn a_broken_key_is_refused_over_grpc_and_shows_in_its_tenants_audit_log() 
     let blob = service
         .keys()
         .wrap(proto::WrapRequest {
+            justification: None,
             key: KEY.into(),
             plaintext: b"dek".to_vec(),
             aad: b"r1".to_vec(),
@@ -429,6 +432,7 @@ async fn a_broken_key_is_refused_over_grpc_and_shows_in_its_tenants_audit_log() 
     let err = service
         .keys()
         .unwrap(proto::UnwrapRequest {
+            justification: None,
             ciphertext: blob,
             aad: b"r1".to_vec(),
             key: String::new(),

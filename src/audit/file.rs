@@ -77,6 +77,27 @@ pub struct Row {
     pub first_ms: Option<i64>,
     #[serde(default)]
     pub last_ms: Option<i64>,
+    /// The access rule that decided the call.
+    #[serde(default)]
+    pub access_rule: String,
+    /// The break-glass window the call used.
+    #[serde(default)]
+    pub access_window: String,
+    /// The declared justification code (or the window's reason).
+    #[serde(default)]
+    pub justification: String,
+    /// The justification's reference.
+    #[serde(default)]
+    pub justification_reference: String,
+    /// XKS calls: the AWS service that called KMS.
+    #[serde(default)]
+    pub kms_via_service: String,
+    /// XKS calls: the source VPC.
+    #[serde(default)]
+    pub aws_source_vpc: String,
+    /// XKS calls: the source VPC endpoint.
+    #[serde(default)]
+    pub aws_source_vpce: String,
     /// Hex.
     #[serde(default)]
     pub previous_hash: String,
@@ -135,6 +156,13 @@ impl Row {
                 repeated: (r.body.repeated > 0).then_some(r.body.repeated),
                 first_ms: (r.body.repeated > 0).then_some(r.body.first_ms),
                 last_ms: (r.body.repeated > 0).then_some(r.body.last_ms),
+                access_rule: r.body.access_rule.clone(),
+                access_window: r.body.access_window.clone(),
+                justification: r.body.justification.clone(),
+                justification_reference: r.body.justification_reference.clone(),
+                kms_via_service: r.body.kms_via_service.clone(),
+                aws_source_vpc: r.body.aws_source_vpc.clone(),
+                aws_source_vpce: r.body.aws_source_vpce.clone(),
                 previous_hash: to_hex(&r.prev_hash),
                 hash: to_hex(&r.hash()),
                 ..Default::default()
@@ -206,6 +234,13 @@ impl Row {
                         repeated: self.repeated.unwrap_or(0),
                         first_ms: self.first_ms.unwrap_or(0),
                         last_ms: self.last_ms.unwrap_or(0),
+                        access_rule: self.access_rule.clone(),
+                        access_window: self.access_window.clone(),
+                        justification: self.justification.clone(),
+                        justification_reference: self.justification_reference.clone(),
+                        kms_via_service: self.kms_via_service.clone(),
+                        aws_source_vpc: self.aws_source_vpc.clone(),
+                        aws_source_vpce: self.aws_source_vpce.clone(),
                     },
                 };
                 let stated = if self.hash.is_empty() {

@@ -37,6 +37,9 @@ use writer::{CheckpointReply, Writer};
 
 /// Most records committed in one transaction.
 pub const MAX_BATCH: usize = 1024;
+
+// A batch is one INSERT; SQLite takes at most 32,766 parameters in a statement.
+const _: () = assert!(MAX_BATCH * crate::store::RECORD_COLUMN_COUNT <= 32_766);
 /// Records queued for the writer at most; callers beyond wait (back-pressure).
 const QUEUE: usize = 8192;
 
@@ -477,6 +480,10 @@ pub struct ExportFilter {
     pub key: Option<String>,
     /// Only records of this caller.
     pub caller: Option<String>,
+    /// Only records with this justification code.
+    pub justification: Option<String>,
+    /// Only records with this outcome (`OK`, `DENIED`, `RULE_DENIED`, …).
+    pub outcome: Option<String>,
 }
 
 impl ExportFilter {
@@ -487,6 +494,11 @@ impl ExportFilter {
             && (self.from_ms..=self.to_ms).contains(&r.time_ms)
             && self.key.as_ref().is_none_or(|k| &r.body.key == k)
             && self.caller.as_ref().is_none_or(|c| &r.body.caller == c)
+            && self
+                .justification
+                .as_ref()
+                .is_none_or(|j| &r.body.justification == j)
+            && self.outcome.as_ref().is_none_or(|o| &r.body.outcome == o)
     }
 }
 

@@ -3,7 +3,7 @@
 //! Owns client-certificate verification, the caller's identity (URI SAN, else subject CN), the
 //! policy file, and the authorization decision: a [`Grant`], which only [`Policy::grant`] can
 //! make and which every custody operation requires. Knows nothing of gRPC, keys' states or the
-//! HSM.
+//! HSM. The access rules and justifications a grant also carries live in [`access`].
 //!
 //! Certificates are verified at the request layer, not only in the TLS handshake: the TLS layer
 //! ([`ClientAuthenticator::tls_verifier`]) checks that the client holds the private key of the
@@ -12,10 +12,12 @@
 //! expired or foreign certificate therefore reaches the caller as a gRPC `UNAUTHENTICATED` with
 //! a reason (and can be audited with its fingerprint), not as an opaque handshake failure.
 
+pub mod access;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -26,6 +28,10 @@ use serde::Deserialize;
 
 use crate::model::{KeyName, Tenant, validate_segment};
 use crate::sync::{lock, read, write};
+pub use access::{
+    AccessContext, AccessRules, AwsContext, DEFAULT_DENY, FrontEnd, Justification,
+    JustificationError, Verdict,
+};
 
 /// What a caller may act as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -128,6 +134,25 @@ pub struct Grant {
     role: Role,
     /// Shared with the policy entry: a grant is made per request and must not copy them.
     keys: Option<Arc<[KeyPattern]>>,
+    /// The policy's access rules, shared.
+    rules: Arc<AccessRules>,
+    /// What the front-end knows of the call, for the rules; `None` until it says.
+    context: Option<Arc<AccessContext>>,
+    /// How the rules decided, once custody asked them (for the call's audit record).
+    note: OnceLock<AccessNote>,
+}
+
+/// How access rules decided one call: for its audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessNote {
+    /// The deciding rule's id ([`DEFAULT_DENY`] when none matched a covered key).
+    pub rule: Arc<str>,
+    /// The break-glass window the call used; empty if none.
+    pub window: String,
+    /// The window's reason (code and reference), recorded when the call declared none.
+    pub window_reason: Option<(String, String)>,
+    /// Whether the rules refused the call.
+    pub refused: bool,
 }
 
 impl Grant {
@@ -144,6 +169,95 @@ impl Grant {
     /// The role this grant is for.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// This grant for one call through a front-end that knows `context`.
+    pub fn with_context(&self, context: AccessContext) -> Self {
+        let mut grant = self.clone();
+        grant.set_context(context);
+        grant
+    }
+
+    /// Describes the call this grant is for (and forgets an earlier decision).
+    pub fn set_context(&mut self, context: AccessContext) {
+        self.context = Some(Arc::new(context));
+        self.note = OnceLock::new();
+    }
+
+    /// Whether an access rule refused the call (its audit outcome is `RULE_DENIED`).
+    pub fn refused_by_rule(&self) -> bool {
+        self.note.get().is_some_and(|n| n.refused)
+    }
+
+    /// Writes the rules' decision and the justification into the call's audit record: the
+    /// declared justification, else the reason of the window the call used.
+    pub fn fill_record(&self, body: &mut crate::audit_record::RecordBody) {
+        if let Some(note) = self.note.get() {
+            body.access_rule = note.rule.to_string();
+            body.access_window.clone_from(&note.window);
+            if let Some((code, reference)) = &note.window_reason
+                && self.justification().is_none()
+            {
+                body.justification.clone_from(code);
+                body.justification_reference.clone_from(reference);
+            }
+        }
+        if let Some(j) = self.justification() {
+            body.justification = j.code().to_owned();
+            body.justification_reference = j.reference().to_owned();
+        }
+        if body.outcome == "DENIED" && self.refused_by_rule() {
+            body.outcome = "RULE_DENIED".into();
+        }
+    }
+
+    /// What the access rules say about this call on `key` (a key segment, or a managed
+    /// object's Name) of the grant's tenant. A grant that no front-end gave a context is
+    /// refused on every key a rule covers: rules cannot be skipped by forgetting them.
+    pub fn access_verdict(&self, key: &str) -> Verdict {
+        match &self.context {
+            Some(ctx) => self.rules.decide(&self.tenant, key, &self.identity, ctx),
+            None => match self
+                .rules
+                .decide(&self.tenant, key, &self.identity, &NO_CONTEXT)
+            {
+                Verdict::Unruled => Verdict::Unruled,
+                _ => Verdict::Deny(Arc::from(DEFAULT_DENY)),
+            },
+        }
+    }
+
+    /// Remembers how the rules decided (the first decision of a call stands).
+    pub fn note_access(&self, note: AccessNote) {
+        let _ = self.note.set(note);
+    }
+
+    /// How the rules decided this call, if they were asked.
+    pub fn access_note(&self) -> Option<&AccessNote> {
+        self.note.get()
+    }
+
+    /// The justification the caller declared.
+    pub fn justification(&self) -> Option<&Justification> {
+        self.context.as_ref().and_then(|c| c.justification.as_ref())
+    }
+
+    /// The policy's access rules (for its justification vocabulary).
+    pub fn rules(&self) -> &AccessRules {
+        &self.rules
+    }
+
+    /// Whether every key `pattern` can match is one the caller's patterns cover.
+    pub fn covers_pattern(&self, pattern: &KeyPattern) -> bool {
+        self.keys.as_ref().is_none_or(|patterns| {
+            patterns.iter().any(|p| {
+                if pattern.wildcard {
+                    p.wildcard && pattern.prefix.starts_with(&p.prefix)
+                } else {
+                    p.matches(&pattern.prefix)
+                }
+            })
+        })
     }
 
     /// Refuses a grant of another role.
@@ -200,15 +314,30 @@ impl Grant {
     }
 }
 
+/// The context of a grant no front-end described: matches only rules without conditions.
+static NO_CONTEXT: AccessContext = AccessContext {
+    front_end: FrontEnd::Grpc,
+    operation: String::new(),
+    justification: None,
+    aws: None,
+};
+
 /// A key-name pattern: a key segment, or a prefix followed by `*` (`ehr-*`, `*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct KeyPattern {
+pub struct KeyPattern {
     prefix: String,
     wildcard: bool,
 }
 
+impl fmt::Display for KeyPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.prefix, if self.wildcard { "*" } else { "" })
+    }
+}
+
 impl KeyPattern {
-    fn parse(s: &str) -> Result<Self, String> {
+    /// Parses `name` or `prefix*`; the error says what is allowed.
+    pub fn parse(s: &str) -> Result<Self, String> {
         let (prefix, wildcard) = match s.strip_suffix('*') {
             Some(p) => (p, true),
             None => (s, false),
@@ -225,7 +354,8 @@ impl KeyPattern {
         })
     }
 
-    fn matches(&self, key: &str) -> bool {
+    /// Whether a key segment matches.
+    pub fn matches(&self, key: &str) -> bool {
         if self.wildcard {
             key.starts_with(&self.prefix)
         } else {
@@ -247,6 +377,10 @@ pub struct PolicyError {
 struct PolicyFile {
     #[serde(default)]
     identity: Vec<PolicyFileEntry>,
+    #[serde(default)]
+    justifications: access::JustificationsFile,
+    #[serde(default)]
+    access_rule: Vec<access::RuleFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +403,7 @@ struct PolicyEntry {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     entries: HashMap<String, PolicyEntry>,
+    rules: Arc<AccessRules>,
 }
 
 impl Policy {
@@ -315,7 +450,16 @@ impl Policy {
                 return Err(err(format!("{at} appears twice")));
             }
         }
-        Ok(Self { entries })
+        let rules = AccessRules::compile(file.justifications, file.access_rule).map_err(err)?;
+        Ok(Self {
+            entries,
+            rules: Arc::new(rules),
+        })
+    }
+
+    /// The access rules and justification vocabulary.
+    pub fn rules(&self) -> &AccessRules {
+        &self.rules
     }
 
     /// Reads and parses a policy file.
@@ -359,6 +503,9 @@ impl Policy {
             tenant: entry.tenant.clone(),
             role,
             keys: entry.keys.clone(),
+            rules: Arc::clone(&self.rules),
+            context: None,
+            note: OnceLock::new(),
         })
     }
 }

@@ -28,6 +28,12 @@ pub(super) enum AuditCommand {
         /// Only records of this caller identity.
         #[arg(long)]
         caller: Option<String>,
+        /// Only records with this justification code (declared, or the window's reason).
+        #[arg(long)]
+        justification: Option<String>,
+        /// Only records with this outcome: OK, DENIED, RULE_DENIED, UNAUTHENTICATED, FAILED.
+        #[arg(long)]
+        outcome: Option<String>,
         /// File format.
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
@@ -108,6 +114,8 @@ pub(super) async fn audit_command(
             to,
             key,
             caller,
+            justification,
+            outcome,
             format,
             out: path,
         } => {
@@ -119,6 +127,8 @@ pub(super) async fn audit_command(
                 to: to.as_deref().map(|t| parse_time("--to", t)).transpose()?,
                 key: key.unwrap_or_default(),
                 caller: caller.unwrap_or_default(),
+                justification: justification.unwrap_or_default(),
+                outcome: outcome.unwrap_or_default(),
             };
             let mut stream = audit
                 .export_audit_log(request)

@@ -96,6 +96,7 @@ async fn rewrap_line(client: Client, line_no: u64, text: String, key: Option<Str
         },
     };
     let request = proto::RewrapRequest {
+        justification: client.justification(),
         ciphertext,
         aad,
         key: key.unwrap_or_default(),

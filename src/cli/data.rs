@@ -6,7 +6,7 @@ use clap::Args;
 use zeroize::Zeroizing;
 
 use super::exit::{Exit, Failure, from_status};
-use super::files::{AadArgs, aad, input, write_output};
+use super::files::{AadArgs, JustificationArgs, aad, input, write_output};
 use super::output::Output;
 use crate::client::Client;
 use crate::proto;
@@ -25,6 +25,8 @@ pub(super) struct WrapArgs {
     plaintext_base64: Option<String>,
     #[command(flatten)]
     pub(super) aad: AadArgs,
+    #[command(flatten)]
+    pub(super) why: JustificationArgs,
     /// Write the blob (raw bytes) to this file instead of printing it as base64.
     #[arg(long)]
     pub(super) out: Option<PathBuf>,
@@ -40,6 +42,7 @@ impl std::fmt::Debug for WrapArgs {
                 &self.plaintext_base64.as_ref().map(|_| "<redacted>"),
             )
             .field("aad", &self.aad)
+            .field("why", &self.why)
             .field("out", &self.out)
             .finish()
     }
@@ -58,6 +61,8 @@ pub(super) struct UnwrapArgs {
     pub(super) key: Option<String>,
     #[command(flatten)]
     pub(super) aad: AadArgs,
+    #[command(flatten)]
+    pub(super) why: JustificationArgs,
     /// Write the result (raw bytes; plaintext files get mode 0600) to this file instead of
     /// printing it as base64.
     #[arg(long)]
@@ -86,6 +91,8 @@ pub(super) struct RewrapArgs {
     pub(super) key: Option<String>,
     #[command(flatten)]
     pub(super) aad: AadArgs,
+    #[command(flatten)]
+    pub(super) why: JustificationArgs,
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +108,8 @@ pub(super) struct DatakeyArgs {
     pub(super) without_plaintext: bool,
     #[command(flatten)]
     pub(super) aad: AadArgs,
+    #[command(flatten)]
+    pub(super) why: JustificationArgs,
 }
 
 pub(super) async fn wrap(client: &Client, a: WrapArgs, out: &Output) -> Result<(), Failure> {
@@ -112,6 +121,7 @@ pub(super) async fn wrap(client: &Client, a: WrapArgs, out: &Output) -> Result<(
     let r = client
         .keys()
         .wrap(proto::WrapRequest {
+            justification: a.why.to_proto(),
             key: a.key,
             // Moved, not copied: no second plain copy of the secret stays behind.
             plaintext: std::mem::take(&mut *plaintext),
@@ -142,6 +152,7 @@ pub(super) async fn unwrap(client: &Client, a: UnwrapArgs, out: &Output) -> Resu
     let r = client
         .keys()
         .unwrap(proto::UnwrapRequest {
+            justification: a.why.to_proto(),
             ciphertext,
             aad: aad(&a.aad)?,
             key: a.key.unwrap_or_default(),
@@ -169,8 +180,12 @@ pub(super) async fn rewrap(client: &Client, a: RewrapArgs, out: &Output) -> Resu
             .failures
             .clone()
             .unwrap_or_else(|| super::bulk::default_failures(output));
+        let client = match a.why.to_proto() {
+            Some(j) => client.clone().with_justification(&j.code, &j.reference),
+            None => client.clone(),
+        };
         let s = super::bulk::run(
-            client,
+            &client,
             input,
             output,
             &failures,
@@ -208,6 +223,7 @@ pub(super) async fn rewrap(client: &Client, a: RewrapArgs, out: &Output) -> Resu
     let r = client
         .keys()
         .rewrap(proto::RewrapRequest {
+            justification: a.why.to_proto(),
             ciphertext,
             aad: aad(&a.aad)?,
             key: a.key.unwrap_or_default(),
@@ -229,6 +245,7 @@ pub(super) async fn datakey(client: &Client, a: DatakeyArgs, out: &Output) -> Re
     let r = client
         .keys()
         .generate_data_key(proto::GenerateDataKeyRequest {
+            justification: a.why.to_proto(),
             key: a.key,
             aad: aad(&a.aad)?,
             length_bytes: a.length,

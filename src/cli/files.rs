@@ -26,6 +26,30 @@ pub(super) struct AadArgs {
     pub(super) aad_file: Option<PathBuf>,
 }
 
+/// Why a key use happens: `--justification CODE [--reference TEXT]`.
+#[derive(Debug, Clone, Args)]
+pub(super) struct JustificationArgs {
+    /// Justification code from the server's access policy (e.g. treatment, emergency,
+    /// research-pseudonymised); access rules may require one.
+    #[arg(long)]
+    pub(super) justification: Option<String>,
+    /// Reference for the justification: a ticket or case number (at most 256 bytes).
+    #[arg(long, requires = "justification")]
+    pub(super) reference: Option<String>,
+}
+
+impl JustificationArgs {
+    /// The request field.
+    pub(super) fn to_proto(&self) -> Option<crate::proto::Justification> {
+        self.justification
+            .as_ref()
+            .map(|code| crate::proto::Justification {
+                code: code.clone(),
+                reference: self.reference.clone().unwrap_or_default(),
+            })
+    }
+}
+
 impl std::fmt::Debug for AadArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let redacted = |v: &Option<String>| v.as_ref().map(|_| "<redacted>");

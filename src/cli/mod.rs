@@ -5,6 +5,7 @@
 //! exit codes ([`exit`]). Talks to a server only through [`crate::client`]; `serve` runs the
 //! composition root, [`crate::server`].
 
+mod access;
 mod approvals;
 mod audit;
 mod bench;
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::client::{Client, Profile};
+use access::AccessCommand;
 use approvals::ApprovalCommand;
 use audit::AuditCommand;
 use bench::BenchArgs;
@@ -79,6 +81,10 @@ enum Command {
         #[arg(long)]
         hsm_module: Option<PathBuf>,
     },
+    /// Break-glass access windows: request, approve (a second officer), list, close (role
+    /// officer).
+    #[command(subcommand)]
+    Access(AccessCommand),
     /// List, approve or reject destruction requests (role officer, a second officer approves).
     #[command(subcommand)]
     Approvals(ApprovalCommand),
@@ -159,6 +165,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Command::Kmip(k) => kmip::kmip_command(&client, k, &out).await,
                 Command::Audit(a) => audit::audit_command(&client, a, &out).await,
                 Command::Approvals(a) => approvals::approvals_command(&client, a, &out).await,
+                Command::Access(a) => access::access_command(&client, a, &out).await,
                 Command::Wrap(a) => data::wrap(&client, a, &out).await,
                 Command::Unwrap(a) => data::unwrap(&client, a, &out).await,
                 Command::Datakey(a) => data::datakey(&client, a, &out).await,

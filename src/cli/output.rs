@@ -605,3 +605,102 @@ fn managed_object_json(o: &proto::ManagedObject) -> Value {
         "attributes": o.attributes,
     })
 }
+
+fn window_json(w: &proto::AccessWindow) -> Value {
+    let reason = w.reason.clone().unwrap_or_default();
+    json!({
+        "id": w.id,
+        "tenant": w.tenant,
+        "identity": w.identity,
+        "key_pattern": w.key_pattern,
+        "reason": reason.code,
+        "reference": reason.reference,
+        "duration_seconds": w.duration.as_ref().map_or(0, |d| d.seconds),
+        "state": w.state,
+        "requested_by": w.requested_by,
+        "requested_at": time(w.requested_at.as_ref()),
+        "approved_by": w.approved_by,
+        "opened_at": w.opened_at.as_ref().map(|t| time(Some(t))),
+        "expires_at": w.expires_at.as_ref().map(|t| time(Some(t))),
+        "closed_by": w.closed_by,
+        "closed_at": w.closed_at.as_ref().map(|t| time(Some(t))),
+    })
+}
+
+impl Output {
+    /// One break-glass access window.
+    pub(super) fn window(&self, w: &proto::AccessWindow) {
+        if self.format == Format::Json {
+            return Self::print_json(&window_json(w));
+        }
+        let reason = w.reason.clone().unwrap_or_default();
+        say!("window:       {}", w.id);
+        say!("state:        {}", w.state);
+        say!("identity:     {}", w.identity);
+        say!("keys:         tenants/{}/keys/{}", w.tenant, w.key_pattern);
+        say!("reason:       {} {}", reason.code, reason.reference);
+        say!(
+            "lasts:        {} minutes once approved",
+            w.duration.as_ref().map_or(0, |d| d.seconds) / 60
+        );
+        say!("requested by: {}", w.requested_by);
+        if !w.approved_by.is_empty() {
+            say!("approved by:  {}", w.approved_by);
+            say!("open until:   {}", time(w.expires_at.as_ref()));
+        }
+        if !w.closed_by.is_empty() {
+            say!(
+                "closed by:    {} at {}",
+                w.closed_by,
+                time(w.closed_at.as_ref())
+            );
+        }
+        if w.state == "PENDING" {
+            say!(
+                "next:         a second officer runs: tresor access approve {}",
+                w.id
+            );
+        }
+    }
+
+    /// The tenant's break-glass access windows.
+    pub(super) fn windows(&self, list: &[proto::AccessWindow]) {
+        if self.format == Format::Json {
+            return Self::print_json(&Value::Array(list.iter().map(window_json).collect()));
+        }
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|w| {
+                vec![
+                    w.id.clone(),
+                    w.state.clone(),
+                    w.identity.clone(),
+                    w.key_pattern.clone(),
+                    w.reason
+                        .as_ref()
+                        .map(|r| r.code.clone())
+                        .unwrap_or_default(),
+                    w.requested_by.clone(),
+                    w.approved_by.clone(),
+                    time(w.expires_at.as_ref()),
+                ]
+            })
+            .collect();
+        say!(
+            "{}",
+            table(
+                &[
+                    "ID",
+                    "STATE",
+                    "IDENTITY",
+                    "KEYS",
+                    "REASON",
+                    "REQUESTED BY",
+                    "APPROVED BY",
+                    "OPEN UNTIL"
+                ],
+                &rows
+            )
+        );
+    }
+}

@@ -107,6 +107,8 @@ impl Profile {
 #[derive(Debug, Clone)]
 pub struct Client {
     channel: Channel,
+    /// Sent with every key use [`Client::seal`] and [`Client::open`] make.
+    justification: Option<proto::Justification>,
 }
 
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, ClientError> {
@@ -142,7 +144,10 @@ impl Client {
             .connect()
             .await
             .map_err(|e| connect_err(error_chain(&e)))?;
-        Ok(Self { channel })
+        Ok(Self {
+            channel,
+            justification: None,
+        })
     }
 
     /// The `KeyService` client (role service).
@@ -157,7 +162,12 @@ impl Client {
         KeyAdminServiceClient::new(self.channel.clone())
     }
 
-    /// The `ManagedObjectAdminService` client (role officer).
+    /// The `AccessService` client (role officer): break-glass windows.
+    pub fn access(&self) -> crate::proto::access_service_client::AccessServiceClient<Channel> {
+        crate::proto::access_service_client::AccessServiceClient::new(self.channel.clone())
+    }
+
+    /// Officers' view of KMIP's managed objects.
     pub fn objects(
         &self,
     ) -> crate::proto::managed_object_admin_service_client::ManagedObjectAdminServiceClient<Channel>
@@ -182,6 +192,22 @@ impl Client {
         tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
     }
 
+    /// This client, declaring `code` (from the server's access policy) and `reference` (a
+    /// ticket or case number) as the justification of every key use [`Client::seal`] and
+    /// [`Client::open`] make. Requests built by hand set `justification` themselves.
+    pub fn with_justification(mut self, code: &str, reference: &str) -> Self {
+        self.justification = Some(proto::Justification {
+            code: code.to_owned(),
+            reference: reference.to_owned(),
+        });
+        self
+    }
+
+    /// The justification set by [`Client::with_justification`], for requests built by hand.
+    pub fn justification(&self) -> Option<proto::Justification> {
+        self.justification.clone()
+    }
+
     /// Encrypts `plaintext` locally under a fresh data key from `key`, binding `aad`, and
     /// returns one self-contained envelope (see [`Sealed`]). Only the wrapped data key is ever
     /// sent to the server; the payload never is.
@@ -194,6 +220,7 @@ impl Client {
         let dk = self
             .keys()
             .generate_data_key(proto::GenerateDataKeyRequest {
+                justification: self.justification.clone(),
                 key: key.to_owned(),
                 aad: aad.to_vec(),
                 length_bytes: 32,
@@ -228,6 +255,7 @@ impl Client {
         let unwrapped = self
             .keys()
             .unwrap(proto::UnwrapRequest {
+                justification: self.justification.clone(),
                 ciphertext: s.wrapped_key.clone(),
                 aad: aad.to_vec(),
                 key: String::new(),
@@ -353,6 +381,13 @@ pub fn audit_item(r: proto::AuditRecord) -> Result<crate::audit_record::ExportIt
                 repeated: r.repeated,
                 first_ms: r.first_ms,
                 last_ms: r.last_ms,
+                access_rule: r.access_rule,
+                access_window: r.access_window,
+                justification: r.justification,
+                justification_reference: r.justification_reference,
+                kms_via_service: r.kms_via_service,
+                aws_source_vpc: r.aws_source_vpc,
+                aws_source_vpce: r.aws_source_vpce,
             },
         }),
         Ok(proto::AuditItemKind::Withheld) => ExportItem::Withheld {

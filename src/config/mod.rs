@@ -101,6 +101,7 @@ struct CustodySection {
     orphans: Option<String>,
     destruction_grace_hours: Option<u64>,
     approval_ttl_hours: Option<u64>,
+    max_access_window_hours: Option<u64>,
     scheduler_interval_secs: Option<u64>,
 }
 
@@ -143,6 +144,8 @@ pub struct Config {
     pub destruction_grace: Duration,
     /// How long a destruction request waits for its second officer.
     pub approval_ttl: Duration,
+    /// The longest break-glass access window an officer may request.
+    pub max_access_window: Duration,
     /// How often due rotations, destructions and expiries run.
     pub scheduler_interval: Duration,
     /// The AWS KMS external key store proxy, if configured.
@@ -356,6 +359,13 @@ impl Config {
         if !(1..=24 * 30).contains(&ttl) {
             return Err(err("custody.approval_ttl_hours", "must be 1 to 720".into()));
         }
+        let window = raw.custody.max_access_window_hours.unwrap_or(8);
+        if !(1..=24 * 7).contains(&window) {
+            return Err(err(
+                "custody.max_access_window_hours",
+                "must be 1 to 168".into(),
+            ));
+        }
         let tick = raw.custody.scheduler_interval_secs.unwrap_or(30);
         if !(1..=3600).contains(&tick) {
             return Err(err(
@@ -385,6 +395,7 @@ impl Config {
             kmip,
             destruction_grace: Duration::from_secs(grace * 3600),
             approval_ttl: Duration::from_secs(ttl * 3600),
+            max_access_window: Duration::from_secs(window * 3600),
             scheduler_interval: Duration::from_secs(tick),
             source: path.to_owned(),
             listen,

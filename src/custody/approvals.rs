@@ -1,4 +1,5 @@
-//! Four-eyes destruction: a request by one officer, a decision by another.
+//! Four-eyes decisions: a request by one officer, a decision by another. They destroy key
+//! versions and managed objects, and open break-glass access windows ([`super::access`]).
 //!
 //! Owns the approval rules: only officers of the key's tenant see and decide a request; the
 //! officer who asked cannot approve; a request expires after `approval_ttl_ms`; approval
@@ -139,7 +140,14 @@ impl Custody {
             });
         }
         let info = self
-            .request_approval(grant, name.tenant().as_str(), name.key(), number, DESTROY)
+            .request_approval(
+                grant,
+                name.tenant().as_str(),
+                name.key(),
+                number,
+                DESTROY,
+                None,
+            )
             .await
             .map_err(|e| match e {
                 CustodyError::ApprovalPending(_) => {
@@ -151,8 +159,17 @@ impl Custody {
         Ok(info)
     }
 
+    /// A fresh random id for an approval or window.
+    pub(super) fn new_id(&self) -> Result<String, CustodyError> {
+        let mut raw = [0u8; 12];
+        ring::rand::SecureRandom::fill(&self.inner.rng, &mut raw)
+            .map_err(|_| CustodyError::Internal("no system randomness".into()))?;
+        Ok(crate::model::to_hex(&raw))
+    }
+
     /// Records a pending request for `operation` on (`key_name`, `version`) of `tenant`,
-    /// sealed; [`CustodyError::ApprovalPending`] if one is already waiting.
+    /// sealed, under `id` or a fresh one; [`CustodyError::ApprovalPending`] if one is already
+    /// waiting.
     pub(super) async fn request_approval(
         &self,
         grant: &Grant,
@@ -160,13 +177,15 @@ impl Custody {
         key_name: &str,
         version: u32,
         operation: &str,
+        id: Option<String>,
     ) -> Result<ApprovalInfo, CustodyError> {
         let now = self.now();
-        let mut raw = [0u8; 12];
-        ring::rand::SecureRandom::fill(&self.inner.rng, &mut raw)
-            .map_err(|_| CustodyError::Internal("no system randomness".into()))?;
+        let id = match id {
+            Some(id) => id,
+            None => self.new_id()?,
+        };
         let mut row = ApprovalRow {
-            id: crate::model::to_hex(&raw),
+            id,
             tenant: tenant.to_owned(),
             key_name: key_name.to_owned(),
             version,
@@ -204,8 +223,9 @@ impl Custody {
             if !self.approval_sealed(&row).await? {
                 continue;
             }
+            let window = row.operation == super::access::OPEN_WINDOW;
             let info = self.approval_info(row)?;
-            if grant.allows_key(&info.key) {
+            if window || grant.allows_key(&info.key) {
                 shown.push(info);
             }
         }
@@ -251,7 +271,11 @@ impl Custody {
             // Another tenant's approval does not exist for this caller.
             .filter(|r| r.tenant == grant.tenant().as_str())
             .ok_or_else(|| CustodyError::ApprovalNotFound(id.to_owned()))?;
-        grant.check_key(&KeyName::new(&row.tenant, &row.key_name)?)?;
+        // A window's approval names the window, not a key; its key pattern is checked
+        // against the officer's when the window opens.
+        if row.operation != super::access::OPEN_WINDOW {
+            grant.check_key(&KeyName::new(&row.tenant, &row.key_name)?)?;
+        }
         if !self.approval_sealed(&row).await? {
             return Err(CustodyError::ApprovalIntegrity(id.to_owned()));
         }
@@ -291,6 +315,21 @@ impl Custody {
                 return Err(e);
             }
             tracing::warn!(object = %row.key_name, tenant = %row.tenant, approved_by = %grant.identity(), requested_by = %row.requested_by, "managed object destruction approved and done");
+            let row = self
+                .inner
+                .store
+                .get_approval(id)
+                .await?
+                .ok_or_else(|| CustodyError::ApprovalNotFound(id.to_owned()))?;
+            return self.approval_info(row);
+        }
+        if row.operation == super::access::OPEN_WINDOW {
+            self.decide_row(&row, ApprovalState::Approved, grant.identity(), self.now())
+                .await?;
+            if let Err(e) = self.open_window(grant, &row.key_name).await {
+                self.inner.store.reopen_approval(id, &row.integrity).await?;
+                return Err(e);
+            }
             let row = self
                 .inner
                 .store

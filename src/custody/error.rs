@@ -97,7 +97,7 @@ pub enum CustodyError {
         state: ApprovalState,
     },
     /// The officer who asked may not approve.
-    #[error("{0} asked for this destruction; a different officer of the tenant must approve it")]
+    #[error("{0} asked for this; a different officer of the tenant must approve it")]
     SelfApproval(String),
     /// A destruction of this version already waits for approval.
     #[error("a destruction of {0} already waits for approval")]
@@ -196,6 +196,33 @@ pub enum CustodyError {
         /// The state asked for.
         to: super::ObjectState,
     },
+    /// An access rule refused the call. The message names the rule, never its contents.
+    #[error("refused by access rule {0}")]
+    AccessRuleDenied(String),
+    /// An access rule lets the call through only while a break-glass window is open for the
+    /// caller and key, and none is.
+    #[error(
+        "access rule {0} requires an approved access window for this caller and key; an officer requests one (tresor access request) and a second officer approves it"
+    )]
+    AccessWindowRequired(String),
+    /// No break-glass window with this id in the caller's tenant.
+    #[error("access window {0} not found")]
+    WindowNotFound(String),
+    /// The window is closed, expired or refused: it can no longer change.
+    #[error("access window {id} is {state}; it can no longer be {action}")]
+    WindowClosed {
+        /// The window.
+        id: String,
+        /// Where it stands.
+        state: super::WindowState,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// A window row does not match its integrity value (changed outside Tresor).
+    #[error(
+        "metadata integrity check failed for access window {0}: it was changed outside Tresor and is ignored"
+    )]
+    WindowIntegrity(String),
     /// The deployment lacks something an operator must set up (named, with the fix).
     #[error("{0}")]
     FailedSetup(String),

@@ -20,7 +20,12 @@
 //! approval = "tresor/metadata/approval/v1\0" ‖ str(installation) ‖ str(id) ‖ str(tenant)
 //!            ‖ str(key) ‖ u32be(version) ‖ str(operation) ‖ str(requested_by)
 //!            ‖ i64be(requested_at) ‖ i64be(expires_at) ‖ str(state) ‖ str(decided_by)
-//! value    = hex(HMAC-SHA256(K_meta, key | approval))
+//! window   = "tresor/metadata/window/v1\0" ‖ str(installation) ‖ str(id) ‖ str(tenant)
+//!            ‖ str(identity) ‖ str(key_pattern) ‖ str(reason) ‖ str(reference)
+//!            ‖ i64be(duration_ms) ‖ str(requested_by) ‖ i64be(requested_at) ‖ str(state)
+//!            ‖ str(approved_by) ‖ i64be(opened_at) ‖ i64be(expires_at) ‖ str(closed_by)
+//!            ‖ i64be(closed_at)
+//! value    = hex(HMAC-SHA256(K_meta, key | approval | window))
 //! ```
 //!
 //! Not covered, on purpose: a version's wrap reservation (`wraps_reserved`, written every
@@ -31,7 +36,7 @@ use std::sync::Arc;
 
 use super::cache::KeyEntry;
 use crate::hsm::{Hsm, HsmError, ObjectId};
-use crate::store::ApprovalRow;
+use crate::store::{ApprovalRow, WindowRow};
 
 /// Where a cache entry's state stands against its integrity value.
 #[derive(Debug, Clone)]
@@ -99,6 +104,11 @@ impl Sealer {
     /// The integrity value of an approval row (its own `integrity` field aside).
     pub(crate) async fn seal_approval(&self, row: &ApprovalRow) -> Result<String, HsmError> {
         self.mac(approval_message(&self.installation, row)).await
+    }
+
+    /// The integrity value of an access window row (its own `integrity` field aside).
+    pub(crate) async fn seal_window(&self, row: &WindowRow) -> Result<String, HsmError> {
+        self.mac(window_message(&self.installation, row)).await
     }
 
     async fn mac(&self, message: Vec<u8>) -> Result<String, HsmError> {
@@ -196,6 +206,32 @@ pub(crate) fn approval_message(installation: &str, a: &ApprovalRow) -> Vec<u8> {
     w.0
 }
 
+/// The bytes MAC'd for an access window row.
+pub(crate) fn window_message(installation: &str, w: &WindowRow) -> Vec<u8> {
+    let mut wr = Writer(b"tresor/metadata/window/v1\0".to_vec());
+    wr.str(installation);
+    for s in [
+        &w.id,
+        &w.tenant,
+        &w.identity,
+        &w.key_pattern,
+        &w.reason,
+        &w.reference,
+    ] {
+        wr.str(s);
+    }
+    wr.i64(w.duration_ms);
+    wr.str(&w.requested_by);
+    wr.i64(w.requested_at);
+    wr.str(&w.state);
+    wr.str(&w.approved_by);
+    wr.i64(w.opened_at);
+    wr.i64(w.expires_at);
+    wr.str(&w.closed_by);
+    wr.i64(w.closed_at);
+    wr.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +276,54 @@ mod tests {
         a.integrity = "other".into();
         assert_eq!(approval_message("i", &a), base);
         assert_ne!(approval_message("j", &approval()), base);
+    }
+
+    #[test]
+    fn every_window_field_but_the_seal_changes_the_message() {
+        let window = || WindowRow {
+            id: "w".into(),
+            tenant: "t".into(),
+            identity: "svc".into(),
+            key_pattern: "ehr-*".into(),
+            reason: "support".into(),
+            reference: "INC-1".into(),
+            duration_ms: 3_600_000,
+            requested_by: "anna".into(),
+            requested_at: 1,
+            state: "OPEN".into(),
+            approved_by: "ben".into(),
+            opened_at: 2,
+            expires_at: 3,
+            closed_by: String::new(),
+            closed_at: 0,
+            integrity: "ignored".into(),
+        };
+        let base = window_message("i", &window());
+        let changes: [fn(&mut WindowRow); 15] = [
+            |w| w.id = "x".into(),
+            |w| w.tenant = "u".into(),
+            |w| w.identity = "other".into(),
+            |w| w.key_pattern = "*".into(),
+            |w| w.reason = "emergency".into(),
+            |w| w.reference = "INC-2".into(),
+            |w| w.duration_ms += 1,
+            |w| w.requested_by = "bob".into(),
+            |w| w.requested_at = 9,
+            |w| w.state = "CLOSED".into(),
+            |w| w.approved_by = "carl".into(),
+            |w| w.opened_at = 9,
+            |w| w.expires_at = 9,
+            |w| w.closed_by = "anna".into(),
+            |w| w.closed_at = 9,
+        ];
+        for change in changes {
+            let mut w = window();
+            change(&mut w);
+            assert_ne!(window_message("i", &w), base);
+        }
+        let mut w = window();
+        w.integrity = "other".into();
+        assert_eq!(window_message("i", &w), base);
     }
 
     #[test]

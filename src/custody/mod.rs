@@ -16,6 +16,7 @@
 //! - **Cache.** Key metadata is served from memory ([`cache`]); every write updates it after
 //!   its commit. The wrap/unwrap path reads the cache, then calls the HSM with no lock held.
 
+mod access;
 mod approvals;
 mod cache;
 mod changes;
@@ -45,6 +46,7 @@ use crate::hsm::{Hsm, ObjectId};
 use crate::model::{KeyName, Millis, VersionState};
 use crate::store::{Reseal, Store, VersionRow};
 use crate::sync::{read, write};
+pub use access::{WindowInfo, WindowRequest, WindowState};
 pub use approvals::{ApprovalInfo, ApprovalState};
 use cache::{Cache, KeyEntry};
 use checks::*;
@@ -85,6 +87,8 @@ pub struct CustodyOptions {
     pub tenant_object_destroy_grace_ms: std::collections::BTreeMap<String, Millis>,
     /// Whether an officer's destruction of a managed object needs a second officer.
     pub object_destroy_approval: bool,
+    /// The longest break-glass access window an officer may request.
+    pub max_access_window_ms: Millis,
 }
 
 /// A day in milliseconds.
@@ -106,6 +110,7 @@ impl Default for CustodyOptions {
             object_destroy_grace_ms: 7 * DAY_MS,
             tenant_object_destroy_grace_ms: std::collections::BTreeMap::new(),
             object_destroy_approval: true,
+            max_access_window_ms: 8 * 3_600_000,
         }
     }
 }

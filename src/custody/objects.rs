@@ -441,10 +441,14 @@ impl Custody {
                 what: "material is not hex".into(),
             })
         })?;
+        // A release (Get) or a use (Encrypt, Decrypt) of the key: the access rules decide on
+        // the object's Name.
+        self.check_access(grant, &row.name).await?;
         let key = KeyName::new(&row.tenant, wrapping_key)?;
         let (material, _, _) = self
             .open_blob_allowed(
                 &|k| k == &key,
+                None,
                 &blob,
                 &object_aad(&row.tenant, &row.id),
                 Some(&key),
@@ -596,6 +600,7 @@ impl Custody {
             &object.id,
             0,
             super::approvals::DESTROY_OBJECT,
+            None,
         )
         .await
         .map(ObjectDestruction::Requested)

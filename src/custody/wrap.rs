@@ -29,6 +29,7 @@ impl Custody {
         aad: &[u8],
     ) -> Result<Wrapped, CustodyError> {
         authorize(grant, Role::Service, name)?;
+        self.check_access(grant, name.key()).await?;
         self.wrap_authorized(name, plaintext, aad).await
     }
 
@@ -86,6 +87,7 @@ impl Custody {
         }
         authorize(grant, Role::Service, name)?;
         check_aad(aad)?;
+        self.check_access(grant, name.key()).await?;
         // Fail on an unknown key before spending HSM randomness (a key another node has just
         // created is read first).
         self.fresh_entry(name).await?;
@@ -196,15 +198,23 @@ impl Custody {
             grant.check_key(expected)?;
         }
         check_aad(aad)?;
-        self.open_blob_allowed(&|key| grant.allows_key(key), ciphertext, aad, expected_key)
-            .await
+        self.open_blob_allowed(
+            &|key| grant.allows_key(key),
+            Some(grant),
+            ciphertext,
+            aad,
+            expected_key,
+        )
+        .await
     }
 
     /// [`Custody::open_blob`] once the caller was authorized: `allows` says which keys the
-    /// blob may belong to.
+    /// blob may belong to; with `rules`, that grant's access rules are asked about the blob's
+    /// key before the HSM is (custody's own blobs, a managed object's material, have none).
     pub(super) async fn open_blob_allowed(
         &self,
         allows: &(dyn Fn(&KeyName) -> bool + Sync),
+        rules: Option<&Grant>,
         ciphertext: &[u8],
         aad: &[u8],
         expected_key: Option<&KeyName>,
@@ -213,6 +223,9 @@ impl Custody {
         let (version, entry) = self
             .decrypting_version(allows, &blob.version_id, expected_key)
             .await?;
+        if let Some(grant) = rules {
+            self.check_access(grant, entry.name.key()).await?;
+        }
         let full_aad = envelope::gcm_aad(&version.id, &version.full_name, aad);
         let plaintext = self
             .inner
@@ -316,6 +329,7 @@ impl Custody {
     ) -> Result<RawSealed, CustodyError> {
         authorize(grant, Role::Service, name)?;
         check_plaintext(&plaintext)?;
+        self.check_access(grant, name.key()).await?;
         let (version, iv, sealed) = self
             .seal_under_primary(name, plaintext, |v| aad_for(&v.id))
             .await?;
@@ -343,6 +357,7 @@ impl Custody {
     ) -> Result<(RawSealed, T), CustodyError> {
         authorize(grant, Role::Service, name)?;
         check_plaintext(&plaintext)?;
+        self.check_access(grant, name.key()).await?;
         let mut full_aad = Vec::new();
         let (version, iv, sealed) = self
             .seal_under_primary(name, plaintext.clone(), |v| {
@@ -388,6 +403,7 @@ impl Custody {
         let (version, _) = self
             .decrypting_version(&|key| grant.allows_key(key), id, Some(name))
             .await?;
+        self.check_access(grant, name.key()).await?;
         let plaintext = self
             .inner
             .hsm

@@ -258,9 +258,11 @@ impl KeyAdminService for Api {
             .custody
             .approve(&call.grant, &request.get_ref().id)
             .await;
+        // The record names what was decided: a key version, a managed object or a window.
         let result = custody(&call, out, |a| {
-            let v = a.key.version(a.version);
-            done(approval_message(a), v)
+            let m = approval_message(a);
+            let v = m.key_version.clone();
+            done(m, v)
         });
         self.finish(call, result, "", &[]).await
     }
@@ -274,9 +276,11 @@ impl KeyAdminService for Api {
             .custody
             .reject(&call.grant, &request.get_ref().id)
             .await;
+        // The record names what was decided: a key version, a managed object or a window.
         let result = custody(&call, out, |a| {
-            let v = a.key.version(a.version);
-            done(approval_message(a), v)
+            let m = approval_message(a);
+            let v = m.key_version.clone();
+            done(m, v)
         });
         self.finish(call, result, "", &[]).await
     }

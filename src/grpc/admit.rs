@@ -175,6 +175,9 @@ fn operation_of(path: &str) -> &'static str {
         "GetManagedObject",
         "RevokeManagedObject",
         "DestroyManagedObject",
+        "RequestAccessWindow",
+        "ListAccessWindows",
+        "CloseAccessWindow",
     ];
     let method = path.rsplit('/').next().unwrap_or("");
     OPERATIONS

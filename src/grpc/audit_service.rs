@@ -9,6 +9,9 @@ use crate::auth::Role;
 use crate::proto;
 use crate::proto::audit_service_server::AuditService;
 
+/// The outcomes a record can have, for the export's filter.
+const OUTCOMES: [&str; 5] = ["OK", "DENIED", "RULE_DENIED", "UNAUTHENTICATED", "FAILED"];
+
 #[tonic::async_trait]
 impl AuditService for Api {
     type ExportAuditLogStream =
@@ -43,12 +46,21 @@ impl AuditService for Api {
                     None => None,
                 },
             };
+            let outcome = r.outcome.to_ascii_uppercase();
+            if !outcome.is_empty() && !OUTCOMES.contains(&outcome.as_str()) {
+                return Err(super::invalid(
+                    &call,
+                    &format!("outcome must be one of {}", OUTCOMES.join(", ")),
+                ));
+            }
             Ok(ExportFilter {
                 tenant: call.grant.tenant().as_str().to_owned(),
                 from_ms: r.from.as_ref().map_or(0, millis),
                 to_ms: r.to.as_ref().map_or_else(crate::model::now_millis, millis),
                 key,
                 caller: (!r.caller.is_empty()).then(|| r.caller.clone()),
+                justification: (!r.justification.is_empty()).then(|| r.justification.clone()),
+                outcome: (!outcome.is_empty()).then_some(outcome),
             })
         })();
         let request_id = call.request_id.clone();

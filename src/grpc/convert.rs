@@ -108,6 +108,13 @@ pub(super) fn export_message(item: ExportItem) -> proto::AuditRecord {
             repeated: r.body.repeated,
             first_ms: r.body.first_ms,
             last_ms: r.body.last_ms,
+            access_rule: r.body.access_rule,
+            access_window: r.body.access_window,
+            justification: r.body.justification,
+            justification_reference: r.body.justification_reference,
+            kms_via_service: r.body.kms_via_service,
+            aws_source_vpc: r.body.aws_source_vpc,
+            aws_source_vpce: r.body.aws_source_vpce,
             previous_hash: r.prev_hash.to_vec(),
             key: r.body.key,
             certificate_fingerprint: r.body.fingerprint,
@@ -143,7 +150,15 @@ pub(super) fn export_message(item: ExportItem) -> proto::AuditRecord {
 
 pub(super) fn approval_message(a: ApprovalInfo) -> proto::Approval {
     // An officer's destruction of a managed object names the object, not a key version.
-    let (key, key_version) = if a.operation == "DESTROY_MANAGED_OBJECT" {
+    let (key, key_version) = if a.operation == "OPEN_ACCESS_WINDOW" {
+        // A break-glass window's approval names the window.
+        let window = format!(
+            "tenants/{}/windows/{}",
+            a.key.tenant().as_str(),
+            a.key.key()
+        );
+        (window.clone(), window)
+    } else if a.operation == "DESTROY_MANAGED_OBJECT" {
         let object = format!(
             "tenants/{}/objects/{}",
             a.key.tenant().as_str(),

@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroize;
 use zeroize::Zeroizing;
 
-use super::{Api, custody, done, done_secret};
+use super::{Api, custody, done, done_secret, justify};
 use crate::auth::Role;
 use crate::proto;
 use crate::proto::key_service_server::KeyService;
@@ -15,8 +15,11 @@ impl KeyService for Api {
         &self,
         request: Request<proto::WrapRequest>,
     ) -> Result<Response<proto::WrapResponse>, Status> {
-        let call = self.begin(&request, Role::Service, "Wrap").await?;
+        let mut call = self.begin(&request, Role::Service, "Wrap").await?;
         let r = request.into_inner();
+        if let Err(s) = justify(&mut call, r.justification.as_ref()) {
+            return self.finish(call, Err(s), &r.key, &r.aad).await;
+        }
         self.keyed(call, &r.key, &r.aad, async |call, key| {
             let out = self
                 .custody
@@ -39,8 +42,11 @@ impl KeyService for Api {
         &self,
         request: Request<proto::UnwrapRequest>,
     ) -> Result<Response<proto::UnwrapResponse>, Status> {
-        let call = self.begin(&request, Role::Service, "Unwrap").await?;
+        let mut call = self.begin(&request, Role::Service, "Unwrap").await?;
         let r = request.into_inner();
+        if let Err(s) = justify(&mut call, r.justification.as_ref()) {
+            return self.finish(call, Err(s), &r.key, &r.aad).await;
+        }
         self.optionally_keyed(
             call,
             &r.key,
@@ -73,10 +79,13 @@ impl KeyService for Api {
         &self,
         request: Request<proto::GenerateDataKeyRequest>,
     ) -> Result<Response<proto::GenerateDataKeyResponse>, Status> {
-        let call = self
+        let mut call = self
             .begin(&request, Role::Service, "GenerateDataKey")
             .await?;
         let r = request.into_inner();
+        if let Err(s) = justify(&mut call, r.justification.as_ref()) {
+            return self.finish(call, Err(s), &r.key, &r.aad).await;
+        }
         self.keyed(call, &r.key, &r.aad, async |call, key| {
             let len = if r.length_bytes == 0 {
                 32
@@ -112,8 +121,11 @@ impl KeyService for Api {
         &self,
         request: Request<proto::RewrapRequest>,
     ) -> Result<Response<proto::RewrapResponse>, Status> {
-        let call = self.begin(&request, Role::Service, "Rewrap").await?;
+        let mut call = self.begin(&request, Role::Service, "Rewrap").await?;
         let r = request.into_inner();
+        if let Err(s) = justify(&mut call, r.justification.as_ref()) {
+            return self.finish(call, Err(s), &r.key, &r.aad).await;
+        }
         self.optionally_keyed(
             call,
             &r.key,

@@ -7,6 +7,7 @@
 //! which appends the call's audit record and waits until it is durable before anything —
 //! least of all a plaintext — goes back to the caller. No crypto and no SQL here.
 
+mod access_service;
 mod admin_service;
 mod admit;
 mod audit_service;
@@ -491,7 +492,7 @@ fn record_body(
     key_version: String,
     aad_hmac: String,
 ) -> RecordBody {
-    RecordBody {
+    let mut body = RecordBody {
         request_id: call.request_id.clone(),
         caller: call.grant.identity().to_owned(),
         fingerprint: call.fingerprint.clone(),
@@ -506,7 +507,31 @@ fn record_body(
         // Stamped by the audit writer.
         node: String::new(),
         ..RecordBody::default()
-    }
+    };
+    call.grant.fill_record(&mut body);
+    body
+}
+
+/// Describes a key use to the access rules: the RPC and the justification the request
+/// declares, checked against the policy's vocabulary (`INVALID_ARGUMENT` if it is not in it).
+fn justify(
+    call: &mut Call,
+    justification: Option<&crate::proto::Justification>,
+) -> Result<(), Status> {
+    let (code, reference) =
+        justification.map_or(("", ""), |j| (j.code.as_str(), j.reference.as_str()));
+    let declared = call
+        .grant
+        .rules()
+        .justification(code, reference)
+        .map_err(|e| invalid(call, &format!("justification: {e}")))?;
+    call.grant.set_context(crate::auth::AccessContext {
+        front_end: crate::auth::FrontEnd::Grpc,
+        operation: call.operation.to_owned(),
+        justification: declared,
+        aws: None,
+    });
+    Ok(())
 }
 
 fn invalid(call: &Call, message: &str) -> Status {

@@ -11,6 +11,7 @@ use tonic::transport::Server as TonicServer;
 
 use super::Api;
 use crate::listener::{Connection, ListenerLimits};
+use crate::proto::access_service_server::AccessServiceServer;
 use crate::proto::audit_service_server::AuditServiceServer;
 use crate::proto::key_admin_service_server::KeyAdminServiceServer;
 use crate::proto::key_service_server::KeyServiceServer;
@@ -20,8 +21,9 @@ use crate::proto::{self, MAX_MESSAGE_BYTES};
 /// ALPN for the gRPC listener.
 pub const ALPN: &[&[u8]] = &[b"h2"];
 /// The services whose health `grpc.health.v1.Health` reports ("" is the server as a whole).
-const HEALTH_SERVICES: [&str; 5] = [
+const HEALTH_SERVICES: [&str; 6] = [
     "",
+    "tresor.v1.AccessService",
     "tresor.v1.KeyService",
     "tresor.v1.KeyAdminService",
     "tresor.v1.ManagedObjectAdminService",
@@ -80,6 +82,7 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(ManagedObjectAdminServiceServer::new(api.clone()))
+        .add_service(AccessServiceServer::new(api.clone()))
         .add_service(AuditServiceServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

@@ -52,7 +52,12 @@ pub(crate) fn from_custody(e: &CustodyError, request_id: &str) -> Status {
         | E::ApprovalClosed { .. }
         | E::ApprovalPending(_) => (Code::FailedPrecondition, e.to_string()),
         E::ApprovalNotFound(_) => (Code::NotFound, e.to_string()),
-        E::SelfApproval(_) => (Code::PermissionDenied, e.to_string()),
+        E::SelfApproval(_) | E::AccessRuleDenied(_) | E::AccessWindowRequired(_) => {
+            (Code::PermissionDenied, e.to_string())
+        }
+        E::WindowNotFound(_) => (Code::NotFound, e.to_string()),
+        E::WindowClosed { .. } => (Code::FailedPrecondition, e.to_string()),
+        E::WindowIntegrity(_) => (Code::DataLoss, e.to_string()),
         E::Conflict(_) => (Code::Aborted, e.to_string()),
         // Managed objects are KMIP's; no gRPC call reaches them today.
         E::ObjectNotFound(_) | E::ForeignObject { .. } | E::ObjectAttributeNotFound { .. } => {

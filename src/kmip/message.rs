@@ -112,6 +112,20 @@ pub struct Request {
     pub continue_on_error: bool,
     /// The batch.
     pub items: Vec<RequestItem>,
+    /// The header's Client Correlation Value (KMIP 1.4), where a client declares its
+    /// justification (see [`justification_of`]).
+    pub correlation: Option<String>,
+}
+
+/// The prefix of a Client Correlation Value that declares a justification.
+pub const JUSTIFICATION_PREFIX: &str = "justification:";
+
+/// The justification a Client Correlation Value declares: `justification:CODE` or
+/// `justification:CODE:REFERENCE`, as (code, reference). Any other value is the client's own
+/// correlation data and declares nothing.
+pub fn justification_of(correlation: &str) -> Option<(&str, &str)> {
+    let rest = correlation.strip_prefix(JUSTIFICATION_PREFIX)?;
+    Some(rest.split_once(':').unwrap_or((rest, "")))
 }
 
 /// What one batch item answered.
@@ -211,7 +225,16 @@ pub fn parse_request(message: &Ttlv) -> Result<Request, ((i32, i32), KmipError)>
             items.len()
         ))));
     }
+    let correlation = match header.child(tag::CLIENT_CORRELATION_VALUE) {
+        None => None,
+        Some(v) => Some(v.as_text().map(str::to_owned).ok_or_else(|| {
+            at(KmipError::InvalidField(
+                "Client Correlation Value must be a Text String".into(),
+            ))
+        })?),
+    };
     Ok(Request {
+        correlation,
         version,
         continue_on_error,
         items,

@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 
 use crate::audit::AuditLog;
 use crate::audit_record::RecordBody;
-use crate::auth::{Grant, Identity, Role, SharedPolicy};
+use crate::auth::{AccessContext, FrontEnd, Grant, Identity, Role, SharedPolicy};
 use crate::config::KmipConfig;
 use crate::custody::{Custody, CustodyError};
 use message::{Request, ResponseItem, ResultReason};
@@ -120,6 +120,9 @@ impl KmipError {
         use CustodyError as E;
         match e {
             E::PermissionDenied(d) => Self::PermissionDenied(d.to_string()),
+            E::AccessRuleDenied(_) | E::AccessWindowRequired(_) => {
+                Self::PermissionDenied(e.to_string())
+            }
             E::InvalidName(_) | E::InvalidArgument(_) => Self::InvalidField(e.to_string()),
             E::ObjectNotFound(_) | E::ObjectAttributeNotFound { .. } => {
                 Self::ItemNotFound(e.to_string())
@@ -170,6 +173,9 @@ impl KmipError {
             | E::PrimaryVersion(_)
             | E::InvalidTransition { .. }
             | E::ApprovalIntegrity(_)
+            | E::WindowNotFound(_)
+            | E::WindowClosed { .. }
+            | E::WindowIntegrity(_)
             | E::Internal(_) => Self::General("internal error".into()),
         }
     }
@@ -330,7 +336,18 @@ impl Kmip {
             }
             return answers;
         };
-        let grant = self.grant(caller);
+        let grant = self.grant(caller).and_then(|g| {
+            let (code, reference) = request
+                .correlation
+                .as_deref()
+                .and_then(message::justification_of)
+                .unwrap_or(("", ""));
+            let declared = g
+                .rules()
+                .justification(code, reference)
+                .map_err(|e| KmipError::InvalidField(format!("Client Correlation Value: {e}")))?;
+            Ok((g, declared))
+        });
         let mut placeholder: Option<String> = None;
         let mut answers = Vec::with_capacity(request.items.len());
         let mut failed = false;
@@ -339,7 +356,19 @@ impl Kmip {
                 break;
             }
             let mut touched = operations::Touched::default();
-            let result = match &grant {
+            // Each item is its own use for the access rules (and its own decision).
+            let item_grant = grant.as_ref().map(|(g, declared)| {
+                g.with_context(AccessContext {
+                    front_end: FrontEnd::Kmip,
+                    operation: message::operation::audit_name(item.operation)
+                        .trim_start_matches("Kmip")
+                        .to_owned(),
+                    justification: declared.clone(),
+                    aws: None,
+                })
+            });
+            let item_grant = item_grant.map_err(|e| e.clone());
+            let result = match &item_grant {
                 Ok(grant) => {
                     operations::run(
                         &self.inner.custody,
@@ -358,7 +387,7 @@ impl Kmip {
             let result = match self
                 .record(
                     caller,
-                    grant.as_ref().ok(),
+                    item_grant.as_ref().ok(),
                     item.operation,
                     &touched,
                     result.as_ref().map(|_| ()),
@@ -421,7 +450,7 @@ impl Kmip {
             Err(e) => (e.outcome(), e.reason() as i32),
         };
         let tenant = grant.map_or_else(String::new, |g| g.tenant().as_str().to_owned());
-        let body = RecordBody {
+        let mut body = RecordBody {
             key: touched
                 .object
                 .as_deref()
@@ -430,6 +459,9 @@ impl Kmip {
             key_version: touched.name.clone().unwrap_or_default(),
             ..caller.record(message::operation::audit_name(operation), outcome, status)
         };
+        if let Some(g) = grant {
+            g.fill_record(&mut body);
+        }
         let appended = if grant.is_none() {
             // Refusals before the caller is known fold into burst records (SECURITY.md).
             self.inner.audit.append_refusal(&tenant, body).await

@@ -75,6 +75,7 @@ pub mod tag {
     pub const LOCATED_ITEMS: u32 = 0x42_00D5;
     pub const AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA: u32 = 0x42_00FE;
     pub const AUTHENTICATED_ENCRYPTION_TAG: u32 = 0x42_00FF;
+    pub const CLIENT_CORRELATION_VALUE: u32 = 0x42_0105;
 }
 
 /// One TTLV item.

@@ -157,6 +157,8 @@ impl Server {
             destruction_grace_ms: i64::try_from(config.destruction_grace.as_millis())
                 .unwrap_or(i64::MAX),
             approval_ttl_ms: i64::try_from(config.approval_ttl.as_millis()).unwrap_or(i64::MAX),
+            max_access_window_ms: i64::try_from(config.max_access_window.as_millis())
+                .unwrap_or(i64::MAX),
             clock,
             ..CustodyOptions::default()
         };
@@ -313,7 +315,11 @@ impl Server {
     /// credentials. A broken file is refused and logged; what was in force stays.
     pub fn reload(&self) {
         match self.policy.reload() {
-            Ok(n) => tracing::info!(identities = n, "access policy reloaded"),
+            Ok(n) => tracing::info!(
+                identities = n,
+                access_rules = self.policy.current().rules().len(),
+                "access policy reloaded"
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "access policy NOT reloaded; the previous policy stays in force");
             }

@@ -51,6 +51,13 @@ fn record_row(r: &sqlx::any::AnyRow) -> Result<(Record, [u8; 32]), StoreError> {
                     .map_err(|_| corrupt("negative repeat count"))?,
                 first_ms: r.try_get("first_ms")?,
                 last_ms: r.try_get("last_ms")?,
+                access_rule: r.try_get("access_rule")?,
+                access_window: r.try_get("access_window")?,
+                justification: r.try_get("justification")?,
+                justification_reference: r.try_get("justification_reference")?,
+                kms_via_service: r.try_get("kms_via_service")?,
+                aws_source_vpc: r.try_get("aws_source_vpc")?,
+                aws_source_vpce: r.try_get("aws_source_vpce")?,
             },
         },
         hash32(&r.try_get::<String, _>("hash")?)?,
@@ -182,6 +189,13 @@ where
             .bind(i64::try_from(r.body.repeated).unwrap_or(i64::MAX))
             .bind(r.body.first_ms)
             .bind(r.body.last_ms)
+            .bind(&r.body.access_rule)
+            .bind(&r.body.access_window)
+            .bind(&r.body.justification)
+            .bind(&r.body.justification_reference)
+            .bind(&r.body.kms_via_service)
+            .bind(&r.body.aws_source_vpc)
+            .bind(&r.body.aws_source_vpce)
             .bind(to_hex(hash));
     }
     query
@@ -191,11 +205,15 @@ where
     Ok(())
 }
 
-const RECORD_COLUMN_COUNT: usize = 24;
+/// Columns per record: a batch's INSERT binds this many parameters per record, and SQLite takes
+/// at most 32,766 in one statement (the audit writer's batch bound is checked against it).
+pub const RECORD_COLUMN_COUNT: usize = 31;
 
 const RECORD_COLUMNS: &str = "seq, prev_hash, time_ms, tenant, request_id, caller, fingerprint, role, operation, \
      key_name, key_version, outcome, status_code, peer, aad_hmac, node, kms_request_id, \
-     kms_operation, aws_principal_arn, kms_key_arn, repeated, first_ms, last_ms, hash";
+     kms_operation, aws_principal_arn, kms_key_arn, repeated, first_ms, last_ms, access_rule, \
+     access_window, justification, justification_reference, kms_via_service, aws_source_vpc, \
+     aws_source_vpce, hash";
 
 impl Store {
     /// The last record's sequence number, hash and time, if any.

@@ -25,10 +25,12 @@ mod audit;
 mod keys;
 mod nodes;
 mod objects;
+mod windows;
 pub use approvals::ApprovalRow;
-pub use audit::{AUDIT_CHAIN_LOCK, ChainHead};
+pub use audit::{AUDIT_CHAIN_LOCK, ChainHead, RECORD_COLUMN_COUNT};
 pub use nodes::{SCHEDULER_LOCK, STARTUP_LOCK, SchedulerLock};
 pub use objects::ObjectRow;
+pub use windows::WindowRow;
 pub mod changes;
 
 use std::fs::OpenOptions;

@@ -34,7 +34,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::AuditLog;
 use crate::audit_record::RecordBody;
-use crate::auth::{Grant, Identity, Role, SharedPolicy};
+use crate::auth::{AccessContext, AwsContext, FrontEnd, Grant, Identity, Role, SharedPolicy};
 use crate::config::{XksConfig, XksPrefix};
 use crate::custody::{Custody, CustodyError, ProbeKey};
 use crate::hsm::TokenDescription;
@@ -252,6 +252,18 @@ struct Audit {
     key_version: String,
     aad_hmac: String,
     meta: wire::RequestMetadata,
+    /// The access rules' decision and justification fields, once custody asked the rules.
+    access: RecordBody,
+    /// Whether an access rule refused the call.
+    refused_by_rule: bool,
+}
+
+impl Audit {
+    /// Takes the access rules' decision from the grant custody used.
+    fn access_decided(&mut self, grant: &Grant) {
+        grant.fill_record(&mut self.access);
+        self.refused_by_rule = grant.refused_by_rule();
+    }
 }
 
 impl Xks {
@@ -386,6 +398,7 @@ impl Xks {
         let outcome = match outgoing.status.as_u16() {
             200 => "OK",
             401 => "UNAUTHENTICATED",
+            403 if audit.refused_by_rule => "RULE_DENIED",
             403 => "DENIED",
             _ => "FAILED",
         };
@@ -405,6 +418,13 @@ impl Xks {
             kms_operation: audit.meta.kms_operation.unwrap_or_default(),
             aws_principal_arn: audit.meta.aws_principal_arn.unwrap_or_default(),
             kms_key_arn: audit.meta.kms_key_arn.unwrap_or_default(),
+            kms_via_service: audit.meta.kms_via_service.unwrap_or_default(),
+            aws_source_vpc: audit.meta.aws_source_vpc.unwrap_or_default(),
+            aws_source_vpce: audit.meta.aws_source_vpce.unwrap_or_default(),
+            access_rule: audit.access.access_rule,
+            access_window: audit.access.access_window,
+            justification: audit.access.justification,
+            justification_reference: audit.access.justification_reference,
             ..RecordBody::default()
         };
         crate::metrics::global().request(operation.audit_name(), code_name, started.elapsed());
@@ -611,12 +631,26 @@ impl Xks {
                 )));
             }
         }
-        let grant = self
+        let mut grant = self
             .inner
             .policy
             .current()
             .grant(&prefix.identity(), Role::Service)
             .map_err(|d| XksError::AccessDenied(d.to_string()))?;
+        let meta = &audit.meta;
+        grant.set_context(AccessContext {
+            front_end: FrontEnd::Xks,
+            operation: meta.kms_operation.clone().unwrap_or_default(),
+            justification: None,
+            aws: Some(AwsContext {
+                kms_operation: meta.kms_operation.clone(),
+                principal_arn: meta.aws_principal_arn.clone(),
+                key_arn: meta.kms_key_arn.clone(),
+                via_service: meta.kms_via_service.clone(),
+                source_vpc: meta.aws_source_vpc.clone(),
+                source_vpce: meta.aws_source_vpce.clone(),
+            }),
+        });
         audit.tenant = grant.tenant().as_str().to_owned();
         let key_name = match &prefix.config.keys {
             Some(map) => map.get(external_id).cloned().ok_or_else(|| {

@@ -47,19 +47,18 @@ impl Xks {
         let custody = &self.inner.custody;
         let (sealed, integrity) = if cdiv {
             // The value is computed before the check decrypt, as the spec's appendix C asks.
-            let (sealed, value) = custody
+            let sealed = custody
                 .seal_raw_checked(&grant, &key, plaintext, aad_of, |s| {
                     integrity_value(&aad, &metadata(&s.version_id), &s.iv, &s.sealed)
                 })
-                .await
-                .map_err(wire::from_custody)?;
+                .await;
+            audit.access_decided(&grant);
+            let (sealed, value) = sealed.map_err(wire::from_custody)?;
             (sealed, Some(value))
         } else {
-            let sealed = custody
-                .seal_raw(&grant, &key, plaintext, aad_of)
-                .await
-                .map_err(wire::from_custody)?;
-            (sealed, None)
+            let sealed = custody.seal_raw(&grant, &key, plaintext, aad_of).await;
+            audit.access_decided(&grant);
+            (sealed.map_err(wire::from_custody)?, None)
         };
         audit.key_version = sealed.key_version.clone();
         let metadata = metadata(&sealed.version_id);
@@ -124,12 +123,13 @@ impl Xks {
         };
         let mut sealed = ciphertext;
         sealed.extend_from_slice(&tag);
-        let (plaintext, key_version) = self
+        let opened = self
             .inner
             .custody
             .open_raw(&grant, &key, &version, iv, sealed, gcm_aad(&aad, &metadata))
-            .await
-            .map_err(wire::from_custody)?;
+            .await;
+        audit.access_decided(&grant);
+        let (plaintext, key_version) = opened.map_err(wire::from_custody)?;
         audit.key_version = key_version;
         Ok(wire::decrypt_response(&plaintext))
     }

@@ -293,6 +293,9 @@ pub fn from_custody(e: CustodyError) -> XksError {
     match e {
         E::KeyNotFound(k) => XksError::KeyNotFound(format!("key {k} not found")),
         E::PermissionDenied(d) => XksError::AccessDenied(d.to_string()),
+        E::AccessRuleDenied(_) | E::AccessWindowRequired(_) => {
+            XksError::AccessDenied(e.to_string())
+        }
         E::UsageForbidden { .. } => XksError::InvalidKeyUsage(e.to_string()),
         E::VersionDisabled(_)
         | E::VersionDestroyScheduled(_)
@@ -339,6 +342,9 @@ pub fn from_custody(e: CustodyError) -> XksError {
         | E::PrimaryVersion(_)
         | E::InvalidTransition { .. }
         | E::ApprovalIntegrity(_)
+        | E::WindowNotFound(_)
+        | E::WindowClosed { .. }
+        | E::WindowIntegrity(_)
         | E::IntegrityKeyMissing(_)
         | E::Internal(_) => XksError::Internal("internal error".into()),
     }

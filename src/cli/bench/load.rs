@@ -241,6 +241,7 @@ impl Conn {
         let result = match op {
             BenchOp::Wrap | BenchOp::Mixed => keys
                 .wrap(proto::WrapRequest {
+                    justification: None,
                     key: key.to_owned(),
                     plaintext: payload.to_vec(),
                     aad: aad.to_vec(),
@@ -249,6 +250,7 @@ impl Conn {
                 .map(|_| ()),
             BenchOp::Unwrap => keys
                 .unwrap(proto::UnwrapRequest {
+                    justification: None,
                     ciphertext: blob.to_vec(),
                     aad: aad.to_vec(),
                     key: String::new(),
@@ -257,6 +259,7 @@ impl Conn {
                 .map(|_| ()),
             BenchOp::Datakey => keys
                 .generate_data_key(proto::GenerateDataKeyRequest {
+                    justification: None,
                     key: key.to_owned(),
                     aad: aad.to_vec(),
                     ..Default::default()
@@ -265,6 +268,7 @@ impl Conn {
                 .map(|_| ()),
             BenchOp::Rewrap => keys
                 .rewrap(proto::RewrapRequest {
+                    justification: None,
                     ciphertext: blob.to_vec(),
                     aad: aad.to_vec(),
                     key: String::new(),
@@ -454,6 +458,7 @@ async fn make_blob(
         Conn::Grpc(client) => Ok(client
             .keys()
             .wrap(proto::WrapRequest {
+                justification: None,
                 key: key.to_owned(),
                 plaintext: payload.to_vec(),
                 aad: aad.to_vec(),
