@@ -397,3 +397,205 @@ fn json_logs_carry_the_node_id_on_every_line() {
         "{text}"
     );
 }
+
+const RULES: &str = r#"
+[justifications]
+codes = ["treatment", "emergency", "research-pseudonymised", "support"]
+
+[[access_rule]]
+id = "support-needs-two-officers"
+tenant = "a"
+keys = ["ehr"]
+justifications = ["support"]
+decision = "require-approval"
+
+[[access_rule]]
+id = "care"
+tenant = "a"
+keys = ["ehr"]
+justifications = ["treatment", "emergency"]
+decision = "allow"
+"#;
+
+fn verified(auditor: &Path, d: &Deployment, args: &[&str], name: &str) -> Vec<serde_json::Value> {
+    let file = d.dir().join(name);
+    let key = d.dir().join("audit-public.pem");
+    ok(&tresor(
+        auditor,
+        &["audit", "public-key", "-o", key.to_str().unwrap()],
+    ));
+    let mut all = vec!["audit", "export", "-o", file.to_str().unwrap()];
+    all.extend_from_slice(args);
+    ok(&tresor(auditor, &all));
+    let out = Command::new(BIN)
+        .args(["audit", "verify", file.to_str().unwrap(), "--public-key"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["type"] == "record")
+        .collect()
+}
+
+/// A hospital's day under access rules: care is declared, support needs a window two officers
+/// opened, and the auditor can list every use under `support` and who approved its window.
+#[test]
+fn justifications_and_a_break_glass_window_from_the_command_line() {
+    let d = Deployment::new("");
+    std::fs::write(&d.policy_path, format!("{POLICY}{RULES}")).unwrap();
+    let server = ServerProcess::start(&d.config_path, &d.dir().join("server.log"));
+    let anna = d.profile(server.addr, Some(OFFICER_A), Validity::default());
+    let ben = d.profile(server.addr, Some(OFFICER_A2), Validity::default());
+    let service = d.profile(server.addr, Some(SERVICE_A), Validity::default());
+    let auditor = d.profile(server.addr, Some(AUDITOR_A), Validity::default());
+    ok(&tresor(&anna, &["key", "create", "tenants/a/keys/ehr"]));
+    let wrap = |extra: &[&str]| {
+        let mut args = vec![
+            "--output",
+            "json",
+            "wrap",
+            "--key",
+            "tenants/a/keys/ehr",
+            "--plaintext-base64",
+            "ZGVr",
+        ];
+        args.extend_from_slice(extra);
+        tresor(&service, &args)
+    };
+    // No reason: refused by default, naming the rule set's default and saying what to do.
+    let e = failed(&wrap(&[]), 4);
+    assert!(
+        e.contains("default-deny") && e.contains("--justification"),
+        "{e}"
+    );
+    let e = failed(&wrap(&["--justification", "curiosity"]), 5);
+    assert!(e.contains("curiosity"), "{e}");
+    let blob = json(&wrap(&[
+        "--justification",
+        "treatment",
+        "--reference",
+        "case 4711",
+    ]))["ciphertext"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let unwrap = |code: &str| {
+        tresor(
+            &service,
+            &[
+                "unwrap",
+                "--ciphertext-base64",
+                &blob,
+                "--justification",
+                code,
+                "--reference",
+                "INC-9",
+            ],
+        )
+    };
+    ok(&unwrap("emergency"));
+    let e = failed(&unwrap("support"), 4);
+    assert!(
+        e.contains("support-needs-two-officers") && e.contains("tresor access request"),
+        "{e}"
+    );
+
+    // Anna asks for a window; she cannot approve it herself; Ben does.
+    let w = json(&tresor(
+        &anna,
+        &[
+            "--output",
+            "json",
+            "access",
+            "request",
+            "--identity",
+            SERVICE_A,
+            "--keys",
+            "ehr",
+            "--reason",
+            "support",
+            "--reference",
+            "INC-9",
+            "--hours",
+            "1",
+        ],
+    ));
+    assert_eq!(w["state"], "PENDING");
+    let id = w["id"].as_str().unwrap().to_owned();
+    failed(&unwrap("support"), 4);
+    let e = failed(&tresor(&anna, &["access", "approve", &id, "--yes"]), 4);
+    assert!(e.contains("different officer"), "{e}");
+    let opened = json(&tresor(
+        &ben,
+        &["--output", "json", "access", "approve", &id, "--yes"],
+    ));
+    assert_eq!(
+        (opened["state"].as_str(), opened["approved_by"].as_str()),
+        (Some("OPEN"), Some(OFFICER_A2))
+    );
+    ok(&unwrap("support"));
+    let listed = ok(&tresor(&anna, &["access", "list"]));
+    assert!(listed.contains(&id) && listed.contains("OPEN"), "{listed}");
+    // Closed early, it opens nothing more.
+    let closed = json(&tresor(
+        &anna,
+        &["--output", "json", "access", "close", &id],
+    ));
+    assert_eq!(closed["state"], "CLOSED");
+    failed(&unwrap("support"), 4);
+
+    // The auditor's questions: every use under `support`, and its window; every refusal by rule.
+    let support = verified(
+        &auditor,
+        &d,
+        &["--justification", "support", "--outcome", "ok"],
+        "support.jsonl",
+    );
+    assert_eq!(support.len(), 1, "{support:#?}");
+    assert_eq!(support[0]["access_window"], id.as_str());
+    assert_eq!(support[0]["access_rule"], "support-needs-two-officers");
+    assert_eq!(support[0]["justification_reference"], "INC-9");
+    let refused = verified(&auditor, &d, &["--outcome", "RULE_DENIED"], "refused.jsonl");
+    assert_eq!(refused.len(), 4, "{refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .all(|r| r["status_code"] == 7 && !r["access_rule"].as_str().unwrap().is_empty())
+    );
+    // The window's approval is in the log too: who approved it.
+    let approvals = verified(&auditor, &d, &["--caller", OFFICER_A2], "ben.jsonl");
+    assert!(
+        approvals.iter().any(|r| r["operation"] == "Approve"
+            && r["key"] == format!("tenants/a/windows/{id}")
+            && r["outcome"] == "OK"),
+        "{approvals:#?}"
+    );
+
+    // SIGHUP: a broken rule set is refused and the rules in force stay ...
+    std::fs::write(
+        &d.policy_path,
+        format!(
+            "{POLICY}{RULES}[[access_rule]]\nid = \"care\"\ntenant = \"a\"\ndecision = \"allow\"\n"
+        ),
+    )
+    .unwrap();
+    server.signal("-HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    failed(&wrap(&[]), 4);
+    // ... and a good one takes effect without a restart.
+    std::fs::write(&d.policy_path, POLICY).unwrap();
+    server.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !wrap(&[]).status.success() {
+        assert!(Instant::now() < deadline, "the reload never took effect");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -762,3 +762,90 @@ async fn bench_drives_kmip_get_encrypt_and_decrypt() {
     }
     server.stop().await;
 }
+
+/// A Get with `justification:CODE:REFERENCE` in the request header's Client Correlation Value.
+fn get_declaring(id: &str, correlation: Option<&str>) -> Zeroizing<Vec<u8>> {
+    let mut message =
+        tresor::kmip::message::request((1, 4), 0x0A, vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, id)]);
+    if let (Some(c), ttlv::Value::Structure(parts)) = (correlation, &mut message.value)
+        && let Some(ttlv::Value::Structure(header)) = parts.first_mut().map(|h| &mut h.value)
+    {
+        header.push(Ttlv::text(tag::CLIENT_CORRELATION_VALUE, c));
+    }
+    ttlv::encode(&message)
+}
+
+/// A storage array's keys are released only for a declared reason: the rule covers Get on
+/// `disk-*` objects, and a KMIP client declares its reason in the Client Correlation Value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_rules_decide_on_kmip_releases_with_the_declared_justification() {
+    let d = deployment();
+    let mut policy = std::fs::read_to_string(&d.policy_path).unwrap();
+    policy.push_str(
+        "\n[justifications]\ncodes = [\"treatment\", \"maintenance\"]\n\
+         \n[[access_rule]]\nid = \"disks-for-care\"\ntenant = \"a\"\nkeys = [\"disk-*\"]\n\
+         front_end = \"kmip\"\noperations = [\"Get\"]\njustifications = [\"treatment\"]\ndecision = \"allow\"\n",
+    );
+    std::fs::write(&d.policy_path, policy).unwrap();
+    let server = TestServer::start_on(d).await;
+    create_key(&server.client(OFFICER_A).await, "tenants/a/keys/kmip").await;
+    let mut tls = raw(&server, KMIP_A).await;
+    let disk = create_object(&mut tls, "disk-ward-3").await;
+    let other = create_object(&mut tls, "backup-catalog").await;
+
+    for correlation in [
+        None,
+        Some("justification:maintenance"),
+        Some("my-own-correlation"),
+    ] {
+        tls.write_all(&get_declaring(&disk, correlation))
+            .await
+            .unwrap();
+        let (reason, message) = reason_of(&answer(&mut tls).await);
+        assert_eq!(reason, 0x0C, "{correlation:?}: {message}");
+        assert!(message.contains("default-deny"), "{message}");
+    }
+    tls.write_all(&get_declaring(&disk, Some("justification:curiosity")))
+        .await
+        .unwrap();
+    let (reason, message) = reason_of(&answer(&mut tls).await);
+    assert_eq!(reason, 0x07, "Invalid Field: {message}");
+    assert!(message.contains("curiosity"), "{message}");
+    tls.write_all(&get_declaring(
+        &disk,
+        Some("justification:treatment:ward 3 case 17"),
+    ))
+    .await
+    .unwrap();
+    let got = answer(&mut tls).await;
+    assert!(payload_of(&got).child(tag::SYMMETRIC_KEY).is_some());
+    // An object no rule covers is released as before.
+    tls.write_all(&get_declaring(&other, None)).await.unwrap();
+    payload_of(&answer(&mut tls).await);
+
+    let auditor = server.client(AUDITOR_A).await;
+    let gets: Vec<_> = verified_export(&auditor)
+        .await
+        .into_iter()
+        .filter_map(|i| match i {
+            ExportItem::Record(r) if r.body.operation == "KmipGet" => Some(r.body),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        gets.iter()
+            .filter(|b| b.outcome == "RULE_DENIED" && b.access_rule == "default-deny")
+            .count(),
+        3,
+        "{gets:#?}"
+    );
+    assert!(gets.iter().any(|b| b.outcome == "OK"
+        && b.access_rule == "disks-for-care"
+        && b.justification == "treatment"
+        && b.justification_reference == "ward 3 case 17"));
+    assert!(
+        gets.iter()
+            .any(|b| b.outcome == "OK" && b.access_rule.is_empty() && b.key.ends_with(&other))
+    );
+    server.stop().await;
+}

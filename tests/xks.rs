@@ -1089,3 +1089,154 @@ async fn the_body_is_read_only_after_the_headers_authenticate() {
         started.elapsed()
     );
 }
+
+/// The hospital's rule for AWS: its key may be used only through EBS and S3, only from its own
+/// VPC endpoint, and never to re-encrypt; the proxy decides on KMS's request metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_rules_decide_on_aws_request_metadata() {
+    let d = deployment(Backend::SoftHsm, "", "");
+    let mut policy = std::fs::read_to_string(&d.policy_path).unwrap();
+    policy.push_str(
+        r#"
+[[access_rule]]
+id = "ebs-s3-from-our-endpoint"
+tenant = "a"
+keys = ["ehr"]
+front_end = "xks"
+operations = ["Encrypt", "Decrypt", "GenerateDataKey*"]
+aws_principals = ["arn:aws:iam::123456789012:*"]
+kms_via_services = ["ebs", "s3"]
+aws_source_vpces = ["vpce-0a1b2c3d4e5f"]
+decision = "allow"
+
+[[access_rule]]
+id = "never-re-encrypt"
+tenant = "a"
+keys = ["ehr"]
+operations = ["ReEncrypt*"]
+decision = "deny"
+"#,
+    );
+    std::fs::write(&d.policy_path, policy).unwrap();
+    let proxy = Proxy::start(d).await;
+    create_key(&proxy.officer().await, "tenants/a/keys/pacs").await;
+    let mut client = proxy.client(HttpVersion::Http2).await;
+    let key_path = format!("/keys/{EXTERNAL}");
+    let with = |mut body: Value, op: &str, via: Option<&str>, vpce: Option<&str>| {
+        let meta = &mut body["requestMetadata"];
+        meta["kmsOperation"] = json!(op);
+        match via {
+            Some(v) => meta["kmsViaService"] = json!(v),
+            None => {
+                meta.as_object_mut().unwrap().remove("kmsViaService");
+            }
+        }
+        if let Some(e) = vpce {
+            meta["awsSourceVpce"] = json!(e);
+        }
+        body
+    };
+    let ours = Some("vpce-0a1b2c3d4e5f");
+    let encrypted = ok(
+        &mut client,
+        &format!("{key_path}/encrypt"),
+        &with(
+            encrypt_body(b"dek", None, false),
+            "GenerateDataKey",
+            Some("ebs"),
+            ours,
+        ),
+    )
+    .await;
+    let decrypt = decrypt_body(&encrypted, None);
+    let back = ok(
+        &mut client,
+        &format!("{key_path}/decrypt"),
+        &with(decrypt.clone(), "Decrypt", Some("s3"), ours),
+    )
+    .await;
+    assert_eq!(unb64(&back["plaintext"]), b"dek");
+    // Directly (no service), via RDS, from another endpoint, without an endpoint: no rule
+    // matches, and a key with rules is denied by default.
+    for (via, vpce) in [
+        (None, ours),
+        (Some("rds"), ours),
+        (Some("ebs"), Some("vpce-ffffffff")),
+        (Some("ebs"), None),
+    ] {
+        let message = refused(
+            &mut client,
+            &format!("{key_path}/decrypt"),
+            &with(decrypt.clone(), "Decrypt", via, vpce),
+            403,
+            "AccessDeniedException",
+        )
+        .await;
+        assert!(message.contains("default-deny"), "{message}");
+    }
+    let message = refused(
+        &mut client,
+        &format!("{key_path}/decrypt"),
+        &with(decrypt.clone(), "ReEncryptFrom", Some("ebs"), ours),
+        403,
+        "AccessDeniedException",
+    )
+    .await;
+    assert!(message.contains("never-re-encrypt"), "{message}");
+    // The rule names the rule, not its contents.
+    assert!(
+        !message.contains("vpce") && !message.contains("ebs"),
+        "{message}"
+    );
+    // A key without rules behaves as before.
+    ok(
+        &mut client,
+        "/keys/pacs/encrypt",
+        &with(encrypt_body(b"x", None, false), "Encrypt", None, None),
+    )
+    .await;
+
+    // Every decision is in the log with its rule and the metadata it was made on.
+    let auditor = proxy.server.client(AUDITOR_A).await;
+    let records: Vec<_> = verified_export(&auditor)
+        .await
+        .into_iter()
+        .filter_map(|i| match i {
+            ExportItem::Record(r)
+                if r.body.operation.starts_with("XksEn")
+                    || r.body.operation.starts_with("XksDe") =>
+            {
+                Some(r.body)
+            }
+            _ => None,
+        })
+        .collect();
+    let allowed: Vec<_> = records
+        .iter()
+        .filter(|b| b.access_rule == "ebs-s3-from-our-endpoint")
+        .collect();
+    assert_eq!(allowed.len(), 2, "{records:#?}");
+    assert!(allowed.iter().all(|b| b.outcome == "OK"
+        && b.aws_source_vpce == "vpce-0a1b2c3d4e5f"
+        && ["ebs", "s3"].contains(&b.kms_via_service.as_str())));
+    let refusals: Vec<_> = records
+        .iter()
+        .filter(|b| b.outcome == "RULE_DENIED")
+        .collect();
+    assert_eq!(refusals.len(), 5, "{records:#?}");
+    assert!(
+        refusals
+            .iter()
+            .any(|b| b.kms_via_service == "rds" && b.access_rule == "default-deny")
+    );
+    assert!(
+        refusals
+            .iter()
+            .any(|b| b.kms_operation == "ReEncryptFrom" && b.access_rule == "never-re-encrypt")
+    );
+    assert!(
+        records.iter().any(|b| b.key == "tenants/a/keys/pacs"
+            && b.outcome == "OK"
+            && b.access_rule.is_empty())
+    );
+}

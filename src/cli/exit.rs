@@ -106,6 +106,11 @@ pub(super) fn from_status(s: &tonic::Status) -> Failure {
             Exit::Denied,
             "the server did not accept your certificate: check the profile's cert and key, that they are not expired, and that the server's client CA issued them",
         ),
+        // The server names the rule in its message; the hint only says what can be done.
+        Code::PermissionDenied if s.message().contains("access rule") => (
+            Exit::Denied,
+            "the operator's access rules refused this use: declare a justification they accept (--justification CODE --reference TICKET), or, where a rule requires approval, ask two officers for a window (tresor access request)",
+        ),
         Code::PermissionDenied => (
             Exit::Denied,
             "your identity lacks the role or key in the server's access policy; ask the operator to grant it",

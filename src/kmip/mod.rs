@@ -336,18 +336,22 @@ impl Kmip {
             }
             return answers;
         };
-        let grant = self.grant(caller).and_then(|g| {
-            let (code, reference) = request
-                .correlation
-                .as_deref()
-                .and_then(message::justification_of)
-                .unwrap_or(("", ""));
-            let declared = g
-                .rules()
-                .justification(code, reference)
-                .map_err(|e| KmipError::InvalidField(format!("Client Correlation Value: {e}")))?;
-            Ok((g, declared))
-        });
+        let grant = self.grant(caller);
+        // The justification the header declares, checked against the policy's vocabulary; a
+        // bad one fails every item, recorded under the caller.
+        let declared = match &grant {
+            Ok(g) => {
+                let (code, reference) = request
+                    .correlation
+                    .as_deref()
+                    .and_then(message::justification_of)
+                    .unwrap_or(("", ""));
+                g.rules()
+                    .justification(code, reference)
+                    .map_err(|e| KmipError::InvalidField(format!("Client Correlation Value: {e}")))
+            }
+            Err(_) => Ok(None),
+        };
         let mut placeholder: Option<String> = None;
         let mut answers = Vec::with_capacity(request.items.len());
         let mut failed = false;
@@ -357,19 +361,20 @@ impl Kmip {
             }
             let mut touched = operations::Touched::default();
             // Each item is its own use for the access rules (and its own decision).
-            let item_grant = grant.as_ref().map(|(g, declared)| {
+            let item_grant = grant.as_ref().map(|g| {
                 g.with_context(AccessContext {
                     front_end: FrontEnd::Kmip,
                     operation: message::operation::audit_name(item.operation)
                         .trim_start_matches("Kmip")
                         .to_owned(),
-                    justification: declared.clone(),
+                    justification: declared.clone().ok().flatten(),
                     aws: None,
                 })
             });
             let item_grant = item_grant.map_err(|e| e.clone());
-            let result = match &item_grant {
-                Ok(grant) => {
+            let result = match (&item_grant, &declared) {
+                (Ok(_), Err(e)) => Err(e.clone()),
+                (Ok(grant), Ok(_)) => {
                     operations::run(
                         &self.inner.custody,
                         &self.inner.config,
@@ -382,7 +387,7 @@ impl Kmip {
                     )
                     .await
                 }
-                Err(e) => Err(e.clone()),
+                (Err(e), _) => Err(e.clone()),
             };
             let result = match self
                 .record(
