@@ -207,8 +207,41 @@ proptest! {
     }
 
     #[test]
-    fn policy_files(bytes in input(vec![common::POLICY.as_bytes().to_vec()])) {
-        let _ = tresor::auth::Policy::from_toml(&text(&bytes), "fuzz");
+    fn policy_files(bytes in input(vec![
+        common::POLICY.as_bytes().to_vec(),
+        format!("{}{RULES}", common::POLICY).into_bytes(),
+    ])) {
+        // A policy that parses also decides, on any call, without panicking.
+        if let Ok(policy) = tresor::auth::Policy::from_toml(&text(&bytes), "fuzz") {
+            for (key, identity) in [("ehr-1", common::SERVICE_A), ("", ""), ("x*y", "*")] {
+                let _ = policy.rules().decide(
+                    &tresor::model::Tenant::new("a").unwrap(),
+                    key,
+                    identity,
+                    &xks_context(),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn access_rule_patterns(pattern in "[a-z*:/-]{0,12}", value in "[a-z*:/-]{0,16}") {
+        // Any pattern compiles, and matching any value terminates with an answer.
+        let policy = format!(
+            "[[access_rule]]\nid = \"r\"\ntenant = \"a\"\nfront_end = \"xks\"\nkms_via_services = [{pattern:?}]\ndecision = \"allow\"\n"
+        );
+        let policy = tresor::auth::Policy::from_toml(&policy, "fuzz").unwrap();
+        let mut ctx = xks_context();
+        if let Some(aws) = ctx.aws.as_mut() {
+            aws.via_service = Some(value.clone());
+        }
+        let verdict = policy.rules().decide(&tresor::model::Tenant::new("a").unwrap(), "k", "i", &ctx);
+        if pattern == value {
+            prop_assert_eq!(&verdict, &tresor::auth::Verdict::Allow("r".into()));
+        }
+        if !pattern.contains('*') && pattern != value {
+            prop_assert_eq!(verdict, tresor::auth::Verdict::Deny(tresor::auth::DEFAULT_DENY.into()));
+        }
     }
 
     #[test]
@@ -232,5 +265,44 @@ proptest! {
             let message = e.to_string();
             prop_assert!(!message.contains("c2VjcmV0LXNlY3JldC1zZWNyZXQt"), "{message}");
         }
+    }
+}
+
+const RULES: &str = r#"
+[justifications]
+codes = ["treatment", "support"]
+
+[[access_rule]]
+id = "aws"
+tenant = "a"
+keys = ["ehr-*"]
+front_end = "xks"
+operations = ["Decrypt", "GenerateDataKey*"]
+kms_via_services = ["ebs", "s3"]
+aws_source_vpces = ["vpce-*"]
+decision = "allow"
+
+[[access_rule]]
+id = "support"
+tenant = "a"
+keys = ["ehr-*"]
+justifications = ["support"]
+identities = ["spiffe://*/support"]
+decision = "require-approval"
+"#;
+
+fn xks_context() -> tresor::auth::AccessContext {
+    tresor::auth::AccessContext {
+        front_end: tresor::auth::FrontEnd::Xks,
+        operation: "Decrypt".into(),
+        justification: None,
+        aws: Some(tresor::auth::AwsContext {
+            kms_operation: Some("Decrypt".into()),
+            principal_arn: Some("arn:aws:iam::1:role/x".into()),
+            key_arn: None,
+            via_service: Some("ebs".into()),
+            source_vpc: None,
+            source_vpce: Some("vpce-1".into()),
+        }),
     }
 }
