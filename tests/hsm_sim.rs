@@ -275,3 +275,90 @@ fn faults_are_driven_at_run_time() {
     std::mem::forget(s);
     std::mem::forget(s2);
 }
+
+/// PKCS#11 3.0 message-based AES-GCM through a third-party client (cryptoki): one
+/// `C_EncryptMessage` per message after one `C_MessageEncryptInit`, interchangeable with the
+/// single-part `CKM_AES_GCM` (a message encrypted one way decrypts the other), one encryption
+/// operation per session, and a key destroyed under a context refuses the next message.
+#[test]
+fn message_based_gcm_interoperates_with_single_part_gcm() {
+    use cryptoki::mechanism::aead::{GcmMessageParams, GcmParams, GeneratorFunction};
+    use cryptoki::mechanism::{MechanismType, MessageParam};
+    let token = TestToken::with(Backend::HsmSim);
+    let (p, slot) = open(&token);
+    let info = p.get_mechanism_info(slot, MechanismType::AES_GCM).unwrap();
+    assert!(info.message_encrypt() && info.message_decrypt(), "{info:?}");
+    let s = login(&p, slot);
+    let key = s
+        .generate_key(&Mechanism::AesKeyGen, &aes_template(false, true))
+        .unwrap();
+    let (aad, plaintext) = (b"record 17".as_slice(), b"data key".as_slice());
+    let mut iv = [7u8; 12];
+    let mut tag = [0u8; 16];
+    let mut none = [0u8; 12];
+    let mut unused = [0u8; 16];
+    let init = Mechanism::AesGcmMessage(
+        GcmMessageParams::new(
+            &mut none,
+            0.into(),
+            GeneratorFunction::NoGenerate,
+            &mut unused,
+        )
+        .unwrap(),
+    );
+    s.message_encrypt_init(&init, key).unwrap();
+    // The single-part operation waits until the message context is closed.
+    fn single<'a>(iv: &'a mut [u8; 12], aad: &'a [u8]) -> Mechanism<'a> {
+        Mechanism::AesGcm(GcmParams::new(iv, aad, 128.into()).unwrap())
+    }
+    assert_eq!(
+        rv(s.encrypt_init(&single(&mut [1u8; 12], aad), key)),
+        RvError::OperationActive
+    );
+    let ciphertext = {
+        let params = MessageParam::AesGcmMessage(
+            GcmMessageParams::new(&mut iv, 0.into(), GeneratorFunction::NoGenerate, &mut tag)
+                .unwrap(),
+        );
+        s.encrypt_message(&params, aad, plaintext).unwrap()
+    };
+    assert_eq!(ciphertext.len(), plaintext.len());
+    s.message_encrypt_final().unwrap();
+    // ... and then opens what the message operation sealed: the same bytes either way.
+    let mut sealed = ciphertext.clone();
+    sealed.extend_from_slice(&tag);
+    let opened = s
+        .decrypt(&single(&mut [7u8; 12], aad), key, &sealed)
+        .unwrap();
+    assert_eq!(opened, plaintext);
+    let again = s
+        .encrypt(&single(&mut [7u8; 12], aad), key, plaintext)
+        .unwrap();
+    assert_eq!(again, sealed);
+    // Message-based decryption of a single-part ciphertext; a wrong tag or AAD fails.
+    s.message_decrypt_init(&init, key).unwrap();
+    let (body, single_tag) = again.split_at(again.len() - 16);
+    let decrypt = |aad: &[u8], tag: &[u8]| {
+        let mut iv = [7u8; 12];
+        let mut tag = tag.to_vec();
+        let params = MessageParam::AesGcmMessage(
+            GcmMessageParams::new(&mut iv, 0.into(), GeneratorFunction::NoGenerate, &mut tag)
+                .unwrap(),
+        );
+        s.decrypt_message(&params, aad, body)
+    };
+    assert_eq!(decrypt(aad, single_tag).unwrap(), plaintext);
+    assert_eq!(
+        rv(decrypt(b"record 18", single_tag)),
+        RvError::EncryptedDataInvalid
+    );
+    assert_eq!(rv(decrypt(aad, &[0u8; 16])), RvError::EncryptedDataInvalid);
+    // A key destroyed while the context is open refuses the next message.
+    s.destroy_object(key).unwrap();
+    assert_eq!(rv(decrypt(aad, single_tag)), RvError::ObjectHandleInvalid);
+    s.message_decrypt_final().unwrap();
+    assert_eq!(
+        rv(s.message_decrypt_final()),
+        RvError::OperationNotInitialized
+    );
+}

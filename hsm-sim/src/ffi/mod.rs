@@ -9,6 +9,7 @@
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
 mod crypto;
+mod message;
 mod objects;
 mod unsupported;
 
@@ -30,80 +31,116 @@ use objects::{
 /// The module's state between `C_Initialize` and `C_Finalize`.
 static SIM: Mutex<Option<Sim>> = Mutex::new(None);
 
-static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
-    version: CK_VERSION {
-        major: 2,
-        minor: 40,
-    },
-    C_Initialize: Some(C_Initialize),
-    C_Finalize: Some(C_Finalize),
-    C_GetInfo: Some(C_GetInfo),
-    C_GetFunctionList: Some(C_GetFunctionList),
-    C_GetSlotList: Some(C_GetSlotList),
-    C_GetSlotInfo: Some(C_GetSlotInfo),
-    C_GetTokenInfo: Some(C_GetTokenInfo),
-    C_GetMechanismList: Some(C_GetMechanismList),
-    C_GetMechanismInfo: Some(C_GetMechanismInfo),
-    C_InitToken: Some(unsupported::C_InitToken),
-    C_InitPIN: Some(unsupported::C_InitPIN),
-    C_SetPIN: Some(unsupported::C_SetPIN),
-    C_OpenSession: Some(C_OpenSession),
-    C_CloseSession: Some(C_CloseSession),
-    C_CloseAllSessions: Some(C_CloseAllSessions),
-    C_GetSessionInfo: Some(C_GetSessionInfo),
-    C_GetOperationState: Some(unsupported::C_GetOperationState),
-    C_SetOperationState: Some(unsupported::C_SetOperationState),
-    C_Login: Some(C_Login),
-    C_Logout: Some(C_Logout),
-    C_CreateObject: Some(C_CreateObject),
-    C_CopyObject: Some(unsupported::C_CopyObject),
-    C_DestroyObject: Some(C_DestroyObject),
-    C_GetObjectSize: Some(unsupported::C_GetObjectSize),
-    C_GetAttributeValue: Some(C_GetAttributeValue),
-    C_SetAttributeValue: Some(unsupported::C_SetAttributeValue),
-    C_FindObjectsInit: Some(C_FindObjectsInit),
-    C_FindObjects: Some(C_FindObjects),
-    C_FindObjectsFinal: Some(C_FindObjectsFinal),
-    C_EncryptInit: Some(C_EncryptInit),
-    C_Encrypt: Some(C_Encrypt),
-    C_EncryptUpdate: Some(unsupported::C_EncryptUpdate),
-    C_EncryptFinal: Some(unsupported::C_EncryptFinal),
-    C_DecryptInit: Some(C_DecryptInit),
-    C_Decrypt: Some(C_Decrypt),
-    C_DecryptUpdate: Some(unsupported::C_DecryptUpdate),
-    C_DecryptFinal: Some(unsupported::C_DecryptFinal),
-    C_DigestInit: Some(unsupported::C_DigestInit),
-    C_Digest: Some(unsupported::C_Digest),
-    C_DigestUpdate: Some(unsupported::C_DigestUpdate),
-    C_DigestKey: Some(unsupported::C_DigestKey),
-    C_DigestFinal: Some(unsupported::C_DigestFinal),
-    C_SignInit: Some(C_SignInit),
-    C_Sign: Some(C_Sign),
-    C_SignUpdate: Some(unsupported::C_SignUpdate),
-    C_SignFinal: Some(unsupported::C_SignFinal),
-    C_SignRecoverInit: Some(unsupported::C_SignRecoverInit),
-    C_SignRecover: Some(unsupported::C_SignRecover),
-    C_VerifyInit: Some(unsupported::C_VerifyInit),
-    C_Verify: Some(unsupported::C_Verify),
-    C_VerifyUpdate: Some(unsupported::C_VerifyUpdate),
-    C_VerifyFinal: Some(unsupported::C_VerifyFinal),
-    C_VerifyRecoverInit: Some(unsupported::C_VerifyRecoverInit),
-    C_VerifyRecover: Some(unsupported::C_VerifyRecover),
-    C_DigestEncryptUpdate: Some(unsupported::C_DigestEncryptUpdate),
-    C_DecryptDigestUpdate: Some(unsupported::C_DecryptDigestUpdate),
-    C_SignEncryptUpdate: Some(unsupported::C_SignEncryptUpdate),
-    C_DecryptVerifyUpdate: Some(unsupported::C_DecryptVerifyUpdate),
-    C_GenerateKey: Some(C_GenerateKey),
-    C_GenerateKeyPair: Some(C_GenerateKeyPair),
-    C_WrapKey: Some(unsupported::C_WrapKey),
-    C_UnwrapKey: Some(unsupported::C_UnwrapKey),
-    C_DeriveKey: Some(unsupported::C_DeriveKey),
-    C_SeedRandom: Some(C_SeedRandom),
-    C_GenerateRandom: Some(C_GenerateRandom),
-    C_GetFunctionStatus: Some(unsupported::C_GetFunctionStatus),
-    C_CancelFunction: Some(unsupported::C_CancelFunction),
-    C_WaitForSlotEvent: Some(unsupported::C_WaitForSlotEvent),
-};
+/// The 2.40 function list and the 3.0 one, from one list of the 2.40 entries: the 3.0 list
+/// adds the interface functions and message-based encryption (`message.rs`), and lists every
+/// other 3.0 function as unsupported.
+macro_rules! function_lists {
+    ($($name:ident: $value:expr,)*) => {
+        static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
+            version: CK_VERSION { major: 2, minor: 40 },
+            $($name: Some($value),)*
+        };
+        pub(super) static FUNCTION_LIST_3_0: CK_FUNCTION_LIST_3_0 = CK_FUNCTION_LIST_3_0 {
+            version: CK_VERSION { major: 3, minor: 0 },
+            $($name: Some($value),)*
+            C_GetInterfaceList: Some(message::C_GetInterfaceList),
+            C_GetInterface: Some(message::C_GetInterface),
+            C_LoginUser: Some(unsupported::C_LoginUser),
+            C_SessionCancel: Some(unsupported::C_SessionCancel),
+            C_MessageEncryptInit: Some(message::C_MessageEncryptInit),
+            C_EncryptMessage: Some(message::C_EncryptMessage),
+            C_EncryptMessageBegin: Some(unsupported::C_EncryptMessageBegin),
+            C_EncryptMessageNext: Some(unsupported::C_EncryptMessageNext),
+            C_MessageEncryptFinal: Some(message::C_MessageEncryptFinal),
+            C_MessageDecryptInit: Some(message::C_MessageDecryptInit),
+            C_DecryptMessage: Some(message::C_DecryptMessage),
+            C_DecryptMessageBegin: Some(unsupported::C_DecryptMessageBegin),
+            C_DecryptMessageNext: Some(unsupported::C_DecryptMessageNext),
+            C_MessageDecryptFinal: Some(message::C_MessageDecryptFinal),
+            C_MessageSignInit: Some(unsupported::C_MessageSignInit),
+            C_SignMessage: Some(unsupported::C_SignMessage),
+            C_SignMessageBegin: Some(unsupported::C_SignMessageBegin),
+            C_SignMessageNext: Some(unsupported::C_SignMessageNext),
+            C_MessageSignFinal: Some(unsupported::C_MessageSignFinal),
+            C_MessageVerifyInit: Some(unsupported::C_MessageVerifyInit),
+            C_VerifyMessage: Some(unsupported::C_VerifyMessage),
+            C_VerifyMessageBegin: Some(unsupported::C_VerifyMessageBegin),
+            C_VerifyMessageNext: Some(unsupported::C_VerifyMessageNext),
+            C_MessageVerifyFinal: Some(unsupported::C_MessageVerifyFinal),
+        };
+    };
+}
+
+function_lists! {
+    C_Initialize: C_Initialize,
+    C_Finalize: C_Finalize,
+    C_GetInfo: C_GetInfo,
+    C_GetFunctionList: C_GetFunctionList,
+    C_GetSlotList: C_GetSlotList,
+    C_GetSlotInfo: C_GetSlotInfo,
+    C_GetTokenInfo: C_GetTokenInfo,
+    C_GetMechanismList: C_GetMechanismList,
+    C_GetMechanismInfo: C_GetMechanismInfo,
+    C_InitToken: unsupported::C_InitToken,
+    C_InitPIN: unsupported::C_InitPIN,
+    C_SetPIN: unsupported::C_SetPIN,
+    C_OpenSession: C_OpenSession,
+    C_CloseSession: C_CloseSession,
+    C_CloseAllSessions: C_CloseAllSessions,
+    C_GetSessionInfo: C_GetSessionInfo,
+    C_GetOperationState: unsupported::C_GetOperationState,
+    C_SetOperationState: unsupported::C_SetOperationState,
+    C_Login: C_Login,
+    C_Logout: C_Logout,
+    C_CreateObject: C_CreateObject,
+    C_CopyObject: unsupported::C_CopyObject,
+    C_DestroyObject: C_DestroyObject,
+    C_GetObjectSize: unsupported::C_GetObjectSize,
+    C_GetAttributeValue: C_GetAttributeValue,
+    C_SetAttributeValue: unsupported::C_SetAttributeValue,
+    C_FindObjectsInit: C_FindObjectsInit,
+    C_FindObjects: C_FindObjects,
+    C_FindObjectsFinal: C_FindObjectsFinal,
+    C_EncryptInit: C_EncryptInit,
+    C_Encrypt: C_Encrypt,
+    C_EncryptUpdate: unsupported::C_EncryptUpdate,
+    C_EncryptFinal: unsupported::C_EncryptFinal,
+    C_DecryptInit: C_DecryptInit,
+    C_Decrypt: C_Decrypt,
+    C_DecryptUpdate: unsupported::C_DecryptUpdate,
+    C_DecryptFinal: unsupported::C_DecryptFinal,
+    C_DigestInit: unsupported::C_DigestInit,
+    C_Digest: unsupported::C_Digest,
+    C_DigestUpdate: unsupported::C_DigestUpdate,
+    C_DigestKey: unsupported::C_DigestKey,
+    C_DigestFinal: unsupported::C_DigestFinal,
+    C_SignInit: C_SignInit,
+    C_Sign: C_Sign,
+    C_SignUpdate: unsupported::C_SignUpdate,
+    C_SignFinal: unsupported::C_SignFinal,
+    C_SignRecoverInit: unsupported::C_SignRecoverInit,
+    C_SignRecover: unsupported::C_SignRecover,
+    C_VerifyInit: unsupported::C_VerifyInit,
+    C_Verify: unsupported::C_Verify,
+    C_VerifyUpdate: unsupported::C_VerifyUpdate,
+    C_VerifyFinal: unsupported::C_VerifyFinal,
+    C_VerifyRecoverInit: unsupported::C_VerifyRecoverInit,
+    C_VerifyRecover: unsupported::C_VerifyRecover,
+    C_DigestEncryptUpdate: unsupported::C_DigestEncryptUpdate,
+    C_DecryptDigestUpdate: unsupported::C_DecryptDigestUpdate,
+    C_SignEncryptUpdate: unsupported::C_SignEncryptUpdate,
+    C_DecryptVerifyUpdate: unsupported::C_DecryptVerifyUpdate,
+    C_GenerateKey: C_GenerateKey,
+    C_GenerateKeyPair: C_GenerateKeyPair,
+    C_WrapKey: unsupported::C_WrapKey,
+    C_UnwrapKey: unsupported::C_UnwrapKey,
+    C_DeriveKey: unsupported::C_DeriveKey,
+    C_SeedRandom: C_SeedRandom,
+    C_GenerateRandom: C_GenerateRandom,
+    C_GetFunctionStatus: unsupported::C_GetFunctionStatus,
+    C_CancelFunction: unsupported::C_CancelFunction,
+    C_WaitForSlotEvent: unsupported::C_WaitForSlotEvent,
+}
 
 fn lock() -> MutexGuard<'static, Option<Sim>> {
     SIM.lock().unwrap_or_else(|e| e.into_inner())
@@ -277,6 +314,28 @@ fn padded<const N: usize>(s: &str) -> [u8; N] {
 }
 
 const VERSION: CK_VERSION = CK_VERSION { major: 0, minor: 1 };
+
+/// PKCS#11 3.0's entry point (cryptoki asks it first): the one interface, "PKCS 11" 3.0.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn C_GetInterface(
+    name: *mut CK_UTF8CHAR,
+    version: *mut CK_VERSION,
+    interface: *mut *mut CK_INTERFACE,
+    flags: CK_FLAGS,
+) -> CK_RV {
+    // SAFETY: the caller's arguments, passed on unchanged under the same contract.
+    unsafe { message::C_GetInterface(name, version, interface, flags) }
+}
+
+/// PKCS#11 3.0's list of interfaces.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn C_GetInterfaceList(
+    list: *mut CK_INTERFACE,
+    count: *mut CK_ULONG,
+) -> CK_RV {
+    // SAFETY: as above.
+    unsafe { message::C_GetInterfaceList(list, count) }
+}
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn C_GetFunctionList(list: *mut *mut CK_FUNCTION_LIST) -> CK_RV {

@@ -56,4 +56,21 @@ unsupported! {
     C_GetFunctionStatus(CK_SESSION_HANDLE);
     C_CancelFunction(CK_SESSION_HANDLE);
     C_WaitForSlotEvent(CK_FLAGS, *mut CK_SLOT_ID, *mut ::std::os::raw::c_void);
+    // PKCS#11 3.0: everything of the 3.0 list but message-based AES-GCM encryption.
+    C_LoginUser(CK_SESSION_HANDLE, CK_USER_TYPE, *mut CK_UTF8CHAR, CK_ULONG, *mut CK_UTF8CHAR, CK_ULONG);
+    C_SessionCancel(CK_SESSION_HANDLE, CK_FLAGS);
+    C_EncryptMessageBegin(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG);
+    C_EncryptMessageNext(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG, CK_FLAGS);
+    C_DecryptMessageBegin(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG);
+    C_DecryptMessageNext(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG, CK_FLAGS);
+    C_MessageSignInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_SignMessage(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_SignMessageBegin(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG);
+    C_SignMessageNext(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, *mut CK_ULONG);
+    C_MessageSignFinal(CK_SESSION_HANDLE);
+    C_MessageVerifyInit(CK_SESSION_HANDLE, *mut CK_MECHANISM, CK_OBJECT_HANDLE);
+    C_VerifyMessage(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, CK_ULONG);
+    C_VerifyMessageBegin(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG);
+    C_VerifyMessageNext(CK_SESSION_HANDLE, *mut std::os::raw::c_void, CK_ULONG, *mut CK_BYTE, CK_ULONG, *mut CK_BYTE, CK_ULONG);
+    C_MessageVerifyFinal(CK_SESSION_HANDLE);
 }

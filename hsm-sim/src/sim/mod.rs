@@ -4,6 +4,7 @@
 //! operations). Knows nothing of C pointers: `ffi` converts arguments into the types used here
 //! and results back.
 
+mod message;
 mod objects;
 mod operations;
 
@@ -19,6 +20,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub(crate) use message::GcmMessage;
+
 use crate::config::SimConfig;
 use crate::control::Faults;
 
@@ -32,7 +35,12 @@ pub(crate) const P256_PARAMS: [u8; 10] =
 /// Mechanisms offered, with (min key size, max key size, flags) for `C_GetMechanismInfo`.
 pub(crate) const MECHANISMS: &[(CK_MECHANISM_TYPE, CK_ULONG, CK_ULONG, CK_FLAGS)] = &[
     (CKM_AES_KEY_GEN, 16, 32, CKF_HW | CKF_GENERATE),
-    (CKM_AES_GCM, 16, 32, CKF_HW | CKF_ENCRYPT | CKF_DECRYPT),
+    (
+        CKM_AES_GCM,
+        16,
+        32,
+        CKF_HW | CKF_ENCRYPT | CKF_DECRYPT | CKF_MESSAGE_ENCRYPT | CKF_MESSAGE_DECRYPT,
+    ),
     (CKM_GENERIC_SECRET_KEY_GEN, 16, 64, CKF_HW | CKF_GENERATE),
     (CKM_SHA256_HMAC, 16, 64, CKF_HW | CKF_SIGN),
     (
@@ -211,6 +219,10 @@ struct Session {
     rw: bool,
     op: Option<Op>,
     found: Option<Vec<CK_OBJECT_HANDLE>>,
+    /// The key of the session's message-based encryption context (`C_MessageEncryptInit`).
+    message_encrypt: Option<CK_OBJECT_HANDLE>,
+    /// ... and of its message-based decryption context.
+    message_decrypt: Option<CK_OBJECT_HANDLE>,
 }
 
 /// A session object: visible to every session of the application on its slot, destroyed when
@@ -537,6 +549,8 @@ impl Sim {
                 slot,
                 rw: flags & CKF_RW_SESSION != 0,
                 op: None,
+                message_encrypt: None,
+                message_decrypt: None,
                 found: None,
             },
         );

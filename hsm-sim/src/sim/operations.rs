@@ -18,7 +18,14 @@ impl Sim {
         mech: Mechanism,
         key: CK_OBJECT_HANDLE,
     ) -> Result<(), Rv> {
-        if self.session(h)?.op.is_some() {
+        let session = self.session(h)?;
+        // One encryption (or decryption) operation per session, single-part or message-based.
+        let message_active = match kind {
+            OpKind::Encrypt => session.message_encrypt.is_some(),
+            OpKind::Decrypt => session.message_decrypt.is_some(),
+            OpKind::Sign => false,
+        };
+        if session.op.is_some() || message_active {
             return Err(CKR_OPERATION_ACTIVE);
         }
         let obj = self.object(h, key)?;
@@ -170,7 +177,7 @@ impl Sim {
     }
 }
 
-fn gcm_key(key: &[u8]) -> Result<LessSafeKey, Rv> {
+pub(super) fn gcm_key(key: &[u8]) -> Result<LessSafeKey, Rv> {
     let alg = match key.len() {
         16 => &AES_128_GCM,
         32 => &AES_256_GCM,
