@@ -48,6 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             sessions,
             call_timeout: tresor::hsm::DEFAULT_CALL_TIMEOUT,
             dispatch: tresor::hsm::Dispatch::Threads,
+            message_aead: true,
         };
         let hsm = Hsm::open(&config)?;
         let key = ObjectId([(sessions % 251) as u8; 16]);

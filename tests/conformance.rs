@@ -275,13 +275,15 @@ async fn token_objects_survive_reopening_the_module(backend: Backend, dispatch: 
 }
 
 /// Mounts every test once per module and per dispatch (hot calls on the async worker, and on
-/// blocking threads), so both paths show the same behaviour.
+/// blocking threads), so both paths show the same behaviour; on hsm-sim also on the two-call
+/// path (message-based AES-GCM switched off), so both encryption paths do too.
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         conformance!(@mount softhsm_inline, SoftHsm, Inline; $($name),*);
         conformance!(@mount softhsm_threads, SoftHsm, Threads; $($name),*);
         conformance!(@mount hsm_sim_inline, HsmSim, Inline; $($name),*);
         conformance!(@mount hsm_sim_threads, HsmSim, Threads; $($name),*);
+        conformance!(@mount hsm_sim_two_calls_inline, HsmSimTwoCalls, Inline; $($name),*);
     };
     (@mount $module:ident, $backend:ident, $dispatch:ident; $($name:ident),*) => {
         mod $module {
@@ -295,7 +297,88 @@ macro_rules! conformance {
     };
 }
 
+/// A version disabled while sessions hold message contexts for its key (hsm-sim's message
+/// path, where a session keeps `C_MessageDecryptInit` open between Unwraps) refuses the next
+/// Unwrap, and unwraps again once enabled: custody decides before the HSM is asked, whatever
+/// the token keeps open.
+async fn a_version_disabled_under_an_open_context_refuses_the_next_unwrap(
+    backend: Backend,
+    dispatch: Dispatch,
+) {
+    use tresor::custody::CustodyError;
+    let token = TestToken::with(backend).dispatching(dispatch);
+    let hsm = token.open();
+    let store = Store::open(&token.db_url()).await.unwrap();
+    let (custody, _) = Custody::open(hsm, store, CustodyOptions::default())
+        .await
+        .unwrap();
+    let key: tresor::model::KeyName = "tenants/t/keys/k".parse().unwrap();
+    custody
+        .create_key(&common::officer(&key), &key, "", Default::default())
+        .await
+        .unwrap();
+    let wrap = |n: u8| {
+        let custody = custody.clone();
+        let key = key.clone();
+        async move {
+            custody
+                .wrap(
+                    &common::service(&key),
+                    &key,
+                    Zeroizing::new(vec![n; 32]),
+                    b"a",
+                )
+                .await
+                .unwrap()
+                .ciphertext
+        }
+    };
+    let unwrap = |blob: Vec<u8>| {
+        let custody = custody.clone();
+        async move {
+            custody
+                .unwrap(
+                    &common::service(&"tenants/t/keys/k".parse().unwrap()),
+                    &blob,
+                    b"a",
+                    None,
+                )
+                .await
+        }
+    };
+    let v1 = wrap(1).await;
+    custody
+        .rotate_key(&common::officer(&key), &key)
+        .await
+        .unwrap();
+    // Every session that will serve the Unwraps below holds a context for version 1's key.
+    for _ in 0..8 {
+        assert_eq!(
+            unwrap(v1.clone()).await.unwrap().plaintext.as_slice(),
+            [1; 32]
+        );
+    }
+    custody
+        .disable_version(&common::officer(&key), &key, 1)
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        assert!(matches!(
+            unwrap(v1.clone()).await,
+            Err(CustodyError::VersionDisabled(_))
+        ));
+    }
+    let v2 = wrap(2).await;
+    assert_eq!(unwrap(v2).await.unwrap().plaintext.as_slice(), [2; 32]);
+    custody
+        .enable_version(&common::officer(&key), &key, 1)
+        .await
+        .unwrap();
+    assert_eq!(unwrap(v1).await.unwrap().plaintext.as_slice(), [1; 32]);
+}
+
 conformance!(
+    a_version_disabled_under_an_open_context_refuses_the_next_unwrap,
     gcm_round_trip_and_a_failed_tag_is_a_bad_ciphertext,
     random_bytes_come_from_the_token,
     ecdsa_p256_signatures_verify_with_the_exported_public_key,
@@ -317,52 +400,130 @@ async fn calls_so_far(hsm: &Hsm, file: &std::path::Path) -> u64 {
         .unwrap()
 }
 
-/// A Wrap costs two PKCS#11 calls (`C_EncryptInit`, `C_Encrypt` into a buffer of the known
-/// size) and so does an Unwrap: no length query (counted in hsm-sim).
+/// What a Wrap and an Unwrap cost on each path (counted in hsm-sim). With message-based
+/// AES-GCM (hsm-sim's PKCS#11 3.0 functions), one call each, `C_EncryptMessage` or
+/// `C_DecryptMessage`, after the session opened its context for the key once; with it off (the
+/// path of every PKCS#11 2.40 token, SoftHSM included), two: `C_EncryptInit` and `C_Encrypt`
+/// into a buffer of the known size, no length query. A blob made on one path opens on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrap_and_an_unwrap_cost_two_pkcs11_calls_each() {
+async fn pkcs11_calls_per_wrap_and_unwrap_on_each_path_and_blobs_cross_paths() {
     let token = TestToken::with(Backend::HsmSim);
     let file = token.dir.path().join("calls.txt");
     token.faults(&hsm_sim::Faults {
         count_calls_to: Some(file.clone()),
         ..Default::default()
     });
-    let hsm = token.open();
     let id = ObjectId([4; 16]);
-    hsm.generate_version_key(id, "test/calls".into())
-        .await
-        .unwrap();
-    // The key's handle is looked up once and then cached.
-    let first = hsm
-        .encrypt_gcm(id, [1; 12], b"a".to_vec(), Zeroizing::new(vec![7; 32]))
-        .await
-        .unwrap();
-    let before = calls_so_far(&hsm, &file).await;
-    let mut sealed = Vec::new();
-    for i in 0..50u8 {
-        sealed.push(
-            hsm.encrypt_gcm(id, [i; 12], b"a".to_vec(), Zeroizing::new(vec![i; 32]))
+    let wrap_50 = |hsm: Hsm| async move {
+        let mut sealed = Vec::new();
+        for i in 0..50u8 {
+            sealed.push(
+                hsm.encrypt_gcm(id, [i; 12], b"a".to_vec(), Zeroizing::new(vec![i; 32]))
+                    .await
+                    .unwrap(),
+            );
+        }
+        sealed
+    };
+    let unwrap_all = |hsm: Hsm, sealed: Vec<Vec<u8>>| async move {
+        for (i, s) in sealed.into_iter().enumerate() {
+            let opened = hsm
+                .decrypt_gcm(id, [i as u8; 12], b"a".to_vec(), s)
                 .await
-                .unwrap(),
-        );
-    }
-    let wrapped = calls_so_far(&hsm, &file).await;
-    assert_eq!(wrapped - before - 1, 100, "calls for 50 wraps");
-    for (i, s) in sealed.into_iter().enumerate() {
-        let opened = hsm
-            .decrypt_gcm(id, [i as u8; 12], b"a".to_vec(), s)
+                .unwrap();
+            assert_eq!(opened.as_slice(), vec![i as u8; 32].as_slice());
+        }
+    };
+    // Each call below costs one PKCS#11 call more: the counter's own C_GenerateRandom.
+    let message = {
+        let hsm = token.open();
+        hsm.generate_version_key(id, "test/calls".into())
             .await
             .unwrap();
-        assert_eq!(opened.as_slice(), vec![i as u8; 32].as_slice());
-    }
-    let unwrapped = calls_so_far(&hsm, &file).await;
-    assert_eq!(unwrapped - wrapped - 1, 100, "calls for 50 unwraps");
-    // And a blob of the two-call path opens like any other.
-    assert_eq!(
-        hsm.decrypt_gcm(id, [1; 12], b"a".to_vec(), first)
+        // The key's handle is looked up once and cached; the session opens its context.
+        hsm.encrypt_gcm(id, [99; 12], b"a".to_vec(), Zeroizing::new(vec![1; 32]))
             .await
-            .unwrap()
-            .as_slice(),
-        [7; 32].as_slice()
-    );
+            .unwrap();
+        let before = calls_so_far(&hsm, &file).await;
+        let sealed = wrap_50(hsm.clone()).await;
+        let wrapped = calls_so_far(&hsm, &file).await;
+        assert_eq!(wrapped - before - 1, 50, "calls for 50 message-based wraps");
+        unwrap_all(hsm.clone(), sealed.clone()).await;
+        let unwrapped = calls_so_far(&hsm, &file).await;
+        assert_eq!(
+            unwrapped - wrapped - 1,
+            51,
+            "calls for 50 message-based unwraps (and one C_MessageDecryptInit)"
+        );
+        sealed
+    };
+    // The same token without the message path: two calls each, and it opens those blobs.
+    let mut config = token.config.clone();
+    config.message_aead = false;
+    let two_calls = {
+        let hsm = Hsm::open(&config).unwrap();
+        // A fresh context looks the key's handle up again.
+        hsm.encrypt_gcm(id, [99; 12], b"a".to_vec(), Zeroizing::new(vec![1; 32]))
+            .await
+            .unwrap();
+        let before = calls_so_far(&hsm, &file).await;
+        let sealed = wrap_50(hsm.clone()).await;
+        let wrapped = calls_so_far(&hsm, &file).await;
+        assert_eq!(wrapped - before - 1, 100, "calls for 50 two-call wraps");
+        unwrap_all(hsm.clone(), message).await;
+        let unwrapped = calls_so_far(&hsm, &file).await;
+        assert_eq!(
+            unwrapped - wrapped - 1,
+            100,
+            "calls for 50 two-call unwraps"
+        );
+        sealed
+    };
+    // And back: the message path opens what the two-call path made.
+    unwrap_all(token.open(), two_calls).await;
+}
+
+/// A session lost in the middle of message-based operations (a network HSM dropping its
+/// connection) takes its contexts with it: the call is retried once on a fresh session, which
+/// opens its own context, and the next calls go on there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_session_with_a_message_context_is_replaced_and_the_call_retried() {
+    let token = TestToken::with(Backend::HsmSim);
+    let hsm = token.open();
+    let id = ObjectId([5; 16]);
+    hsm.generate_version_key(id, "test/lost".into())
+        .await
+        .unwrap();
+    let sealed = hsm
+        .encrypt_gcm(id, [1; 12], b"a".to_vec(), Zeroizing::new(vec![1; 32]))
+        .await
+        .unwrap();
+    hsm.decrypt_gcm(id, [1; 12], b"a".to_vec(), sealed.clone())
+        .await
+        .unwrap();
+    for round in 1..=3 {
+        token.faults(&hsm_sim::Faults {
+            lose_sessions: round,
+            ..Default::default()
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        let again = hsm
+            .encrypt_gcm(id, [2; 12], b"a".to_vec(), Zeroizing::new(vec![2; 32]))
+            .await
+            .unwrap();
+        assert_eq!(
+            hsm.decrypt_gcm(id, [2; 12], b"a".to_vec(), again)
+                .await
+                .unwrap()
+                .as_slice(),
+            [2; 32].as_slice()
+        );
+        assert_eq!(
+            hsm.decrypt_gcm(id, [1; 12], b"a".to_vec(), sealed.clone())
+                .await
+                .unwrap()
+                .as_slice(),
+            [1; 32].as_slice()
+        );
+    }
 }

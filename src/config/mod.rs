@@ -81,6 +81,7 @@ struct HsmSection {
     sessions: Option<usize>,
     call_timeout_ms: Option<u64>,
     dispatch: Option<String>,
+    message_aead: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -425,6 +426,7 @@ impl Config {
                 sessions,
                 call_timeout,
                 dispatch,
+                message_aead: raw.hsm.message_aead.unwrap_or(true),
             },
             database_url: secrecy::SecretString::from(database_url),
             policy_file,

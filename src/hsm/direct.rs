@@ -9,6 +9,11 @@
 //! with the length it wants; the operation stays active (PKCS#11 2.40 §5.2, "Buffer handling
 //! convention"), and the call is made again with that length.
 //!
+//! Where the token offers PKCS#11 3.0 message-based AES-GCM ([`MessageCalls`]), a session keeps
+//! one `C_MessageEncryptInit` (or `C_MessageDecryptInit`) context per key and each Wrap is one
+//! `C_EncryptMessage` (PKCS#11 3.0 §5.13): one round trip. The IV and the 16-byte tag travel in
+//! `CK_GCM_MESSAGE_PARAMS`; the output is the same `ciphertext ‖ tag` as the single-part path.
+//!
 //! Owns the function pointers and their calls, nothing else: the session handle comes from a
 //! cryptoki `Session` the caller holds (so no other call uses the session meanwhile) and the
 //! result code goes back through cryptoki's own error type. Everything else in the crate keeps
@@ -21,15 +26,20 @@ use std::path::Path;
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, Rv};
 use cryptoki_sys::{
-    CK_C_Decrypt, CK_C_Encrypt, CK_FUNCTION_LIST, CK_RV, CK_SESSION_HANDLE, CK_ULONG,
+    CK_C_Decrypt, CK_C_DecryptMessage, CK_C_Encrypt, CK_C_EncryptMessage, CK_C_MessageDecryptFinal,
+    CK_C_MessageDecryptInit, CK_C_MessageEncryptFinal, CK_C_MessageEncryptInit, CK_FUNCTION_LIST,
+    CK_FUNCTION_LIST_3_0, CK_GCM_MESSAGE_PARAMS, CK_INTERFACE, CK_MECHANISM, CK_OBJECT_HANDLE,
+    CK_RV, CK_SESSION_HANDLE, CK_ULONG, CK_UTF8CHAR, CK_VERSION, CKG_NO_GENERATE, CKM_AES_GCM,
     CKR_BUFFER_TOO_SMALL, CKR_OK,
 };
 use zeroize::Zeroizing;
 
-/// `C_Encrypt` and `C_Decrypt` of a loaded module.
+/// `C_Encrypt` and `C_Decrypt` of a loaded module, and its message-based AES-GCM if it has it.
 pub(super) struct DirectCalls {
     encrypt: CK_C_Encrypt,
     decrypt: CK_C_Decrypt,
+    /// `None` for a PKCS#11 2.40 module (SoftHSM 2.6), or a 3.0 one without these functions.
+    pub(super) message: Option<MessageCalls>,
     /// Keeps the module loaded as long as the pointers above are used.
     _library: libloading::Library,
 }
@@ -65,9 +75,11 @@ impl DirectCalls {
         if encrypt.is_none() || decrypt.is_none() {
             return Err("the module's function list has no C_Encrypt or C_Decrypt".into());
         }
+        let message = MessageCalls::load(&library);
         Ok(Self {
             encrypt,
             decrypt,
+            message,
             _library: library,
         })
     }
@@ -116,6 +128,226 @@ impl DirectCalls {
             },
         )?;
         Ok(out)
+    }
+}
+
+/// PKCS#11 3.0's message-based encryption and decryption functions of a module.
+pub(super) struct MessageCalls {
+    encrypt_init: CK_C_MessageEncryptInit,
+    encrypt: CK_C_EncryptMessage,
+    encrypt_final: CK_C_MessageEncryptFinal,
+    decrypt_init: CK_C_MessageDecryptInit,
+    decrypt: CK_C_DecryptMessage,
+    decrypt_final: CK_C_MessageDecryptFinal,
+}
+
+/// Which direction of a message-based context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Direction {
+    Encrypt,
+    Decrypt,
+}
+
+impl MessageCalls {
+    /// The functions of the module's "PKCS 11" 3.0 interface, if it exports `C_GetInterface`
+    /// and lists them all.
+    fn load(library: &libloading::Library) -> Option<Self> {
+        type GetInterface = unsafe extern "C" fn(
+            *mut CK_UTF8CHAR,
+            *mut CK_VERSION,
+            *mut *mut CK_INTERFACE,
+            cryptoki_sys::CK_FLAGS,
+        ) -> CK_RV;
+        // SAFETY: a PKCS#11 3.0 module exports `C_GetInterface` with this signature (PKCS#11
+        // 3.0 §5.4); a 2.40 module does not export it and the lookup fails.
+        let get: libloading::Symbol<'_, GetInterface> =
+            unsafe { library.get(b"C_GetInterface\0") }.ok()?;
+        let mut name = *b"PKCS 11\0";
+        let mut version = CK_VERSION { major: 3, minor: 0 };
+        let mut interface: *mut CK_INTERFACE = std::ptr::null_mut();
+        // SAFETY: the name is a NUL-terminated local, the version a local, the output a local
+        // pointer the module sets to its static interface.
+        let rv = unsafe { get(name.as_mut_ptr(), &mut version, &mut interface, 0) };
+        if rv != CKR_OK || interface.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null interface the module returned; it stays valid while the module
+        // is loaded, which the `DirectCalls` holding these pointers guarantees.
+        let list = unsafe { (*interface).pFunctionList }.cast::<CK_FUNCTION_LIST_3_0>();
+        if list.is_null() {
+            return None;
+        }
+        // SAFETY: the "PKCS 11" 3.0 interface's list is a CK_FUNCTION_LIST_3_0 (§5.4); only
+        // its version is read before that is checked, and the version is its first field in
+        // every list.
+        let major = unsafe { (*list).version.major };
+        if major < 3 {
+            return None;
+        }
+        // SAFETY: as above, a 3.0 list: six function pointers are copied out.
+        let calls = unsafe {
+            Self {
+                encrypt_init: (*list).C_MessageEncryptInit,
+                encrypt: (*list).C_EncryptMessage,
+                encrypt_final: (*list).C_MessageEncryptFinal,
+                decrypt_init: (*list).C_MessageDecryptInit,
+                decrypt: (*list).C_DecryptMessage,
+                decrypt_final: (*list).C_MessageDecryptFinal,
+            }
+        };
+        let all = calls.encrypt_init.is_some()
+            && calls.encrypt.is_some()
+            && calls.encrypt_final.is_some()
+            && calls.decrypt_init.is_some()
+            && calls.decrypt.is_some()
+            && calls.decrypt_final.is_some();
+        all.then_some(calls)
+    }
+
+    /// `C_MessageEncryptInit` or `C_MessageDecryptInit` with `CKM_AES_GCM` on `key`: each
+    /// message brings its own parameters.
+    pub(super) fn init(
+        &self,
+        session: CK_SESSION_HANDLE,
+        direction: Direction,
+        key: CK_OBJECT_HANDLE,
+    ) -> Result<(), CkError> {
+        let mut mechanism = CK_MECHANISM {
+            mechanism: CKM_AES_GCM,
+            pParameter: std::ptr::null_mut(),
+            ulParameterLen: 0,
+        };
+        let (init, function) = match direction {
+            Direction::Encrypt => (self.encrypt_init, Function::MessageEncryptInit),
+            Direction::Decrypt => (self.decrypt_init, Function::MessageDecryptInit),
+        };
+        let init = init.ok_or(CkError::NullFunctionPointer)?;
+        // SAFETY: the mechanism is a local; the caller holds the session.
+        Rv::from(unsafe { init(session, &mut mechanism, key) }).into_result(function)
+    }
+
+    /// `C_MessageEncryptFinal` or `C_MessageDecryptFinal`.
+    pub(super) fn finish(
+        &self,
+        session: CK_SESSION_HANDLE,
+        direction: Direction,
+    ) -> Result<(), CkError> {
+        let (end, function) = match direction {
+            Direction::Encrypt => (self.encrypt_final, Function::MessageEncryptFinal),
+            Direction::Decrypt => (self.decrypt_final, Function::MessageDecryptFinal),
+        };
+        let end = end.ok_or(CkError::NullFunctionPointer)?;
+        // SAFETY: the caller holds the session.
+        Rv::from(unsafe { end(session) }).into_result(function)
+    }
+
+    /// One `C_EncryptMessage`: `ciphertext ‖ tag`, as the single-part path returns it.
+    pub(super) fn encrypt(
+        &self,
+        session: CK_SESSION_HANDLE,
+        iv: [u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CkError> {
+        let encrypt = self.encrypt.ok_or(CkError::NullFunctionPointer)?;
+        let mut iv = iv;
+        let mut tag = [0u8; 16];
+        let mut params = gcm_message(&mut iv, &mut tag);
+        let params_ptr: *mut std::os::raw::c_void = std::ptr::addr_of_mut!(params).cast();
+        let aad_len = CK_ULONG::try_from(aad.len())?;
+        let mut out = vec![0u8; plaintext.len()];
+        single_part(
+            Function::EncryptMessage,
+            plaintext,
+            &mut out,
+            |input, len, output, out_len| {
+                // SAFETY: `params` is a local CK_GCM_MESSAGE_PARAMS whose IV (12 bytes) and tag
+                // (16 bytes) pointers are locals that outlive the call; `aad`, `input` and
+                // `output` are buffers of the stated lengths (the module only reads the
+                // inputs); the caller holds the session.
+                unsafe {
+                    encrypt(
+                        session,
+                        params_ptr,
+                        PARAMS_LEN,
+                        aad.as_ptr().cast_mut(),
+                        aad_len,
+                        input,
+                        len,
+                        output,
+                        out_len,
+                    )
+                }
+            },
+        )?;
+        out.extend_from_slice(&tag);
+        Ok(out)
+    }
+
+    /// One `C_DecryptMessage` of `ciphertext ‖ tag`.
+    pub(super) fn decrypt(
+        &self,
+        session: CK_SESSION_HANDLE,
+        iv: [u8; 12],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CkError> {
+        let decrypt = self.decrypt.ok_or(CkError::NullFunctionPointer)?;
+        let Some(split) = sealed.len().checked_sub(16) else {
+            return Err(CkError::Pkcs11(
+                cryptoki::error::RvError::EncryptedDataLenRange,
+                Function::DecryptMessage,
+            ));
+        };
+        let (body, tag) = sealed.split_at(split);
+        let mut iv = iv;
+        let mut tag: [u8; 16] = tag.try_into().map_err(|_| {
+            CkError::Pkcs11(
+                cryptoki::error::RvError::EncryptedDataLenRange,
+                Function::DecryptMessage,
+            )
+        })?;
+        let mut params = gcm_message(&mut iv, &mut tag);
+        let params_ptr: *mut std::os::raw::c_void = std::ptr::addr_of_mut!(params).cast();
+        let aad_len = CK_ULONG::try_from(aad.len())?;
+        let mut out = Zeroizing::new(vec![0u8; body.len()]);
+        single_part(
+            Function::DecryptMessage,
+            body,
+            &mut out,
+            |input, len, output, out_len| {
+                // SAFETY: as in `encrypt`; the tag is an input here.
+                unsafe {
+                    decrypt(
+                        session,
+                        params_ptr,
+                        PARAMS_LEN,
+                        aad.as_ptr().cast_mut(),
+                        aad_len,
+                        input,
+                        len,
+                        output,
+                        out_len,
+                    )
+                }
+            },
+        )?;
+        Ok(out)
+    }
+}
+
+const PARAMS_LEN: CK_ULONG = std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>() as CK_ULONG;
+
+/// A message's GCM parameters: the caller's 12-byte IV (never generated by the token: Tresor
+/// draws it, and the blob carries it) and a 128-bit tag.
+fn gcm_message(iv: &mut [u8; 12], tag: &mut [u8; 16]) -> CK_GCM_MESSAGE_PARAMS {
+    CK_GCM_MESSAGE_PARAMS {
+        pIv: iv.as_mut_ptr(),
+        ulIvLen: 12,
+        ulIvFixedBits: 0,
+        ivGenerator: CKG_NO_GENERATE,
+        pTag: tag.as_mut_ptr(),
+        ulTagBits: 128,
     }
 }
 

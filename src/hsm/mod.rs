@@ -111,6 +111,10 @@ pub struct HsmConfig {
     pub call_timeout: Duration,
     /// Where hot calls run (see [`Dispatch`]).
     pub dispatch: Dispatch,
+    /// Use PKCS#11 3.0 message-based AES-GCM (one call per Wrap and per Unwrap) where the
+    /// token offers it; otherwise, and with `false`, two calls each (`C_EncryptInit`,
+    /// `C_Encrypt`). Blobs are the same either way.
+    pub message_aead: bool,
 }
 
 /// The `CKA_ID` of a token object Tresor created.
@@ -316,6 +320,7 @@ impl Hsm {
         let inner = Inner {
             pkcs11,
             direct,
+            message_aead: config.message_aead,
             module: config.module.clone(),
             token_label: config.token_label.clone(),
             token_serial: config.token_serial.clone(),
@@ -385,6 +390,7 @@ mod tests {
             sessions: 2,
             call_timeout: DEFAULT_CALL_TIMEOUT,
             dispatch: Dispatch::Auto,
+            message_aead: true,
         };
         let shown = format!("{config:?}");
         assert!(shown.contains("TRESOR_PIN"), "{shown}");

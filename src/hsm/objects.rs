@@ -12,7 +12,8 @@ use zeroize::Zeroizing;
 #[cfg(feature = "test-support")]
 use super::KeyAttributes;
 use super::ckr::Call;
-use super::session::{OpError, Retry, unavailable};
+use super::direct::{Direction, MessageCalls};
+use super::session::{MessageState, OpCtx, OpError, Retry, unavailable};
 use super::{Hsm, HsmError, Kind, ObjectId, P256_PARAMS, TokenObject};
 
 impl Hsm {
@@ -62,6 +63,16 @@ impl Hsm {
             let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
             let mechanism = Mechanism::AesGcm(params);
             match &cx.inner.direct {
+                // One call: C_EncryptMessage on the session's context for this key.
+                Some(direct) if cx.live.message_gcm => {
+                    let calls = direct
+                        .message
+                        .as_ref()
+                        .ok_or(OpError::Pkcs11(CkError::NullFunctionPointer))?;
+                    in_message_context(cx, calls, Direction::Encrypt, handle, || {
+                        calls.encrypt(cx.session.handle(), iv, &aad, &plaintext)
+                    })
+                }
                 // Two calls: C_EncryptInit, and C_Encrypt into plaintext + tag.
                 Some(direct) => {
                     cx.session.encrypt_init(&mechanism, handle)?;
@@ -88,6 +99,16 @@ impl Hsm {
             let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
             let mechanism = Mechanism::AesGcm(params);
             match &cx.inner.direct {
+                // One call: C_DecryptMessage on the session's context for this key.
+                Some(direct) if cx.live.message_gcm => {
+                    let calls = direct
+                        .message
+                        .as_ref()
+                        .ok_or(OpError::Pkcs11(CkError::NullFunctionPointer))?;
+                    in_message_context(cx, calls, Direction::Decrypt, handle, || {
+                        calls.decrypt(cx.session.handle(), iv, &aad, &sealed)
+                    })
+                }
                 // Two calls: C_DecryptInit, and C_Decrypt into a buffer as long as the input
                 // (the plaintext is 16 bytes shorter; some tokens want the room anyway).
                 Some(direct) => {
@@ -367,4 +388,47 @@ pub(super) fn public_point(session: &Session, handle: ObjectHandle) -> Result<Ve
         RvError::AttributeTypeInvalid,
         cryptoki::context::Function::GetAttributeValue,
     )))
+}
+
+/// Runs one message (`run`: a `C_EncryptMessage` or `C_DecryptMessage`) in the session's
+/// message-based context of `direction` for `key`, opening that context first if the session
+/// has none for this key (and closing one it has for another). A message that fails closes the
+/// context: the next one opens it anew rather than trust what the token kept. A session lost on
+/// the way takes its contexts with it, and the retry on a fresh session opens one there.
+fn in_message_context<T>(
+    cx: &OpCtx<'_>,
+    calls: &MessageCalls,
+    direction: Direction,
+    key: ObjectHandle,
+    run: impl FnOnce() -> Result<T, CkError>,
+) -> Result<T, OpError> {
+    fn slot(
+        state: &mut MessageState,
+        direction: Direction,
+    ) -> &mut Option<cryptoki_sys::CK_OBJECT_HANDLE> {
+        match direction {
+            Direction::Encrypt => &mut state.encrypt,
+            Direction::Decrypt => &mut state.decrypt,
+        }
+    }
+    let session = cx.session.handle();
+    let mut state = cx.message.get();
+    let open = *slot(&mut state, direction);
+    if open != Some(key.handle()) {
+        if open.is_some() {
+            *slot(&mut state, direction) = None;
+            cx.message.set(state);
+            // Another key's context; if closing it fails, it is gone already.
+            let _ = calls.finish(session, direction);
+        }
+        calls.init(session, direction, key.handle())?;
+        *slot(&mut state, direction) = Some(key.handle());
+        cx.message.set(state);
+    }
+    run().map_err(|e| {
+        *slot(&mut state, direction) = None;
+        cx.message.set(state);
+        let _ = calls.finish(session, direction);
+        OpError::Pkcs11(e)
+    })
 }

@@ -28,6 +28,8 @@ pub(super) struct Inner {
     /// `C_Encrypt` and `C_Decrypt` without the length query (`direct.rs`); `None` if the
     /// module's function list could not be read, and cryptoki's calls are used instead.
     pub(super) direct: Option<super::direct::DirectCalls>,
+    /// Whether to use message-based AES-GCM where the token offers it (`hsm.message_aead`).
+    pub(super) message_aead: bool,
     pub(super) module: PathBuf,
     pub(super) token_label: String,
     pub(super) token_serial: Option<String>,
@@ -63,6 +65,10 @@ pub(super) struct Live {
     /// The token offers hash-and-sign `CKM_ECDSA_SHA256` (hsm-sim); otherwise Tresor hashes and
     /// uses raw `CKM_ECDSA` (SoftHSM 2.6.1 offers only that). Both give ECDSA over SHA-256.
     pub(super) ecdsa_sha256: bool,
+    /// Wrap and Unwrap use message-based AES-GCM, one call each (`direct.rs`): the module has
+    /// the 3.0 functions, the token lists `CKF_MESSAGE_ENCRYPT` and `CKF_MESSAGE_DECRYPT` for
+    /// `CKM_AES_GCM`, and the configuration allows it.
+    pub(super) message_gcm: bool,
     /// Kept open so the application stays logged in; probed when sessions are lost.
     pub(super) login: Mutex<Session>,
 }
@@ -70,6 +76,15 @@ pub(super) struct Live {
 pub(super) struct Pooled {
     pub(super) session: Session,
     pub(super) generation: u64,
+    /// The session's message-based AES-GCM contexts (`direct.rs`): gone with the session.
+    pub(super) message: MessageState,
+}
+
+/// Which key a session's message-based encryption and decryption contexts are open for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct MessageState {
+    pub(super) encrypt: Option<cryptoki_sys::CK_OBJECT_HANDLE>,
+    pub(super) decrypt: Option<cryptoki_sys::CK_OBJECT_HANDLE>,
 }
 
 /// What an operation closure can fail with.
@@ -116,6 +131,9 @@ pub(super) struct OpCtx<'a> {
     pub(super) session: &'a Session,
     pub(super) inner: &'a Inner,
     pub(super) live: &'a Live,
+    /// The session's message-based contexts; what the operation leaves here goes back to the
+    /// pool with the session.
+    pub(super) message: &'a std::cell::Cell<MessageState>,
 }
 
 impl OpCtx<'_> {
@@ -386,10 +404,17 @@ impl Inner {
             .pkcs11
             .get_mechanism_list(slot)
             .is_ok_and(|m| m.contains(&cryptoki::mechanism::MechanismType::ECDSA_SHA256));
+        let message_gcm = self.message_aead
+            && self.direct.as_ref().is_some_and(|d| d.message.is_some())
+            && self
+                .pkcs11
+                .get_mechanism_info(slot, cryptoki::mechanism::MechanismType::AES_GCM)
+                .is_ok_and(|m| m.message_encrypt() && m.message_decrypt());
         Ok(Live {
             generation,
             slot,
             ecdsa_sha256,
+            message_gcm,
             login: Mutex::new(session),
         })
     }
@@ -440,7 +465,7 @@ impl Inner {
         let Some(live) = read(&self.live).clone() else {
             return Err(Failure::Down);
         };
-        let session = match self.take_session(&live) {
+        let (session, message) = match self.take_session(&live) {
             Ok(s) => s,
             Err(err) => {
                 let recovery = match classify(&err, Call::Other) {
@@ -455,11 +480,14 @@ impl Inner {
             }
         };
         let started = Instant::now();
+        let message = std::cell::Cell::new(message);
         let result = op(&OpCtx {
             session: &session,
             inner: self,
             live: &live,
+            message: &message,
         });
+        let message = message.get();
         let took = started.elapsed();
         if hot == Hot::Yes {
             self.pace.record(took);
@@ -467,11 +495,11 @@ impl Inner {
         crate::metrics::global().hsm_calls.observe_duration(took);
         let err = match result {
             Ok(value) => {
-                self.give_back(session, live.generation);
+                self.give_back(session, live.generation, message);
                 return Ok(value);
             }
             Err(OpError::NotFound(id)) => {
-                self.give_back(session, live.generation);
+                self.give_back(session, live.generation, message);
                 return Err(Failure::NotFound(id));
             }
             Err(OpError::Pkcs11(err)) => err,
@@ -498,10 +526,10 @@ impl Inner {
             Recovery::Reinitialise => drop(session),
             Recovery::ForgetHandle => {
                 write(&self.handles).clear();
-                self.give_back(session, live.generation);
+                self.give_back(session, live.generation, message);
             }
             Recovery::BadCiphertext | Recovery::PinRefused | Recovery::Fail => {
-                self.give_back(session, live.generation);
+                self.give_back(session, live.generation, message);
             }
         }
         Err(Failure::Pkcs11 {
@@ -511,22 +539,26 @@ impl Inner {
         })
     }
 
-    pub(super) fn take_session(&self, live: &Live) -> Result<Session, CkError> {
+    pub(super) fn take_session(&self, live: &Live) -> Result<(Session, MessageState), CkError> {
         {
             let mut idle = lock(&self.idle);
             while let Some(pooled) = idle.pop() {
                 if pooled.generation == live.generation {
-                    return Ok(pooled.session);
+                    return Ok((pooled.session, pooled.message));
                 }
             }
         }
-        self.pkcs11.open_rw_session_no_drop(live.slot)
+        Ok((
+            self.pkcs11.open_rw_session_no_drop(live.slot)?,
+            MessageState::default(),
+        ))
     }
 
-    pub(super) fn give_back(&self, session: Session, generation: u64) {
+    pub(super) fn give_back(&self, session: Session, generation: u64, message: MessageState) {
         lock(&self.idle).push(Pooled {
             session,
             generation,
+            message,
         });
     }
 }

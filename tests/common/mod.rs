@@ -24,8 +24,12 @@ const SO_PIN: &str = "test-so-pin-0815";
 pub enum Backend {
     /// Debian's SoftHSM 2.6.1.
     SoftHsm,
-    /// Tresor's own simulator, built in this workspace.
+    /// Tresor's own simulator, built in this workspace (Wrap and Unwrap on its PKCS#11 3.0
+    /// message-based AES-GCM, one call each).
     HsmSim,
+    /// hsm-sim with `hsm.message_aead = false`: the two-call path (`C_EncryptInit`,
+    /// `C_Encrypt`) that every PKCS#11 2.40 token gets.
+    HsmSimTwoCalls,
 }
 
 /// The hsm-sim module built next to the test binaries.
@@ -69,8 +73,14 @@ impl TestToken {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        if backend == Backend::HsmSim {
-            return Self::hsm_sim(label);
+        match backend {
+            Backend::HsmSim => return Self::hsm_sim(label),
+            Backend::HsmSimTwoCalls => {
+                let mut token = Self::hsm_sim(label);
+                token.config.message_aead = false;
+                return token;
+            }
+            Backend::SoftHsm => {}
         }
         let out = Command::new("softhsm2-util")
             .args([
@@ -102,6 +112,7 @@ impl TestToken {
             sessions: DEFAULT_SESSIONS,
             call_timeout: tresor::hsm::DEFAULT_CALL_TIMEOUT,
             dispatch: tresor::hsm::Dispatch::Auto,
+            message_aead: true,
         };
         Self {
             dir,
@@ -144,6 +155,7 @@ impl TestToken {
             sessions: DEFAULT_SESSIONS,
             call_timeout: tresor::hsm::DEFAULT_CALL_TIMEOUT,
             dispatch: tresor::hsm::Dispatch::Auto,
+            message_aead: true,
         };
         Self {
             dir,
