@@ -619,6 +619,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(threads.hsm.dispatch, Dispatch::Threads);
+        assert!(c.hsm.message_aead, "message-based AES-GCM is on by default");
+        let two_calls =
+            Config::parse(&text.replace("[hsm]", "[hsm]\nmessage_aead = false"), &path).unwrap();
+        assert!(!two_calls.hsm.message_aead);
         assert_eq!(c.max_concurrent_requests, DEFAULT_MAX_CONCURRENT_REQUESTS);
         assert_eq!(c.tls_cert, dir.path().join("server.pem"));
         assert_eq!(

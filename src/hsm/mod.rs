@@ -340,8 +340,13 @@ impl Hsm {
         };
         // On failure `inner` drops here, which finalises the module and frees the slot.
         let live = inner.bring_up()?;
+        let calls_per_wrap = match (live.message_gcm, inner.direct.is_some()) {
+            (true, _) => 1,
+            (false, true) => 2,
+            (false, false) => 3,
+        };
         *write(&inner.live) = Some(Arc::new(live));
-        tracing::info!(module = %config.module.display(), token = %config.token_label, sessions = pool_size, dispatch = ?config.dispatch, "HSM token opened");
+        tracing::info!(module = %config.module.display(), token = %config.token_label, sessions = pool_size, dispatch = ?config.dispatch, calls_per_wrap, "HSM token opened");
         let inner = Arc::new(inner);
         let gauge = Arc::downgrade(&inner);
         crate::metrics::global().hsm_sessions_from(move || {
