@@ -315,13 +315,7 @@ impl Custody {
                 return Err(e);
             }
             tracing::warn!(object = %row.key_name, tenant = %row.tenant, approved_by = %grant.identity(), requested_by = %row.requested_by, "managed object destruction approved and done");
-            let row = self
-                .inner
-                .store
-                .get_approval(id)
-                .await?
-                .ok_or_else(|| CustodyError::ApprovalNotFound(id.to_owned()))?;
-            return self.approval_info(row);
+            return self.decided(id).await;
         }
         if row.operation == super::access::OPEN_WINDOW {
             self.decide_row(&row, ApprovalState::Approved, grant.identity(), self.now())
@@ -330,13 +324,7 @@ impl Custody {
                 self.inner.store.reopen_approval(id, &row.integrity).await?;
                 return Err(e);
             }
-            let row = self
-                .inner
-                .store
-                .get_approval(id)
-                .await?
-                .ok_or_else(|| CustodyError::ApprovalNotFound(id.to_owned()))?;
-            return self.approval_info(row);
+            return self.decided(id).await;
         }
         if row.operation != DESTROY {
             return Err(CustodyError::InvalidArgument(format!(
@@ -389,6 +377,11 @@ impl Custody {
             return Err(e);
         }
         tracing::warn!(key = %key, version = row.version, approved_by = %grant.identity(), requested_by = %row.requested_by, destroy_at, "key version destruction approved and scheduled");
+        self.decided(id).await
+    }
+
+    /// An approval as it stands after a decision.
+    async fn decided(&self, id: &str) -> Result<ApprovalInfo, CustodyError> {
         let row = self
             .inner
             .store
@@ -403,13 +396,7 @@ impl Custody {
         let row = self.open_approval(grant, id).await?;
         self.decide_row(&row, ApprovalState::Rejected, grant.identity(), self.now())
             .await?;
-        let row = self
-            .inner
-            .store
-            .get_approval(id)
-            .await?
-            .ok_or_else(|| CustodyError::ApprovalNotFound(id.to_owned()))?;
-        self.approval_info(row)
+        self.decided(id).await
     }
 
     /// Records the decision, sealed, unless another one got there first; then the error names

@@ -250,35 +250,16 @@ impl MessageCalls {
         plaintext: &[u8],
     ) -> Result<Vec<u8>, CkError> {
         let encrypt = self.encrypt.ok_or(CkError::NullFunctionPointer)?;
-        let mut iv = iv;
         let mut tag = [0u8; 16];
-        let mut params = gcm_message(&mut iv, &mut tag);
-        let params_ptr: *mut std::os::raw::c_void = std::ptr::addr_of_mut!(params).cast();
-        let aad_len = CK_ULONG::try_from(aad.len())?;
         let mut out = vec![0u8; plaintext.len()];
-        single_part(
+        one_message(
+            encrypt,
             Function::EncryptMessage,
+            session,
+            (iv, &mut tag),
+            aad,
             plaintext,
             &mut out,
-            |input, len, output, out_len| {
-                // SAFETY: `params` is a local CK_GCM_MESSAGE_PARAMS whose IV (12 bytes) and tag
-                // (16 bytes) pointers are locals that outlive the call; `aad`, `input` and
-                // `output` are buffers of the stated lengths (the module only reads the
-                // inputs); the caller holds the session.
-                unsafe {
-                    encrypt(
-                        session,
-                        params_ptr,
-                        PARAMS_LEN,
-                        aad.as_ptr().cast_mut(),
-                        aad_len,
-                        input,
-                        len,
-                        output,
-                        out_len,
-                    )
-                }
-            },
         )?;
         out.extend_from_slice(&tag);
         Ok(out)
@@ -293,47 +274,76 @@ impl MessageCalls {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CkError> {
         let decrypt = self.decrypt.ok_or(CkError::NullFunctionPointer)?;
-        let Some(split) = sealed.len().checked_sub(16) else {
-            return Err(CkError::Pkcs11(
-                cryptoki::error::RvError::EncryptedDataLenRange,
-                Function::DecryptMessage,
-            ));
-        };
-        let (body, tag) = sealed.split_at(split);
-        let mut iv = iv;
-        let mut tag: [u8; 16] = tag.try_into().map_err(|_| {
+        let too_short = || {
             CkError::Pkcs11(
                 cryptoki::error::RvError::EncryptedDataLenRange,
                 Function::DecryptMessage,
             )
-        })?;
-        let mut params = gcm_message(&mut iv, &mut tag);
-        let params_ptr: *mut std::os::raw::c_void = std::ptr::addr_of_mut!(params).cast();
-        let aad_len = CK_ULONG::try_from(aad.len())?;
+        };
+        let split = sealed.len().checked_sub(16).ok_or_else(too_short)?;
+        let (body, tag) = sealed.split_at(split);
+        let mut tag: [u8; 16] = tag.try_into().map_err(|_| too_short())?;
         let mut out = Zeroizing::new(vec![0u8; body.len()]);
-        single_part(
+        one_message(
+            decrypt,
             Function::DecryptMessage,
+            session,
+            (iv, &mut tag),
+            aad,
             body,
             &mut out,
-            |input, len, output, out_len| {
-                // SAFETY: as in `encrypt`; the tag is an input here.
-                unsafe {
-                    decrypt(
-                        session,
-                        params_ptr,
-                        PARAMS_LEN,
-                        aad.as_ptr().cast_mut(),
-                        aad_len,
-                        input,
-                        len,
-                        output,
-                        out_len,
-                    )
-                }
-            },
         )?;
         Ok(out)
     }
+}
+
+/// `C_EncryptMessage` and `C_DecryptMessage` have one signature: parameters, AAD, input, output.
+type MessageFn = unsafe extern "C" fn(
+    CK_SESSION_HANDLE,
+    *mut std::os::raw::c_void,
+    CK_ULONG,
+    *mut u8,
+    CK_ULONG,
+    *mut u8,
+    CK_ULONG,
+    *mut u8,
+    *mut CK_ULONG,
+) -> CK_RV;
+
+/// One message into `out`, with its IV and the tag (written by an encryption, read by a
+/// decryption) in `CK_GCM_MESSAGE_PARAMS`.
+fn one_message(
+    call: MessageFn,
+    function: Function,
+    session: CK_SESSION_HANDLE,
+    (iv, tag): ([u8; 12], &mut [u8; 16]),
+    aad: &[u8],
+    input: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), CkError> {
+    let mut iv = iv;
+    let mut params = gcm_message(&mut iv, tag);
+    let params_ptr: *mut std::os::raw::c_void = std::ptr::addr_of_mut!(params).cast();
+    let aad_len = CK_ULONG::try_from(aad.len())?;
+    single_part(function, input, out, |data, len, output, out_len| {
+        // SAFETY: `params` is a local CK_GCM_MESSAGE_PARAMS whose IV (12 bytes) and tag (16
+        // bytes) pointers are a local and the caller's array, both alive for the call; `aad`,
+        // `data` and `output` are buffers of the stated lengths (the module only reads the
+        // inputs); the caller holds the session.
+        unsafe {
+            call(
+                session,
+                params_ptr,
+                PARAMS_LEN,
+                aad.as_ptr().cast_mut(),
+                aad_len,
+                data,
+                len,
+                output,
+                out_len,
+            )
+        }
+    })
 }
 
 const PARAMS_LEN: CK_ULONG = std::mem::size_of::<CK_GCM_MESSAGE_PARAMS>() as CK_ULONG;
