@@ -421,7 +421,15 @@ fn in_message_context<T>(
             // Another key's context; if closing it fails, it is gone already.
             let _ = calls.finish(session, direction);
         }
-        calls.init(session, direction, key.handle())?;
+        match calls.init(session, direction, key.handle()) {
+            // The token still holds a context this session lost track of (a close that
+            // failed): close it and open ours, rather than fail on this session for good.
+            Err(CkError::Pkcs11(RvError::OperationActive, _)) => {
+                let _ = calls.finish(session, direction);
+                calls.init(session, direction, key.handle())?;
+            }
+            other => other?,
+        }
         *slot(&mut state, direction) = Some(key.handle());
         cx.message.set(state);
     }
