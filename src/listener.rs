@@ -19,7 +19,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -32,7 +32,9 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// Connections open at once from one source address.
     pub max_connections_per_source: usize,
-    /// TLS handshakes in progress at once; more connections wait in the kernel's backlog.
+    /// TLS handshakes in progress at once. When all are taken, a new connection waits for one
+    /// (within its handshake time), and the oldest handshake in progress, if it has taken
+    /// longer than [`STALLED_HANDSHAKE`], is abandoned to make room.
     pub max_handshakes: usize,
     /// A handshake that takes longer is abandoned and its connection closed.
     pub handshake_timeout: Duration,
@@ -323,6 +325,67 @@ impl HandshakeRates {
     }
 }
 
+/// A handshake in progress this long, while every handshake slot is taken, is given up for a
+/// newer connection. A client on the same network finishes its handshake in milliseconds; one
+/// that sends nothing (or a byte at a time) holds its slot only until others need it, so clients
+/// that never finish cannot keep everyone else out, from however many addresses they come.
+pub const STALLED_HANDSHAKE: Duration = Duration::from_millis(100);
+
+/// The handshakes holding a slot, oldest first, each with the means to abandon it.
+#[derive(Default)]
+struct InProgress {
+    next: u64,
+    started: std::collections::BTreeMap<u64, (tokio::time::Instant, oneshot::Sender<()>)>,
+}
+
+type Handshaking = Arc<Mutex<InProgress>>;
+
+/// A handshake's entry in [`InProgress`], removed when dropped.
+struct Registered {
+    all: Handshaking,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        crate::sync::lock(&self.all).started.remove(&self.id);
+    }
+}
+
+impl InProgress {
+    /// Registers a handshake that holds a slot; the receiver fires if it is abandoned.
+    fn register(all: &Handshaking) -> (Registered, oneshot::Receiver<()>) {
+        let (abandon, abandoned) = oneshot::channel();
+        let mut this = crate::sync::lock(all);
+        let id = this.next;
+        this.next += 1;
+        this.started
+            .insert(id, (tokio::time::Instant::now(), abandon));
+        (
+            Registered {
+                all: Arc::clone(all),
+                id,
+            },
+            abandoned,
+        )
+    }
+
+    /// Abandons the oldest handshake if it has been in progress longer than `stalled`.
+    fn abandon_oldest(all: &Handshaking, stalled: Duration) -> bool {
+        let mut this = crate::sync::lock(all);
+        let old_enough = this
+            .started
+            .first_key_value()
+            .is_some_and(|(_, (at, _))| at.elapsed() > stalled);
+        if !old_enough {
+            return false;
+        }
+        this.started
+            .pop_first()
+            .is_some_and(|(_, (_, abandon))| abandon.send(()).is_ok())
+    }
+}
+
 /// A connection's place in the listener's bounds: one of the total, one of its source's.
 struct Place {
     _total: OwnedSemaphorePermit,
@@ -383,8 +446,10 @@ async fn accept_loop(
     established: mpsc::Sender<(Connection, SocketAddr)>,
 ) {
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+    let in_progress_handshakes: Handshaking = Arc::default();
     // One source may hold only an eighth of the handshake slots, so that clients that never
-    // finish their handshake cannot keep everyone else from starting one.
+    // finish their handshake cannot keep everyone else from starting one; from more sources,
+    // the oldest stalled handshake gives its slot up ([`STALLED_HANDSHAKE`]).
     let handshakes_per_source = (limits.max_handshakes / 8).max(1);
     let total = Arc::new(Semaphore::new(limits.max_connections));
     let sources: PerSource = Arc::default();
@@ -414,34 +479,54 @@ async fn accept_loop(
             .flatten()
             .and_then(|permit| {
                 let source = Counted::take(&sources, peer.ip(), limits.max_connections_per_source)?;
-                let handshake = Arc::clone(&handshakes).try_acquire_owned().ok()?;
                 let handshaking = Counted::take(&handshaking, peer.ip(), handshakes_per_source)?;
                 Some((
                     Place {
                         _total: permit,
                         source,
                     },
-                    handshake,
                     handshaking,
                 ))
             });
-        let Some((place, handshake, handshaking)) = admitted else {
+        let Some((place, handshaking)) = admitted else {
             crate::metrics::global().connection_refused(name);
             tracing::debug!(listener = name, %peer, "connection over the listener's bounds closed");
             continue;
         };
+        // Every slot taken: this connection waits for one, and the oldest handshake, if stalled,
+        // makes room.
+        let slot = Arc::clone(&handshakes).try_acquire_owned().ok();
+        if slot.is_none() && InProgress::abandon_oldest(&in_progress_handshakes, STALLED_HANDSHAKE)
+        {
+            crate::metrics::global().connection_refused(name);
+        }
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(listener = name, %peer, error = %e, "could not set TCP_NODELAY");
         }
         let acceptor = acceptor.clone();
         let established = established.clone();
         let anonymous_sources = Arc::clone(&anonymous);
+        let (handshakes, all_handshakes) =
+            (Arc::clone(&handshakes), Arc::clone(&in_progress_handshakes));
         in_progress.spawn(async move {
-            let outcome =
-                tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
-            drop((handshake, handshaking));
+            let handshake = async {
+                let _slot = match slot {
+                    Some(slot) => slot,
+                    None => handshakes.acquire_owned().await.ok()?,
+                };
+                let (_registered, abandoned) = InProgress::register(&all_handshakes);
+                tokio::select! {
+                    tls = acceptor.accept(tcp) => Some(tls),
+                    _ = abandoned => {
+                        tracing::debug!(listener = name, %peer, "stalled TLS handshake abandoned for a newer connection");
+                        None
+                    }
+                }
+            };
+            let outcome = tokio::time::timeout(limits.handshake_timeout, handshake).await;
+            drop(handshaking);
             match outcome {
-                Ok(Ok(tls)) => {
+                Ok(Some(Ok(tls))) => {
                     let without_certificate = tls.get_ref().1.peer_certificates().is_none();
                     let (throttle, anonymous) = match limits.anonymous {
                         Some(a) if without_certificate => {
@@ -467,9 +552,10 @@ async fn accept_loop(
                     // A closed receiver means the front-end stopped: the connection is dropped.
                     let _ = established.send((connection, peer)).await;
                 }
-                Ok(Err(e)) => {
+                Ok(Some(Err(e))) => {
                     tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
                 }
+                Ok(None) => {}
                 Err(_) => tracing::debug!(listener = name, %peer, "TLS handshake timed out"),
             }
         });

@@ -2,6 +2,8 @@
 //! an idle connection. Each bound is set small in the configuration, pushed past by a client
 //! playing the attacker, and then an allowed caller still gets in.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -214,5 +216,49 @@ async fn connections_without_a_certificate_are_few_per_source() {
     let officer = server.client(OFFICER_A).await;
     create_key(&officer, "tenants/a/keys/k").await;
     drop((first, second));
+    server.stop().await;
+}
+
+/// A silent TCP connection from `source` (another loopback address: another host to the server).
+async fn silent_from(source: [u8; 4], server: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind((std::net::Ipv4Addr::from(source), 0).into())
+        .unwrap();
+    socket.connect(server).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_from_many_addresses_cannot_keep_an_allowed_caller_out() {
+    // Eight slots, one per source: eight attacker addresses that never send a byte take all of
+    // them for the whole handshake time.
+    let server =
+        TestServer::start_with("limits = { max_handshakes = 8, handshake_timeout_secs = 60 }")
+            .await;
+    let mut stalled = Vec::new();
+    for host in 2..10 {
+        stalled.push(silent_from([127, 0, 0, host], server.addr).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The allowed caller gets a slot within moments, not after the attackers' handshake time:
+    // the oldest stalled handshake gave its slot up.
+    let started = Instant::now();
+    let officer = tokio::time::timeout(Duration::from_secs(10), server.client(OFFICER_A))
+        .await
+        .expect("an allowed caller could not connect while stalled handshakes held every slot");
+    create_key(&officer, "tenants/a/keys/k").await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        closed_within(&mut stalled[0], Duration::from_secs(2)).await,
+        "the oldest stalled handshake was not the one abandoned"
+    );
+    // The others keep their slots: nothing is abandoned while slots are free or handshakes young.
+    for s in &mut stalled[2..] {
+        assert!(
+            !closed_within(s, Duration::from_millis(50)).await,
+            "a stalled handshake was abandoned without need"
+        );
+    }
     server.stop().await;
 }
