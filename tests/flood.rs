@@ -14,6 +14,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "support/flood.rs"]
+mod parts;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -21,7 +23,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "tenants/a/keys/k";
 const XKS_PREFIX: &str = "/flood";
@@ -52,49 +53,6 @@ fn deployment() -> Deployment {
     ));
     std::fs::write(&d.config_path, config).unwrap();
     d
-}
-
-/// A TLS connection to the XKS listener speaking HTTP/1.1, for requests no real client sends.
-async fn xks_connection(
-    addr: std::net::SocketAddr,
-    tls: &tokio_rustls::TlsConnector,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    tls.connect("localhost".try_into().unwrap(), tcp).await
-}
-
-fn xks_tls(server: &TestServer) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in tresor::pki::load_certs(&server.deployment.dir().join("ca.pem")).unwrap() {
-        roots.add(ca).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
-/// Reads until the server closes the connection or `limit` passes; true when it closed.
-async fn closed_within(
-    conn: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    limit: Duration,
-) -> bool {
-    let mut buf = [0u8; 1024];
-    tokio::time::timeout(limit, async {
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .is_ok()
 }
 
 fn rss_kib() -> u64 {
@@ -155,144 +113,39 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
     let (rss_before, fds_before) = (rss_kib(), open_fds());
 
     let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicU64::new(0));
-    // Calls the server itself answered UNAUTHENTICATED: each must be in the log.
-    let answered = Arc::new(AtomicU64::new(0));
-    let mut flood = Vec::new();
-    // (a) 2,000 idle TCP connections.
-    let addr = server.addr;
-    flood.push(tokio::spawn(async move {
-        let mut idle = Vec::new();
-        for _ in 0..2_000 {
-            if let Ok(tcp) = tokio::net::TcpStream::connect(addr).await {
-                idle.push(tcp);
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        drop(idle);
-    }));
-    // (b) 500 TLS connections without a client certificate, calling as fast as they can, and
-    // (d) oversized messages on some of them.
+    let seen = Arc::new(parts::Seen::default());
+    // The parts of tests/support/flood.rs, from this process and address: 2,000 idle TCP
+    // connections, 500 certificate-less TLS clients calling as fast as they can (a tenth with
+    // 200 KB messages), 200 XKS clients trickling their headers (the listener's header time
+    // here is 2 s), 50 announcing 200 KB bodies under a signature that does not verify.
     let anonymous = tresor::client::Profile::load(&server.deployment.profile(
         server.addr,
         None,
         tresor::pki::Validity::default(),
     ))
     .unwrap();
-    for i in 0..500 {
-        let profile = anonymous.clone();
-        let stop = Arc::clone(&stop);
-        let refused = Arc::clone(&refused);
-        let answered = Arc::clone(&answered);
-        flood.push(tokio::spawn(async move {
-            // Over the listener's bounds a connection is closed at once: try again, as an
-            // attacker would.
-            let anonymous = loop {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                match tresor::client::Client::connect(&profile).await {
-                    Ok(c) => break c,
-                    Err(_) => {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            };
-            let mut keys = anonymous.keys();
-            let plaintext = if i % 10 == 0 {
-                vec![0; 200_000]
-            } else {
-                vec![1; 32]
-            };
-            while !stop.load(Ordering::Relaxed) {
-                let r = keys
-                    .wrap(tresor::proto::WrapRequest {
-                        justification: None,
-                        key: KEY.into(),
-                        plaintext: plaintext.clone(),
-                        aad: Vec::new(),
-                    })
-                    .await;
-                if r.is_err() {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                }
-                if r.as_ref()
-                    .is_err_and(|s| s.code() == tonic::Code::Unauthenticated)
-                {
-                    answered.fetch_add(1, Ordering::Relaxed);
-                }
-                if r.is_err_and(|s| s.code() == tonic::Code::Unavailable) {
-                    // A connection the server closed: the client reconnects.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }));
-    }
-    // (c) 200 XKS clients that trickle their request headers, a byte every 300 ms; the
-    // listener's header time (2 s here) closes them, and they come back.
-    let xks = server.xks.0.unwrap();
-    let tls = xks_tls(&server);
-    let trickles_cut = Arc::new(AtomicU64::new(0));
-    for _ in 0..200 {
-        let (stop, tls, cut) = (Arc::clone(&stop), tls.clone(), Arc::clone(&trickles_cut));
-        flood.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(mut conn) = xks_connection(xks, &tls).await else {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                };
-                let _ = conn
-                    .write_all(b"POST /flood/kms/xks/v1/keys/k/encrypt HTTP/1.1\r\nHo")
-                    .await;
-                for byte in b"st: localhost\r\nX-Trickle: aaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
-                    if closed_within(&mut conn, Duration::from_millis(300)).await {
-                        cut.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                    if conn.write_all(&[*byte]).await.is_err() {
-                        cut.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                }
-            }
-        }));
-    }
-    // (d) on XKS: 50 clients announcing 200 KB bodies under a signature that does not verify,
-    // each is answered 401 from its headers, and then sends the body anyway.
-    let xks_refused = Arc::new(AtomicU64::new(0));
-    for _ in 0..50 {
-        let (stop, tls, refused) = (Arc::clone(&stop), tls.clone(), Arc::clone(&xks_refused));
-        flood.push(tokio::spawn(async move {
-            let head = format!(
-                "POST {XKS_PREFIX}/kms/xks/v1/keys/k/encrypt HTTP/1.1\r\nHost: localhost\r\n\
-                 Content-Type: application/json\r\nContent-Length: 200000\r\n\
-                 x-amz-date: 20261201T120000Z\r\n\
-                 Authorization: AWS4-HMAC-SHA256 Credential=AKIAI2SFODNN7EXAMPLE/20261201/eu-central-1/kms-xks-proxy/aws4_request, \
-                 SignedHeaders=host;x-amz-date, Signature={}\r\n\r\n",
-                "0".repeat(64)
-            );
-            let body = vec![b'{'; 200_000];
-            while !stop.load(Ordering::Relaxed) {
-                let Ok(mut conn) = xks_connection(xks, &tls).await else {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                };
-                if conn.write_all(head.as_bytes()).await.is_err() {
-                    continue;
-                }
-                let mut answer = [0u8; 16];
-                if let Ok(Ok(n)) =
-                    tokio::time::timeout(Duration::from_secs(2), conn.read(&mut answer)).await
-                    && answer[..n].starts_with(b"HTTP/1.1 401")
-                {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                }
-                // The body the server did not wait for, sent anyway, as an attacker would.
-                let _ = conn.write_all(&body).await;
-            }
-        }));
-    }
+    let flood = parts::start(
+        &parts::Flood {
+            grpc: server.addr,
+            xks: server.xks.0,
+            xks_prefix: XKS_PREFIX.into(),
+            ca: anonymous.ca.clone(),
+            server_name: anonymous
+                .server_name
+                .clone()
+                .unwrap_or_else(|| "localhost".into()),
+            key: KEY.into(),
+            idle: 2_000,
+            reopen_idle: false,
+            anonymous: 500,
+            trickle: 200,
+            bodies: 50,
+            sources: Vec::new(),
+            verbose: false,
+        },
+        &seen,
+        &stop,
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let flooded = measure(&service, 16, window).await;
     let (rss_during, fds_during) = (rss_kib(), open_fds());
@@ -312,13 +165,19 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
     };
     progress("flood stopped");
     let ratio = flooded / quiet;
+    // Every call the certificate-less clients saw fail, at connect or after.
+    let refused = || {
+        seen.grpc_connect_failed.load(Ordering::Relaxed)
+            + seen.grpc_unauthenticated.load(Ordering::Relaxed)
+            + seen.grpc_other_errors.load(Ordering::Relaxed)
+    };
     if std::env::var_os("TRESOR_FLOOD_REPORT").is_some() {
         eprintln!(
             "flood: quiet {quiet:.0} wraps/s, flooded {flooded:.0} wraps/s, ratio {ratio:.2}; refused gRPC calls {} ({} answered UNAUTHENTICATED by the server); XKS: {} trickling clients cut off, {} large unsigned bodies refused; RSS {rss_before} -> {rss_during} KiB; fds {fds_before} -> {fds_during}",
-            refused.load(Ordering::Relaxed),
-            answered.load(Ordering::Relaxed),
-            trickles_cut.load(Ordering::Relaxed),
-            xks_refused.load(Ordering::Relaxed),
+            refused(),
+            seen.grpc_unauthenticated.load(Ordering::Relaxed),
+            seen.trickles_cut.load(Ordering::Relaxed),
+            seen.bodies_refused.load(Ordering::Relaxed),
         );
     }
     // Starvation, as the listener measured before its bounds, is 0.05 to 0.07; with every part
@@ -353,12 +212,12 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
             _ => None,
         })
         .sum();
-    let unauthenticated_at_server = refused.load(Ordering::Relaxed);
+    let unauthenticated_at_server = refused();
     assert!(
-        trickles_cut.load(Ordering::Relaxed) >= 40,
+        seen.trickles_cut.load(Ordering::Relaxed) >= 40,
         "the XKS listener did not cut off the trickling clients"
     );
-    let xks_refused = xks_refused.load(Ordering::Relaxed);
+    let xks_refused = seen.bodies_refused.load(Ordering::Relaxed);
     assert!(xks_refused > 0, "no unsigned XKS body was refused");
     let xks_accounted: u64 = items
         .iter()
@@ -377,7 +236,7 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
     );
     // Whether certificate-less calls got in at all depends on the race with the 2,000 idle
     // connections for the source address's bound; each one the server answered is recorded.
-    let answered = answered.load(Ordering::Relaxed);
+    let answered = seen.grpc_unauthenticated.load(Ordering::Relaxed);
     assert!(
         accounted >= answered,
         "{answered} calls answered UNAUTHENTICATED, {accounted} recorded"

@@ -1031,14 +1031,9 @@ async fn raw_http1(proxy: &Proxy) -> tokio_rustls::client::TlsStream<tokio::net:
     for ca in tresor::pki::load_certs(&proxy.server.deployment.dir().join("ca.pem")).unwrap() {
         roots.add(ca).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config =
+        tresor::xks::client::tls_config(roots, tresor::xks::client::HttpVersion::Http1, None)
+            .unwrap();
     let tcp = tokio::net::TcpStream::connect(proxy.server.xks.0.unwrap())
         .await
         .unwrap();

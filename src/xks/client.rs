@@ -39,6 +39,31 @@ impl std::fmt::Debug for XksClient {
     }
 }
 
+/// The TLS client side of an XKS connection: ring's default suites, the proxy verified against
+/// `roots`, `identity` presented when given, and the ALPN protocol of `version`.
+pub fn tls_config(
+    roots: rustls::RootCertStore,
+    version: HttpVersion,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| e.to_string())?,
+    };
+    config.alpn_protocols = vec![match version {
+        HttpVersion::Http1 => b"http/1.1".to_vec(),
+        HttpVersion::Http2 => b"h2".to_vec(),
+    }];
+    Ok(config)
+}
+
 impl XksClient {
     /// Connects to `addr`, verifying the server as `server_name` against `roots`, presenting
     /// `identity` (certificate chain and key) when given.
@@ -49,21 +74,7 @@ impl XksClient {
         version: HttpVersion,
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     ) -> Result<Self, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots);
-        let mut config = match identity {
-            None => builder.with_no_client_auth(),
-            Some((chain, key)) => builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| e.to_string())?,
-        };
-        config.alpn_protocols = vec![match version {
-            HttpVersion::Http1 => b"http/1.1".to_vec(),
-            HttpVersion::Http2 => b"h2".to_vec(),
-        }];
+        let config = tls_config(roots, version, identity)?;
         let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
