@@ -2,7 +2,8 @@
 //! measures its authenticated Wrap throughput, others open 2,000 idle TCP connections, hold
 //! 500 TLS connections without a client certificate that send calls as fast as they can, and
 //! send oversized messages; on the XKS listener of the same server, 200 clients trickle their
-//! request headers and 50 announce large bodies under a signature that does not verify. The
+//! request headers and 50 announce large bodies under a signature that does not verify (the
+//! parts of `tests/support/flood.rs`, the attackers on 127.0.0.2 and 127.0.0.3). The
 //! allowed caller must not be starved, the process's memory and file descriptors stay bounded,
 //! and afterwards the audit export verifies and accounts for the refused calls of both
 //! listeners.
@@ -114,7 +115,7 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(parts::Seen::default());
-    // The parts of tests/support/flood.rs, from this process and address: 2,000 idle TCP
+    // The parts of tests/support/flood.rs, from this process: 2,000 idle TCP
     // connections, 500 certificate-less TLS clients calling as fast as they can (a tenth with
     // 200 KB messages), 200 XKS clients trickling their headers (the listener's header time
     // here is 2 s), 50 announcing 200 KB bodies under a signature that does not verify.
@@ -124,28 +125,47 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
         tresor::pki::Validity::default(),
     ))
     .unwrap();
-    let flood = parts::start(
+    let everything = parts::Flood {
+        grpc: server.addr,
+        xks: server.xks.0,
+        xks_prefix: XKS_PREFIX.into(),
+        ca: anonymous.ca.clone(),
+        server_name: anonymous
+            .server_name
+            .clone()
+            .unwrap_or_else(|| "localhost".into()),
+        key: KEY.into(),
+        idle: 2_000,
+        reopen_idle: false,
+        anonymous: 500,
+        trickle: 200,
+        bodies: 50,
+        sources: Vec::new(),
+        verbose: false,
+    };
+    // The idle connections from one address, everything else from another, so that the
+    // certificate-less clients do not lose the race for the idle address's places and the log's
+    // account of their refused calls is tested every run.
+    let mut flood = parts::start(
         &parts::Flood {
-            grpc: server.addr,
-            xks: server.xks.0,
-            xks_prefix: XKS_PREFIX.into(),
-            ca: anonymous.ca.clone(),
-            server_name: anonymous
-                .server_name
-                .clone()
-                .unwrap_or_else(|| "localhost".into()),
-            key: KEY.into(),
-            idle: 2_000,
-            reopen_idle: false,
-            anonymous: 500,
-            trickle: 200,
-            bodies: 50,
-            sources: Vec::new(),
-            verbose: false,
+            anonymous: 0,
+            trickle: 0,
+            bodies: 0,
+            sources: vec![[127, 0, 0, 2].into()],
+            ..everything.clone()
         },
         &seen,
         &stop,
     );
+    flood.extend(parts::start(
+        &parts::Flood {
+            idle: 0,
+            sources: vec![[127, 0, 0, 3].into()],
+            ..everything
+        },
+        &seen,
+        &stop,
+    ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let flooded = measure(&service, 16, window).await;
     let (rss_during, fds_during) = (rss_kib(), open_fds());
@@ -234,9 +254,9 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
         xks_accounted >= xks_refused,
         "{xks_refused} XKS requests refused, {xks_accounted} recorded"
     );
-    // Whether certificate-less calls got in at all depends on the race with the 2,000 idle
-    // connections for the source address's bound; each one the server answered is recorded.
+    // Each certificate-less call the server answered is recorded.
     let answered = seen.grpc_unauthenticated.load(Ordering::Relaxed);
+    assert!(answered > 0, "no certificate-less call reached the server");
     assert!(
         accounted >= answered,
         "{answered} calls answered UNAUTHENTICATED, {accounted} recorded"
