@@ -483,6 +483,57 @@ async fn pkcs11_calls_per_wrap_and_unwrap_on_each_path_and_blobs_cross_paths() {
     unwrap_all(token.open(), two_calls).await;
 }
 
+/// A close of a message-based context whose answer was lost (`CKR_DEVICE_ERROR`) leaves the
+/// context open in the token while the session has forgotten it. The next Wrap with another
+/// key on that session meets `CKR_OPERATION_ACTIVE` at its `C_MessageEncryptInit`: it closes
+/// the stale context and opens its own, instead of failing on that session for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_the_token_kept_after_a_failed_close_is_closed_and_opened_anew() {
+    let mut token = TestToken::with(Backend::HsmSim);
+    // One session, so every call below meets what the one before left in it.
+    token.config.sessions = 1;
+    let hsm = token.open();
+    let (a, b) = (ObjectId([6; 16]), ObjectId([7; 16]));
+    for id in [a, b] {
+        hsm.generate_version_key(id, "test/stale".into())
+            .await
+            .unwrap();
+    }
+    let wrap = |id, byte| {
+        hsm.encrypt_gcm(
+            id,
+            [byte; 12],
+            b"s".to_vec(),
+            Zeroizing::new(vec![byte; 32]),
+        )
+    };
+    wrap(a, 1).await.unwrap();
+    token.faults(&hsm_sim::Faults {
+        stick_message_finals: 1,
+        ..Default::default()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    // Switching to b closes a's context; that close fails and the token keeps it.
+    let sealed = wrap(b, 2)
+        .await
+        .expect("a Wrap on a session whose token kept a stale context");
+    assert_eq!(
+        hsm.decrypt_gcm(b, [2; 12], b"s".to_vec(), sealed)
+            .await
+            .unwrap()
+            .as_slice(),
+        [2; 32].as_slice()
+    );
+    let sealed = wrap(a, 3).await.unwrap();
+    assert_eq!(
+        hsm.decrypt_gcm(a, [3; 12], b"s".to_vec(), sealed)
+            .await
+            .unwrap()
+            .as_slice(),
+        [3; 32].as_slice()
+    );
+}
+
 /// A session lost in the middle of message-based operations (a network HSM dropping its
 /// connection) takes its contexts with it: the call is retried once on a fresh session, which
 /// opens its own context, and the next calls go on there.

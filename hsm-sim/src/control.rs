@@ -11,6 +11,8 @@
 //! device_error_rate = 0.0  # probability that a call fails with CKR_DEVICE_ERROR
 //! lose_sessions = 0        # raise by one to invalidate every open session once
 //!                          # (CKR_SESSION_HANDLE_INVALID; the user is logged out)
+//! stick_message_finals = 0 # raise by one: the next close of a message-based operation fails
+//!                          # (CKR_DEVICE_ERROR) and leaves the operation open
 //! count_calls_to = "calls.txt"  # write the number of PKCS#11 calls so far to this file
 //!                          # (at most every 100 ms, from within a call)
 //! ```
@@ -33,6 +35,10 @@ pub struct Faults {
     pub device_error_rate: f64,
     /// A counter; each increase invalidates every open session once.
     pub lose_sessions: u64,
+    /// A counter; each increase makes the next close of a message-based operation
+    /// (`C_MessageEncryptFinal`, `C_MessageDecryptFinal`) fail with `CKR_DEVICE_ERROR` and
+    /// leave the operation open, as a token whose answer was lost would.
+    pub stick_message_finals: u64,
     /// Where to write the number of PKCS#11 calls made so far (benchmarks: calls per Wrap).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count_calls_to: Option<std::path::PathBuf>,

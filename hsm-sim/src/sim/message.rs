@@ -134,6 +134,10 @@ impl Sim {
             OpKind::Encrypt => &mut s.message_encrypt,
             _ => &mut s.message_decrypt,
         };
+        if slot.is_some() && self.control.sticky_finals > 0 {
+            self.control.sticky_finals -= 1;
+            return Err(CKR_DEVICE_ERROR);
+        }
         slot.take().map(|_| ()).ok_or(CKR_OPERATION_NOT_INITIALIZED)
     }
 }

@@ -243,6 +243,8 @@ struct Control {
     calls: u64,
     /// When `calls` was last written to `faults.count_calls_to`.
     calls_written: Option<Instant>,
+    /// Message-based closes still to fail (`Faults::stick_message_finals`).
+    pub(crate) sticky_finals: u64,
 }
 
 /// What the entry point must do before running a call.
@@ -301,6 +303,7 @@ impl Sim {
                 faults: Faults::default(),
                 calls: 0,
                 calls_written: None,
+                sticky_finals: 0,
             },
             rng,
         };
@@ -491,6 +494,9 @@ impl Sim {
             Faults::read(&path).unwrap_or_else(|_| self.control.faults.clone())
         };
         let lose = next.lose_sessions != self.control.faults.lose_sessions;
+        self.control.sticky_finals += next
+            .stick_message_finals
+            .saturating_sub(self.control.faults.stick_message_finals);
         let unplug = next.unplugged && !self.control.faults.unplugged;
         self.control.faults = next;
         if lose || unplug {
