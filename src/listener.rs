@@ -338,11 +338,11 @@ struct InProgress {
     started: std::collections::BTreeMap<u64, (tokio::time::Instant, oneshot::Sender<()>)>,
 }
 
-type Handshaking = Arc<Mutex<InProgress>>;
+type HandshakeRegistry = Arc<Mutex<InProgress>>;
 
 /// A handshake's entry in [`InProgress`], removed when dropped.
 struct Registered {
-    all: Handshaking,
+    all: HandshakeRegistry,
     id: u64,
 }
 
@@ -354,7 +354,7 @@ impl Drop for Registered {
 
 impl InProgress {
     /// Registers a handshake that holds a slot; the receiver fires if it is abandoned.
-    fn register(all: &Handshaking) -> (Registered, oneshot::Receiver<()>) {
+    fn register(all: &HandshakeRegistry) -> (Registered, oneshot::Receiver<()>) {
         let (abandon, abandoned) = oneshot::channel();
         let mut this = crate::sync::lock(all);
         let id = this.next;
@@ -371,7 +371,7 @@ impl InProgress {
     }
 
     /// Abandons the oldest handshake if it has been in progress longer than `stalled`.
-    fn abandon_oldest(all: &Handshaking, stalled: Duration) -> bool {
+    fn abandon_oldest(all: &HandshakeRegistry, stalled: Duration) -> bool {
         let mut this = crate::sync::lock(all);
         let old_enough = this
             .started
@@ -446,7 +446,7 @@ async fn accept_loop(
     established: mpsc::Sender<(Connection, SocketAddr)>,
 ) {
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
-    let in_progress_handshakes: Handshaking = Arc::default();
+    let registry: HandshakeRegistry = Arc::default();
     // One source may hold only an eighth of the handshake slots, so that clients that never
     // finish their handshake cannot keep everyone else from starting one; from more sources,
     // the oldest stalled handshake gives its slot up ([`STALLED_HANDSHAKE`]).
@@ -496,8 +496,7 @@ async fn accept_loop(
         // Every slot taken: this connection waits for one, and the oldest handshake, if stalled,
         // makes room.
         let slot = Arc::clone(&handshakes).try_acquire_owned().ok();
-        if slot.is_none() && InProgress::abandon_oldest(&in_progress_handshakes, STALLED_HANDSHAKE)
-        {
+        if slot.is_none() && InProgress::abandon_oldest(&registry, STALLED_HANDSHAKE) {
             crate::metrics::global().connection_refused(name);
         }
         if let Err(e) = tcp.set_nodelay(true) {
@@ -506,15 +505,14 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let established = established.clone();
         let anonymous_sources = Arc::clone(&anonymous);
-        let (handshakes, all_handshakes) =
-            (Arc::clone(&handshakes), Arc::clone(&in_progress_handshakes));
+        let (handshakes, registry) = (Arc::clone(&handshakes), Arc::clone(&registry));
         in_progress.spawn(async move {
             let handshake = async {
                 let _slot = match slot {
                     Some(slot) => slot,
                     None => handshakes.acquire_owned().await.ok()?,
                 };
-                let (_registered, abandoned) = InProgress::register(&all_handshakes);
+                let (_registered, abandoned) = InProgress::register(&registry);
                 tokio::select! {
                     tls = acceptor.accept(tcp) => Some(tls),
                     _ = abandoned => {

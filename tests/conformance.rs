@@ -513,25 +513,20 @@ async fn a_context_the_token_kept_after_a_failed_close_is_closed_and_opened_anew
         ..Default::default()
     });
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-    // Switching to b closes a's context; that close fails and the token keeps it.
-    let sealed = wrap(b, 2)
-        .await
-        .expect("a Wrap on a session whose token kept a stale context");
-    assert_eq!(
-        hsm.decrypt_gcm(b, [2; 12], b"s".to_vec(), sealed)
+    // Switching to b closes a's context; that close fails and the token keeps it. Then back to
+    // a on the same session.
+    for (id, byte) in [(b, 2), (a, 3)] {
+        let sealed = wrap(id, byte)
             .await
-            .unwrap()
-            .as_slice(),
-        [2; 32].as_slice()
-    );
-    let sealed = wrap(a, 3).await.unwrap();
-    assert_eq!(
-        hsm.decrypt_gcm(a, [3; 12], b"s".to_vec(), sealed)
-            .await
-            .unwrap()
-            .as_slice(),
-        [3; 32].as_slice()
-    );
+            .expect("a Wrap on a session whose token kept a stale context");
+        assert_eq!(
+            hsm.decrypt_gcm(id, [byte; 12], b"s".to_vec(), sealed)
+                .await
+                .unwrap()
+                .as_slice(),
+            [byte; 32].as_slice()
+        );
+    }
 }
 
 /// A session lost in the middle of message-based operations (a network HSM dropping its

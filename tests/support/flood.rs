@@ -72,7 +72,7 @@ async fn tcp_from(src: Option<IpAddr>, to: SocketAddr) -> std::io::Result<tokio:
     socket.connect(to).await
 }
 
-pub fn xks_tls(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
+fn xks_tls(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for cert in tresor::pki::load_certs(ca).unwrap() {
         roots.add(cert).unwrap();
@@ -83,9 +83,9 @@ pub fn xks_tls(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-pub type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
-pub async fn xks_connection(
+async fn xks_connection(
     src: Option<IpAddr>,
     to: SocketAddr,
     tls: &tokio_rustls::TlsConnector,
@@ -98,7 +98,7 @@ pub async fn xks_connection(
 }
 
 /// Reads until the server closes the connection or `limit` passes; true when it closed.
-pub async fn closed_within(conn: &mut Tls, limit: Duration) -> bool {
+async fn closed_within(conn: &mut Tls, limit: Duration) -> bool {
     let mut buf = [0u8; 1024];
     tokio::time::timeout(limit, async {
         loop {

@@ -244,7 +244,7 @@ struct Control {
     /// When `calls` was last written to `faults.count_calls_to`.
     calls_written: Option<Instant>,
     /// Message-based closes still to fail (`Faults::stick_message_finals`).
-    pub(crate) sticky_finals: u64,
+    sticky_finals: u64,
 }
 
 /// What the entry point must do before running a call.
