@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod proto;
+pub mod refusal_log;
 pub mod server;
 pub mod store;
 mod sync;

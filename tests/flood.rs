@@ -271,3 +271,124 @@ async fn a_flood_without_certificates_does_not_starve_an_allowed_caller() {
         .await
         .expect("the server took more than a minute to stop after the flood");
 }
+
+/// What the server's process log says, captured from the global subscriber (nextest runs each
+/// test in a process of its own).
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The lines the front-ends write for a refused call.
+const REFUSAL_LINES: [&str; 5] = [
+    "unauthenticated call",
+    "call denied",
+    "request refused",
+    "XKS request not authenticated",
+    "XKS request refused",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_refused_calls_writes_a_bounded_log_that_counts_every_one() {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+    let server = TestServer::start_on(deployment()).await;
+    let officer = server.client(OFFICER_A).await;
+    create_key(&officer, KEY).await;
+    let anonymous = tresor::client::Profile::load(&server.deployment.profile(
+        server.addr,
+        None,
+        tresor::pki::Validity::default(),
+    ))
+    .unwrap();
+    // Certificate-less Wraps and unsigned XKS bodies, both far over the log's rate.
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(parts::Seen::default());
+    let started = Instant::now();
+    let flood = parts::start(
+        &parts::Flood {
+            grpc: server.addr,
+            xks: server.xks.0,
+            xks_prefix: XKS_PREFIX.into(),
+            ca: anonymous.ca.clone(),
+            server_name: "localhost".into(),
+            key: KEY.into(),
+            idle: 0,
+            reopen_idle: false,
+            anonymous: 8,
+            trickle: 0,
+            bodies: 4,
+            sources: vec![[127, 0, 0, 3].into()],
+            verbose: false,
+        },
+        &seen,
+        &stop,
+    );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.abort();
+        let _ = f.await;
+    }
+    let flooded_for = started.elapsed();
+    // The reporter closes the last window; the audit log's bursts are written.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+
+    let auditor = server.client(AUDITOR_A).await;
+    let audited: u64 = verified_export(&auditor)
+        .await
+        .iter()
+        .filter_map(|i| match i {
+            tresor::audit_record::ExportItem::Record(r) if r.body.outcome != "OK" => {
+                Some(r.body.repeated.max(1))
+            }
+            _ => None,
+        })
+        .sum();
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let logged = text
+        .lines()
+        .filter(|l| REFUSAL_LINES.iter().any(|m| l.contains(m)))
+        .count() as u64;
+    let left_out: u64 = text
+        .lines()
+        .filter(|l| l.contains("refused calls over the log's rate were not logged"))
+        .map(|l| {
+            let n = l.split("left_out=").nth(1).unwrap();
+            n.split_whitespace().next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert!(
+        seen.grpc_unauthenticated.load(Ordering::Relaxed) > 100
+            && seen.bodies_refused.load(Ordering::Relaxed) > 0,
+        "the flood did not reach both front-ends"
+    );
+    // At most a window's share of lines for each second the flood lasted (and one window
+    // that a second's boundary split), however many calls were refused.
+    let windows = flooded_for.as_secs() + 2;
+    let bound = windows * u64::from(tresor::refusal_log::LINES_PER_WINDOW);
+    assert!(
+        logged <= bound,
+        "{logged} refusal lines in {flooded_for:?}, over {bound}"
+    );
+    assert!(left_out > 0, "the flood never went over the log's rate");
+    // Nothing refused goes missing: each refusal the audit log holds was logged or counted.
+    assert_eq!(
+        logged + left_out,
+        audited,
+        "{logged} logged and {left_out} counted, {audited} audited"
+    );
+    server.stop().await;
+}

@@ -114,8 +114,11 @@ impl Call {
         match s.code() {
             Code::Unavailable | Code::Internal | Code::DataLoss => tracing::error!(
                 request_id = %self.request_id, caller = %self.grant.identity(), op = self.operation, error = %e, "request failed"),
-            _ => tracing::info!(
-                request_id = %self.request_id, caller = %self.grant.identity(), op = self.operation, error = %e, "request refused"),
+            _ => {
+                if crate::refusal_log::admit() {
+                    tracing::info!(request_id = %self.request_id, caller = %self.grant.identity(), op = self.operation, error = %e, "request refused");
+                }
+            }
         }
         s
     }
@@ -221,7 +224,9 @@ impl Api {
 
     /// The audited `UNAUTHENTICATED` of a call whose certificate did not identify a caller.
     async fn unauthenticated(&self, admission: &Admission<'_>, e: &AuthError) -> Status {
-        tracing::info!(request_id = %admission.request_id, op = admission.operation, peer = %admission.peer, error = %e, "unauthenticated call");
+        if crate::refusal_log::admit() {
+            tracing::info!(request_id = %admission.request_id, op = admission.operation, peer = %admission.peer, error = %e, "unauthenticated call");
+        }
         let fingerprint = match e {
             AuthError::Rejected { fingerprint, .. } => fingerprint.as_str(),
             _ => "",
@@ -280,7 +285,9 @@ impl Api {
             .tenant_of(identity)
             .map(|t| t.as_str().to_owned())
             .unwrap_or_default();
-        tracing::info!(request_id = %admission.request_id, op = admission.operation, caller = %identity.name, error = %e, "call denied");
+        if crate::refusal_log::admit() {
+            tracing::info!(request_id = %admission.request_id, op = admission.operation, caller = %identity.name, error = %e, "call denied");
+        }
         let s = status::denied(e, admission.request_id);
         self.refuse(admission, s, &tenant, &identity.name, &identity.fingerprint)
             .await

@@ -35,7 +35,9 @@ pub async fn serve(
         let identity = match authenticator.identify(tls.tls().peer_certificates()) {
             Ok(identity) => Some(identity),
             Err(e) => {
-                tracing::warn!(%peer, error = %e, "KMIP client certificate names no identity");
+                if crate::refusal_log::admit() {
+                    tracing::warn!(%peer, error = %e, "KMIP client certificate names no identity");
+                }
                 None
             }
         };

@@ -354,6 +354,7 @@ impl Server {
                 .run_scheduler(self.config.scheduler_interval),
         ));
         tasks.push(self.custody.follow_changes());
+        tasks.push(tokio::spawn(crate::refusal_log::report_windows()));
         let (healthy, health) = tokio::sync::watch::channel(false);
         tasks.push(tokio::spawn(health::watch(
             self.custody.clone(),

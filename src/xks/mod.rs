@@ -256,6 +256,8 @@ struct Audit {
     access: RecordBody,
     /// Whether an access rule refused the call.
     refused_by_rule: bool,
+    /// Why the request did not authenticate: for the process log only, never for the caller.
+    not_authenticated: Option<String>,
 }
 
 impl Audit {
@@ -264,6 +266,13 @@ impl Audit {
         grant.fill_record(&mut self.access);
         self.refused_by_rule = grant.refused_by_rule();
     }
+}
+
+/// One answer for every authentication failure, so a caller cannot tell a known access key from
+/// an unknown one, or a wrong host from a wrong signature; the process log says which.
+fn not_authenticated(audit: &mut Audit, why: impl std::fmt::Display) -> XksError {
+    audit.not_authenticated = Some(why.to_string());
+    XksError::AuthenticationFailed("the request's SigV4 signature could not be verified".into())
 }
 
 impl Xks {
@@ -387,8 +396,21 @@ impl Xks {
             // instead of repeating a cached ACTIVE.
             *self.inner.health.lock().await = None;
         }
-        if let Err(e) = &result {
-            tracing::info!(%request_id, kms_request_id = audit.meta.kms_request_id.as_deref().unwrap_or(""), op = operation.audit_name(), error = e.name(), message = %e, "XKS request refused");
+        match &result {
+            Err(e @ (XksError::Internal(_) | XksError::DependencyTimeout(_))) => {
+                tracing::warn!(%request_id, kms_request_id = audit.meta.kms_request_id.as_deref().unwrap_or(""), op = operation.audit_name(), error = e.name(), message = %e, "XKS request failed");
+            }
+            // Refusals share the process log's rate with the other front-ends' (a flood of
+            // unsigned requests must not write a line each); the audit log has every one.
+            Err(e) if crate::refusal_log::admit() => match &audit.not_authenticated {
+                Some(why) => {
+                    tracing::warn!(%request_id, peer = ?request.peer, op = operation.audit_name(), reason = %why, "XKS request not authenticated");
+                }
+                None => {
+                    tracing::info!(%request_id, kms_request_id = audit.meta.kms_request_id.as_deref().unwrap_or(""), op = operation.audit_name(), error = e.name(), message = %e, "XKS request refused");
+                }
+            },
+            _ => {}
         }
         let code_name = result.as_ref().map_or_else(XksError::name, |_| "OK");
         let outgoing = match result {
@@ -505,14 +527,6 @@ impl Xks {
         audit: &mut Audit,
     ) -> Result<Zeroizing<String>, XksError> {
         let credentials = prefix.credentials.current();
-        // One answer for every authentication failure, so a caller cannot tell a known access
-        // key from an unknown one, or a wrong host from a wrong signature; the log says which.
-        let refused = |why: &dyn std::fmt::Display| {
-            tracing::warn!(peer = ?request.peer, prefix = %prefix.config.path, reason = %why, "XKS request not authenticated");
-            XksError::AuthenticationFailed(
-                "the request's SigV4 signature could not be verified".into(),
-            )
-        };
         let authority = request.uri.authority().map(|a| a.as_str());
         let host = request
             .headers
@@ -520,10 +534,10 @@ impl Xks {
             .and_then(|v| v.to_str().ok())
             .or(authority);
         if !host.is_some_and(|h| self.is_own_host(h)) {
-            return Err(refused(&format_args!(
-                "host {:?} is not a name of this proxy",
-                host.map(printable)
-            )));
+            return Err(not_authenticated(
+                audit,
+                format_args!("host {:?} is not a name of this proxy", host.map(printable)),
+            ));
         }
         let claimed = sigv4::check_headers(
             &request.headers,
@@ -531,7 +545,7 @@ impl Xks {
             &self.inner.region,
             SystemTime::now(),
         )
-        .map_err(|e| refused(&e))?;
+        .map_err(|e| not_authenticated(audit, e))?;
         // Only now, with a permit and headers that name a configured credential in time, is
         // the body read.
         let body = request.body.as_mut().await.ok_or_else(|| {
@@ -549,7 +563,7 @@ impl Xks {
         };
         let credential = claimed
             .verify(&signed, &self.inner.region)
-            .map_err(|e| refused(&e))?;
+            .map_err(|e| not_authenticated(audit, e))?;
         audit.caller = prefix.config.identity.clone();
         // The prefix's tenant, so its auditors see its health checks too (authorization of
         // key operations below still asks the policy for a grant).
