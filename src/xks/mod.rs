@@ -404,7 +404,7 @@ impl Xks {
             // unsigned requests must not write a line each); the audit log has every one.
             Err(e) if crate::refusal_log::admit() => match &audit.not_authenticated {
                 Some(why) => {
-                    tracing::warn!(%request_id, peer = ?request.peer, op = operation.audit_name(), reason = %why, "XKS request not authenticated");
+                    tracing::warn!(%request_id, peer = ?request.peer, prefix = routed.map_or("", |(p, ..)| p.config.path.as_str()), op = operation.audit_name(), reason = %why, "XKS request not authenticated");
                 }
                 None => {
                     tracing::info!(%request_id, kms_request_id = audit.meta.kms_request_id.as_deref().unwrap_or(""), op = operation.audit_name(), error = e.name(), message = %e, "XKS request refused");
