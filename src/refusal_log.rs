@@ -59,7 +59,6 @@ struct RefusalLog {
     window: Mutex<Window>,
 }
 
-#[derive(Default)]
 struct Window {
     opened: Option<Instant>,
     logged: u32,
@@ -69,11 +68,7 @@ struct Window {
 impl RefusalLog {
     const fn new() -> Self {
         Self {
-            window: Mutex::new(Window {
-                opened: None,
-                logged: 0,
-                left_out: 0,
-            }),
+            window: Mutex::new(Window::NONE),
         }
     }
 
@@ -99,12 +94,19 @@ impl RefusalLog {
 }
 
 impl Window {
+    /// No refusal yet: the next one opens a window.
+    const NONE: Self = Self {
+        opened: None,
+        logged: 0,
+        left_out: 0,
+    };
+
     fn close_if_over(&mut self, now: Instant) -> Option<u64> {
         let opened = self.opened?;
         if now.saturating_duration_since(opened) < WINDOW {
             return None;
         }
-        let left_out = std::mem::take(self).left_out;
+        let left_out = std::mem::replace(self, Self::NONE).left_out;
         (left_out > 0).then_some(left_out)
     }
 }
