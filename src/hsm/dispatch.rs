@@ -15,8 +15,8 @@
 //! So in [`Dispatch::Auto`] (the default), the hot calls (encrypt, decrypt, random) run
 //! on the async worker while the module answers fast, with at most one such call at a
 //! time, so a runtime with two or more workers always keeps one free for TLS, health checks and
-//! deadlines; they move to the blocking pool once most recent calls took longer than
-//! [`FAST_CALL`], and come back once most are fast again. Key management (generation,
+//! deadlines; they move to call threads ([`super::threads`]) once most recent calls took
+//! longer than [`FAST_CALL`], and come back once most are fast again. Key management (generation,
 //! destruction, listing) always uses the blocking pool: it is rare and may take milliseconds.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -31,7 +31,7 @@ pub enum Dispatch {
     /// Always on the async worker, one call at a time. For in-process or PCIe modules
     /// only: a call that hangs stalls a worker thread for as long as it hangs.
     Inline,
-    /// Always on tokio's blocking pool, up to `hsm.sessions` at once: network HSMs.
+    /// Always on call threads ([`super::threads`]), up to `hsm.sessions` at once: network HSMs.
     Threads,
 }
 

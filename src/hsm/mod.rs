@@ -18,8 +18,8 @@
 //!   the session pool, so at most `sessions` calls are in the module at once and callers
 //!   beyond that wait (back-pressure, not unbounded threads). Key management runs on tokio's
 //!   blocking pool; the hot calls (encrypt, decrypt, random) run on the async worker
-//!   while the module answers in microseconds and on the blocking pool while it does not
-//!   ([`dispatch`], `hsm.dispatch`).
+//!   while the module answers in microseconds and on call threads of their own, at most one
+//!   per session, while it does not ([`dispatch`], `hsm.dispatch`; [`threads`]).
 //! - **Recovery.** [`ckr::classify`] decides what a failure means: a lost session is closed
 //!   and replaced; a device, library or login failure re-initialises the module (after
 //!   waiting for every in-flight call, by taking all permits); a stale object handle is looked
@@ -43,6 +43,7 @@ mod objects;
 mod pin;
 mod raw;
 mod session;
+mod threads;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -337,6 +338,7 @@ impl Hsm {
             call_timeout: config.call_timeout,
             object_lock: Mutex::new(()),
             handles: RwLock::new(HashMap::new()),
+            call_threads: Arc::new(threads::CallThreads::default()),
         };
         // On failure `inner` drops here, which finalises the module and frees the slot.
         let live = inner.bring_up()?;

@@ -1,7 +1,7 @@
-//! The session pool and how every call runs: a permit per session, inline or on the blocking pool
-//! ([`super::dispatch`]), the deadline, classification of failures and recovery (a lost session
-//! replaced, the module re-initialised, a stale handle looked up again), and bringing the module up
-//! and down.
+//! The session pool and how every call runs: a permit per session, inline, on a call thread
+//! ([`super::dispatch`], [`super::threads`]) or on tokio's blocking pool (key management), the
+//! deadline, classification of failures and recovery (a lost session replaced, the module
+//! re-initialised, a stale handle looked up again), and bringing the module up and down.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -57,6 +57,8 @@ pub(super) struct Inner {
     /// `CKA_ID` → handle, so the hot path skips `C_FindObjects`. Cleared on re-initialisation
     /// and whenever the token reports a stale handle.
     pub(super) handles: RwLock<HashMap<(ObjectId, Kind), ObjectHandle>>,
+    /// Where hot calls run when they are not inline: at most one thread per session permit.
+    pub(super) call_threads: Arc<super::threads::CallThreads>,
 }
 
 pub(super) struct Live {
@@ -249,6 +251,19 @@ impl Hsm {
                 let permit = acquire(permits, deadline).await?;
                 let inner = Arc::clone(&self.inner);
                 let attempt_op = Arc::clone(&op);
+                if hot == Hot::Yes {
+                    // The permit comes back with the answer: the thread is idle again by
+                    // then, so a caller holding a permit always finds an idle thread.
+                    let answer = self
+                        .inner
+                        .call_threads
+                        .run(move || (inner.with_session(call, hot, &*attempt_op), permit));
+                    break 'dispatched tokio::time::timeout_at(deadline, answer)
+                        .await
+                        .map_err(|_| HsmError::Deadline("the HSM did not answer"))?
+                        .map_err(|_| unavailable("PKCS#11 call thread failed"))?
+                        .0;
+                }
                 let worker = tokio::task::spawn_blocking(move || {
                     let _permit = permit;
                     inner.with_session(call, hot, &*attempt_op)
