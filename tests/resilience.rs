@@ -52,6 +52,18 @@ async fn unwrap(c: &Client, blob: &[u8]) -> Result<Vec<u8>, tonic::Status> {
         .map(|r| r.into_inner().plaintext)
 }
 
+/// The threads of this process (the server runs in it; nextest runs each test in a process of
+/// its own) that make slow PKCS#11 calls.
+fn hsm_call_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter(|task| {
+            std::fs::read_to_string(task.as_ref().unwrap().path().join("comm"))
+                .is_ok_and(|name| name.trim_end() == "tresor-hsm-call")
+        })
+        .count()
+}
+
 async fn serving(c: &Client) -> bool {
     let status = c
         .health()
@@ -190,6 +202,12 @@ async fn a_slow_hsm_gets_back_pressure_not_a_pile_up() {
     assert!(
         elapsed >= Duration::from_millis(u64::from(ok) * 50 / 2),
         "{ok} calls in {elapsed:?}"
+    );
+    // ...and so never more than two threads making them, however many requests wait.
+    let threads = hsm_call_threads();
+    assert!(
+        (1..=2).contains(&threads),
+        "{threads} HSM call threads for 2 sessions"
     );
     faults(&server, hsm_sim::Faults::default());
     server.stop().await;

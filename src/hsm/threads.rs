@@ -166,6 +166,45 @@ mod tests {
         assert_eq!(pool.idle(), 4);
     }
 
+    /// This process's call threads (nextest runs each test in a process of its own).
+    fn call_threads_alive() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter(|task| {
+                std::fs::read_to_string(task.as_ref().unwrap().path().join("comm"))
+                    .is_ok_and(|name| name.trim_end() == "tresor-hsm-call")
+            })
+            .count()
+    }
+
+    #[tokio::test]
+    async fn the_threads_end_with_their_pool() {
+        let pool = Arc::new(CallThreads::default());
+        let all_inside = Arc::new(Barrier::new(3));
+        let answers: Vec<_> = (0..3)
+            .map(|_| {
+                let all_inside = Arc::clone(&all_inside);
+                pool.run(move || {
+                    all_inside.wait();
+                })
+            })
+            .collect();
+        for answer in answers {
+            answer.await.unwrap();
+        }
+        assert_eq!(call_threads_alive(), 3);
+        drop(pool);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while call_threads_alive() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} call threads outlived their pool",
+                call_threads_alive()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_call_that_panics_fails_its_caller_and_the_next_call_still_runs() {
         let pool = Arc::new(CallThreads::default());
