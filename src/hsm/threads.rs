@@ -166,25 +166,22 @@ mod tests {
         assert_eq!(pool.idle(), 4);
     }
 
-    /// This process's call threads (nextest runs each test in a process of its own).
-    fn call_threads_alive() -> usize {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter(|task| {
-                std::fs::read_to_string(task.as_ref().unwrap().path().join("comm"))
-                    .is_ok_and(|name| name.trim_end() == "tresor-hsm-call")
-            })
-            .count()
-    }
-
     #[tokio::test]
     async fn the_threads_end_with_their_pool() {
+        thread_local! {
+            /// Dropped, and so disconnected, when the thread that set it ends.
+            static ENDS_WITH_THREAD: std::cell::RefCell<Option<std::sync::mpsc::Sender<()>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let (alive, ended) = std::sync::mpsc::channel::<()>();
         let pool = Arc::new(CallThreads::default());
         let all_inside = Arc::new(Barrier::new(3));
         let answers: Vec<_> = (0..3)
             .map(|_| {
                 let all_inside = Arc::clone(&all_inside);
+                let alive = alive.clone();
                 pool.run(move || {
+                    ENDS_WITH_THREAD.with(|slot| *slot.borrow_mut() = Some(alive));
                     all_inside.wait();
                 })
             })
@@ -192,17 +189,19 @@ mod tests {
         for answer in answers {
             answer.await.unwrap();
         }
-        assert_eq!(call_threads_alive(), 3);
+        drop(alive);
+        assert_eq!(pool.idle(), 3);
+        assert_eq!(
+            ended.recv_timeout(Duration::from_millis(100)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout),
+            "idle threads wait while their pool lives"
+        );
         drop(pool);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while call_threads_alive() > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} call threads outlived their pool",
-                call_threads_alive()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        assert_eq!(
+            ended.recv_timeout(Duration::from_secs(10)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
+            "every call thread ends once its pool is gone"
+        );
     }
 
     #[tokio::test]
