@@ -2,7 +2,7 @@
 //! this machine and outside Tresor: the floor under `hsm.dispatch`'s slow path
 //! (BENCHMARKS.md, issue 20, "Call threads"). 64 tasks on a two-worker runtime each make
 //! blocking calls of `LATENCY_US` (a `thread::sleep`, as hsm-sim charges its latency) for 5 s,
-//! handed over in one of two ways:
+//! handed over in one of these ways:
 //!
 //! - `spawn-blocking`: tokio's blocking pool (one queue behind one mutex, idle threads on one
 //!   condition variable with a timeout);
@@ -84,7 +84,7 @@ fn main() {
             // Each call thread is woken with the sender of its call's answer, and is idle again
             // before it answers, so the caller's next call always finds a thread.
             let idle: Arc<Mutex<Vec<mpsc::Sender<oneshot::Sender<()>>>>> = Arc::default();
-            for _ in 0..CALLERS {
+            for _ in 0..if own_channel { CALLERS } else { 0 } {
                 let (sender, calls_in) = mpsc::channel::<oneshot::Sender<()>>();
                 let idle_again = Arc::clone(&idle);
                 let me = sender.clone();

@@ -9,8 +9,8 @@
 //! condition variable behind one mutex, with a timeout, so every call wakes a thread through
 //! that mutex and arms a timer for the thread's next wait. Here the caller takes an idle
 //! thread and wakes exactly that one. On this project's two-core VM, with two other processes
-//! busy on both cores, a 1 ms call handed over and back costs 24–26 µs of CPU this way against
-//! 40–44 µs through `spawn_blocking` (`scripts/bench-call-handoff`), and a Wrap through
+//! busy on both cores, a 1 ms call handed over and back cost 17–27 µs of CPU this way against
+//! 30–49 µs through `spawn_blocking` (`scripts/bench-call-handoff`), and a Wrap through
 //! hsm-sim at 1 ms one context switch fewer (BENCHMARKS.md, issue 20, "Call threads").
 
 use std::sync::mpsc::{Sender, channel};
