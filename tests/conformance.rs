@@ -573,3 +573,108 @@ async fn a_lost_session_with_a_message_context_is_replaced_and_the_call_retried(
         );
     }
 }
+
+/// Wraps and Unwraps that alternate between two keys, with more than one session in the pool,
+/// cost one PKCS#11 call each on the message path, as with one key: each key keeps its own
+/// session's context, rather than one session closing one key's context and opening the
+/// other's on every call (three calls: `C_MessageEncryptFinal`, `C_MessageEncryptInit`,
+/// `C_EncryptMessage`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_alternating_between_two_keys_keep_one_call_each_on_the_message_path() {
+    let token = TestToken::with(Backend::HsmSim);
+    let file = token.dir.path().join("calls.txt");
+    token.faults(&hsm_sim::Faults {
+        count_calls_to: Some(file.clone()),
+        ..Default::default()
+    });
+    let mut config = token.config.clone();
+    config.sessions = 4;
+    let hsm = Hsm::open(&config).unwrap();
+    let keys = [ObjectId([5; 16]), ObjectId([6; 16])];
+    for (i, id) in keys.iter().enumerate() {
+        hsm.generate_version_key(*id, format!("test/alternate-{i}"))
+            .await
+            .unwrap();
+    }
+    let wrap = |i: u8| {
+        let hsm = hsm.clone();
+        async move {
+            hsm.encrypt_gcm(
+                keys[usize::from(i % 2)],
+                [i; 12],
+                b"a".to_vec(),
+                Zeroizing::new(vec![i; 32]),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    // Each key's handle is looked up and a context opened for it once.
+    wrap(98).await;
+    wrap(99).await;
+    let before = calls_so_far(&hsm, &file).await;
+    let mut sealed = Vec::new();
+    for i in 0..50u8 {
+        sealed.push(wrap(i).await);
+    }
+    let wrapped = calls_so_far(&hsm, &file).await;
+    assert_eq!(
+        wrapped - before - 1,
+        50,
+        "calls for 50 wraps alternating between two keys"
+    );
+    for (i, s) in sealed.into_iter().enumerate() {
+        let i = i as u8;
+        let opened = hsm
+            .decrypt_gcm(keys[usize::from(i % 2)], [i; 12], b"a".to_vec(), s)
+            .await
+            .unwrap();
+        assert_eq!(opened.as_slice(), vec![i; 32].as_slice());
+    }
+    let unwrapped = calls_so_far(&hsm, &file).await;
+    assert_eq!(
+        unwrapped - wrapped - 1,
+        52,
+        "calls for 50 unwraps alternating between two keys (and a C_MessageDecryptInit for each)"
+    );
+}
+
+/// With more keys in use than sessions, a key whose context no session holds takes the session
+/// used longest ago, so the keys used since keep their contexts: after A and B (a session
+/// each), A, C, A costs 1 + 3 + 1 calls (C closes B's context, not A's just used).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_more_keys_than_sessions_the_context_used_longest_ago_is_closed() {
+    let token = TestToken::with(Backend::HsmSim);
+    let file = token.dir.path().join("calls.txt");
+    token.faults(&hsm_sim::Faults {
+        count_calls_to: Some(file.clone()),
+        ..Default::default()
+    });
+    let mut config = token.config.clone();
+    config.sessions = 2;
+    let hsm = Hsm::open(&config).unwrap();
+    let [a, b, c] = [ObjectId([7; 16]), ObjectId([8; 16]), ObjectId([9; 16])];
+    for (i, id) in [a, b, c].iter().enumerate() {
+        hsm.generate_version_key(*id, format!("test/lru-{i}"))
+            .await
+            .unwrap();
+    }
+    let wrap = |id: ObjectId| {
+        let hsm = hsm.clone();
+        async move {
+            hsm.encrypt_gcm(id, [1; 12], b"a".to_vec(), Zeroizing::new(vec![1; 32]))
+                .await
+                .unwrap()
+        }
+    };
+    // A and B get a session each; C's handle is looked up (and cached), outside the count.
+    wrap(a).await;
+    wrap(b).await;
+    assert!(hsm.secret_key_exists(c).await.unwrap());
+    let before = calls_so_far(&hsm, &file).await;
+    wrap(a).await;
+    wrap(c).await;
+    wrap(a).await;
+    let after = calls_so_far(&hsm, &file).await;
+    assert_eq!(after - before - 1, 5, "A, C, A after A, B on two sessions");
+}

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use super::KeyAttributes;
 use super::ckr::Call;
 use super::direct::{Direction, MessageCalls};
-use super::session::{MessageState, OpCtx, OpError, Retry, unavailable};
+use super::session::{MessageState, OpCtx, OpError, Prefer, Retry, unavailable};
 use super::{Hsm, HsmError, Kind, ObjectId, P256_PARAMS, TokenObject};
 
 impl Hsm {
@@ -57,7 +57,8 @@ impl Hsm {
         aad: Vec<u8>,
         plaintext: Zeroizing<Vec<u8>>,
     ) -> Result<Vec<u8>, HsmError> {
-        self.run_hot(Call::Other, Retry::Once, move |cx| {
+        let prefer = Prefer::Context(Direction::Encrypt, key);
+        self.run_hot(prefer, Call::Other, Retry::Once, move |cx| {
             let handle = cx.object(key, Kind::Secret)?;
             let mut iv = iv;
             let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
@@ -93,7 +94,8 @@ impl Hsm {
         aad: Vec<u8>,
         sealed: Vec<u8>,
     ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
-        self.run_hot(Call::GcmDecrypt, Retry::Once, move |cx| {
+        let prefer = Prefer::Context(Direction::Decrypt, key);
+        self.run_hot(prefer, Call::GcmDecrypt, Retry::Once, move |cx| {
             let handle = cx.object(key, Kind::Secret)?;
             let mut iv = iv;
             let params = GcmParams::new(&mut iv, &aad, 128u64.into())?;
@@ -126,7 +128,7 @@ impl Hsm {
     /// `len` random bytes from the token's generator.
     pub async fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>, HsmError> {
         let len = u32::try_from(len).map_err(|_| unavailable("random length too large"))?;
-        self.run_hot(Call::Other, Retry::Once, move |cx| {
+        self.run_hot(Prefer::Any, Call::Other, Retry::Once, move |cx| {
             Ok(Zeroizing::new(cx.session.generate_random_vec(len)?))
         })
         .await

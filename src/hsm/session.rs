@@ -18,6 +18,7 @@ use cryptoki::slot::Slot;
 use tokio::sync::Semaphore;
 
 use super::ckr::{Call, Recovery, classify, login_succeeded};
+use super::direct::Direction;
 use super::{
     BRING_UP_BACKOFF, CONTEXT_OPEN, Hsm, HsmError, Kind, MAX_RECOVERIES, ObjectId, Pin, dispatch,
 };
@@ -87,6 +88,28 @@ pub(super) struct Pooled {
 pub(super) struct MessageState {
     pub(super) encrypt: Option<cryptoki_sys::CK_OBJECT_HANDLE>,
     pub(super) decrypt: Option<cryptoki_sys::CK_OBJECT_HANDLE>,
+}
+
+impl MessageState {
+    fn open_for(&self, direction: Direction) -> Option<cryptoki_sys::CK_OBJECT_HANDLE> {
+        match direction {
+            Direction::Encrypt => self.encrypt,
+            Direction::Decrypt => self.decrypt,
+        }
+    }
+}
+
+/// Which idle session a call would rather have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Prefer {
+    /// The one used last.
+    Any,
+    /// On the message path: one whose context of this direction is open for this key (the
+    /// call is then one PKCS#11 call); else one without such a context; else a new session
+    /// while the pool has room. Only when every session holds another key's context does the
+    /// one used longest ago close it (`C_Message*Final`) and open one for this key
+    /// (`C_Message*Init`): three calls for that Wrap or Unwrap.
+    Context(Direction, ObjectId),
 }
 
 /// What an operation closure can fail with.
@@ -202,21 +225,29 @@ impl Hsm {
         T: Send + 'static,
         F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
     {
-        self.run_in(Hot::No, call, retry, op).await
+        self.run_in(Hot::No, Prefer::Any, call, retry, op).await
     }
 
-    /// Like [`Hsm::run`] for a call on the request path, which runs where [`dispatch`] says.
-    pub(super) async fn run_hot<T, F>(&self, call: Call, retry: Retry, op: F) -> Result<T, HsmError>
+    /// Like [`Hsm::run`] for a call on the request path, which runs where [`dispatch`] says,
+    /// on the idle session `prefer` picks.
+    pub(super) async fn run_hot<T, F>(
+        &self,
+        prefer: Prefer,
+        call: Call,
+        retry: Retry,
+        op: F,
+    ) -> Result<T, HsmError>
     where
         T: Send + 'static,
         F: Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync + 'static,
     {
-        self.run_in(Hot::Yes, call, retry, op).await
+        self.run_in(Hot::Yes, prefer, call, retry, op).await
     }
 
     pub(super) async fn run_in<T, F>(
         &self,
         hot: Hot,
+        prefer: Prefer,
         call: Call,
         retry: Retry,
         op: F,
@@ -245,7 +276,7 @@ impl Hsm {
                     // must not each take their turn on the worker.
                     if self.inner.pace.inline() {
                         let _permit = acquire(permits, deadline).await?;
-                        break 'dispatched self.inner.with_session(call, hot, &*op);
+                        break 'dispatched self.inner.with_session(call, hot, prefer, &*op);
                     }
                 }
                 let permit = acquire(permits, deadline).await?;
@@ -257,7 +288,7 @@ impl Hsm {
                     let answer = self
                         .inner
                         .call_threads
-                        .run(move || (inner.with_session(call, hot, &*attempt_op), permit));
+                        .run(move || (inner.with_session(call, hot, prefer, &*attempt_op), permit));
                     break 'dispatched tokio::time::timeout_at(deadline, answer)
                         .await
                         .map_err(|_| HsmError::Deadline("the HSM did not answer"))?
@@ -266,7 +297,7 @@ impl Hsm {
                 }
                 let worker = tokio::task::spawn_blocking(move || {
                     let _permit = permit;
-                    inner.with_session(call, hot, &*attempt_op)
+                    inner.with_session(call, hot, prefer, &*attempt_op)
                 });
                 tokio::time::timeout_at(deadline, worker)
                     .await
@@ -475,12 +506,13 @@ impl Inner {
         &self,
         call: Call,
         hot: Hot,
+        prefer: Prefer,
         op: &(dyn Fn(&OpCtx<'_>) -> Result<T, OpError> + Send + Sync),
     ) -> Result<T, Failure> {
         let Some(live) = read(&self.live).clone() else {
             return Err(Failure::Down);
         };
-        let (session, message) = match self.take_session(&live) {
+        let (session, message) = match self.take_session(&live, prefer) {
             Ok(s) => s,
             Err(err) => {
                 let recovery = match classify(&err, Call::Other) {
@@ -554,9 +586,51 @@ impl Inner {
         })
     }
 
-    pub(super) fn take_session(&self, live: &Live) -> Result<(Session, MessageState), CkError> {
+    pub(super) fn take_session(
+        &self,
+        live: &Live,
+        prefer: Prefer,
+    ) -> Result<(Session, MessageState), CkError> {
+        // Contexts are opened on handles. A key whose handle is not cached yet is looked up on
+        // whichever session it gets.
+        let wanted = match prefer {
+            Prefer::Context(direction, id) if live.message_gcm => read(&self.handles)
+                .get(&(id, Kind::Secret))
+                .map(|handle| (direction, handle.handle())),
+            _ => None,
+        };
         {
             let mut idle = lock(&self.idle);
+            if let Some((direction, key)) = wanted {
+                let current = |p: &Pooled| p.generation == live.generation;
+                let pick = idle
+                    .iter()
+                    .rposition(|p| current(p) && p.message.open_for(direction) == Some(key))
+                    .or_else(|| {
+                        idle.iter()
+                            .rposition(|p| current(p) && p.message.open_for(direction).is_none())
+                    });
+                let pick = match pick {
+                    Some(i) => Some(i),
+                    // Every idle session has another key's context open. Sessions in use are
+                    // at most the permits held, this caller's own not yet among them, so
+                    // idle + held - 1 < pool size leaves room for one more session.
+                    None if idle.len() <= self.permits.available_permits() => {
+                        drop(idle);
+                        return Ok((
+                            self.pkcs11.open_rw_session_no_drop(live.slot)?,
+                            MessageState::default(),
+                        ));
+                    }
+                    // No room: the context used longest ago is the one to close (the idle
+                    // list is in the order sessions came back, and `remove` keeps it).
+                    None => idle.iter().position(current),
+                };
+                if let Some(i) = pick {
+                    let pooled = idle.remove(i);
+                    return Ok((pooled.session, pooled.message));
+                }
+            }
             while let Some(pooled) = idle.pop() {
                 if pooled.generation == live.generation {
                     return Ok((pooled.session, pooled.message));
