@@ -574,13 +574,12 @@ async fn a_lost_session_with_a_message_context_is_replaced_and_the_call_retried(
     }
 }
 
-/// Wraps and Unwraps that alternate between two keys, with more than one session in the pool,
-/// cost one PKCS#11 call each on the message path, as with one key: each key keeps its own
-/// session's context, rather than one session closing one key's context and opening the
-/// other's on every call (three calls: `C_MessageEncryptFinal`, `C_MessageEncryptInit`,
-/// `C_EncryptMessage`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_alternating_between_two_keys_keep_one_call_each_on_the_message_path() {
+/// hsm-sim counting its calls into the returned file, opened with `sessions` sessions and a
+/// version key for each of `keys`.
+async fn counted_hsm_with_keys(
+    sessions: usize,
+    keys: &[ObjectId],
+) -> (TestToken, std::path::PathBuf, Hsm) {
     let token = TestToken::with(Backend::HsmSim);
     let file = token.dir.path().join("calls.txt");
     token.faults(&hsm_sim::Faults {
@@ -588,14 +587,25 @@ async fn calls_alternating_between_two_keys_keep_one_call_each_on_the_message_pa
         ..Default::default()
     });
     let mut config = token.config.clone();
-    config.sessions = 4;
+    config.sessions = sessions;
     let hsm = Hsm::open(&config).unwrap();
-    let keys = [ObjectId([5; 16]), ObjectId([6; 16])];
     for (i, id) in keys.iter().enumerate() {
-        hsm.generate_version_key(*id, format!("test/alternate-{i}"))
+        hsm.generate_version_key(*id, format!("test/counted-{i}"))
             .await
             .unwrap();
     }
+    (token, file, hsm)
+}
+
+/// Wraps and Unwraps that alternate between two keys, with more than one session in the pool,
+/// cost one PKCS#11 call each on the message path, as with one key: each key keeps its own
+/// session's context, rather than one session closing one key's context and opening the
+/// other's on every call (three calls: `C_MessageEncryptFinal`, `C_MessageEncryptInit`,
+/// `C_EncryptMessage`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_alternating_between_two_keys_keep_one_call_each_on_the_message_path() {
+    let keys = [ObjectId([5; 16]), ObjectId([6; 16])];
+    let (_token, file, hsm) = counted_hsm_with_keys(4, &keys).await;
     let wrap = |i: u8| {
         let hsm = hsm.clone();
         async move {
@@ -644,21 +654,8 @@ async fn calls_alternating_between_two_keys_keep_one_call_each_on_the_message_pa
 /// each), A, C, A costs 1 + 3 + 1 calls (C closes B's context, not A's just used).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_more_keys_than_sessions_the_context_used_longest_ago_is_closed() {
-    let token = TestToken::with(Backend::HsmSim);
-    let file = token.dir.path().join("calls.txt");
-    token.faults(&hsm_sim::Faults {
-        count_calls_to: Some(file.clone()),
-        ..Default::default()
-    });
-    let mut config = token.config.clone();
-    config.sessions = 2;
-    let hsm = Hsm::open(&config).unwrap();
     let [a, b, c] = [ObjectId([7; 16]), ObjectId([8; 16]), ObjectId([9; 16])];
-    for (i, id) in [a, b, c].iter().enumerate() {
-        hsm.generate_version_key(*id, format!("test/lru-{i}"))
-            .await
-            .unwrap();
-    }
+    let (_token, file, hsm) = counted_hsm_with_keys(2, &[a, b, c]).await;
     let wrap = |id: ObjectId| {
         let hsm = hsm.clone();
         async move {

@@ -601,37 +601,22 @@ impl Inner {
         };
         {
             let mut idle = lock(&self.idle);
-            if let Some((direction, key)) = wanted {
-                let current = |p: &Pooled| p.generation == live.generation;
-                let pick = idle
-                    .iter()
-                    .rposition(|p| current(p) && p.message.open_for(direction) == Some(key))
-                    .or_else(|| {
-                        idle.iter()
-                            .rposition(|p| current(p) && p.message.open_for(direction).is_none())
-                    });
-                let pick = match pick {
-                    Some(i) => Some(i),
-                    // Every idle session has another key's context open. Sessions in use are
-                    // at most the permits held, this caller's own not yet among them, so
-                    // idle + held - 1 < pool size leaves room for one more session.
-                    None if idle.len() <= self.permits.available_permits() => {
-                        drop(idle);
-                        return Ok((
-                            self.pkcs11.open_rw_session_no_drop(live.slot)?,
-                            MessageState::default(),
-                        ));
+            let newest_will_do = match wanted {
+                None => true,
+                Some((direction, key)) => {
+                    // Sessions in use are at most the permits held, this caller's own not yet
+                    // among them, so idle + held - 1 < pool size leaves room for one more.
+                    let room = idle.len() <= self.permits.available_permits();
+                    match pick_for_context(&idle, live.generation, direction, key, room) {
+                        Some(i) => {
+                            let pooled = idle.remove(i);
+                            return Ok((pooled.session, pooled.message));
+                        }
+                        None => false,
                     }
-                    // No room: the context used longest ago is the one to close (the idle
-                    // list is in the order sessions came back, and `remove` keeps it).
-                    None => idle.iter().position(current),
-                };
-                if let Some(i) = pick {
-                    let pooled = idle.remove(i);
-                    return Ok((pooled.session, pooled.message));
                 }
-            }
-            while let Some(pooled) = idle.pop() {
+            };
+            while newest_will_do && let Some(pooled) = idle.pop() {
                 if pooled.generation == live.generation {
                     return Ok((pooled.session, pooled.message));
                 }
@@ -666,4 +651,31 @@ impl Drop for Inner {
         }
         CONTEXT_OPEN.store(false, Ordering::SeqCst);
     }
+}
+
+/// Which idle session (an index into `idle`, which is in the order sessions came back) a
+/// message-based call with `key` takes, per [`Prefer::Context`]: `None` to open a new one.
+fn pick_for_context(
+    idle: &[Pooled],
+    generation: u64,
+    direction: Direction,
+    key: cryptoki_sys::CK_OBJECT_HANDLE,
+    room: bool,
+) -> Option<usize> {
+    let current = |p: &Pooled| p.generation == generation;
+    idle.iter()
+        .rposition(|p| current(p) && p.message.open_for(direction) == Some(key))
+        .or_else(|| {
+            idle.iter()
+                .rposition(|p| current(p) && p.message.open_for(direction).is_none())
+        })
+        // Every idle session has another key's context open: a new session while the pool
+        // has room, else the one whose context was used longest ago closes it.
+        .or_else(|| {
+            if room {
+                None
+            } else {
+                idle.iter().position(current)
+            }
+        })
 }
