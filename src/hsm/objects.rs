@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use super::KeyAttributes;
 use super::ckr::Call;
 use super::direct::{Direction, MessageCalls};
-use super::session::{MessageState, OpCtx, OpError, Prefer, Retry, unavailable};
+use super::session::{OpCtx, OpError, Prefer, Retry, unavailable};
 use super::{Hsm, HsmError, Kind, ObjectId, P256_PARAMS, TokenObject};
 
 impl Hsm {
@@ -404,21 +404,12 @@ fn in_message_context<T>(
     key: ObjectHandle,
     run: impl FnOnce() -> Result<T, CkError>,
 ) -> Result<T, OpError> {
-    fn slot(
-        state: &mut MessageState,
-        direction: Direction,
-    ) -> &mut Option<cryptoki_sys::CK_OBJECT_HANDLE> {
-        match direction {
-            Direction::Encrypt => &mut state.encrypt,
-            Direction::Decrypt => &mut state.decrypt,
-        }
-    }
     let session = cx.session.handle();
     let mut state = cx.message.get();
-    let open = *slot(&mut state, direction);
+    let open = *state.slot(direction);
     if open != Some(key.handle()) {
         if open.is_some() {
-            *slot(&mut state, direction) = None;
+            *state.slot(direction) = None;
             cx.message.set(state);
             // Another key's context; if closing it fails, it is gone already.
             let _ = calls.finish(session, direction);
@@ -432,11 +423,11 @@ fn in_message_context<T>(
             }
             other => other?,
         }
-        *slot(&mut state, direction) = Some(key.handle());
+        *state.slot(direction) = Some(key.handle());
         cx.message.set(state);
     }
     run().map_err(|e| {
-        *slot(&mut state, direction) = None;
+        *state.slot(direction) = None;
         cx.message.set(state);
         let _ = calls.finish(session, direction);
         OpError::Pkcs11(e)

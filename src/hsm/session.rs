@@ -91,11 +91,19 @@ pub(super) struct MessageState {
 }
 
 impl MessageState {
-    fn open_for(&self, direction: Direction) -> Option<cryptoki_sys::CK_OBJECT_HANDLE> {
+    /// The context of `direction`: the key it is open for, if any.
+    pub(super) fn slot(
+        &mut self,
+        direction: Direction,
+    ) -> &mut Option<cryptoki_sys::CK_OBJECT_HANDLE> {
         match direction {
-            Direction::Encrypt => self.encrypt,
-            Direction::Decrypt => self.decrypt,
+            Direction::Encrypt => &mut self.encrypt,
+            Direction::Decrypt => &mut self.decrypt,
         }
+    }
+
+    fn open_for(mut self, direction: Direction) -> Option<cryptoki_sys::CK_OBJECT_HANDLE> {
+        *self.slot(direction)
     }
 }
 
